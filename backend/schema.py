@@ -1,0 +1,103 @@
+"""The store's schema: every table circuitscope writes, in one versioned place.
+
+A store is one DuckDB file. ``meta.schema_version`` says which version of this module wrote it; a reader
+refuses a newer version with a clear message, and :data:`MIGRATIONS` upgrades older ones when a precompute
+opens them for writing. Every data row carries the ``run_id`` of the precompute run that wrote it.
+
+Tables (sparse by design: only nonzero feature activations and attributions are stored):
+
+=====================  ===========================================================================
+meta                   key/value facts about the file (schema_version, created_at, writer)
+runs                   one row per precompute run: kind, model, preset, params, status, timings
+models                 the model each run used: registry spec + shape
+vocab                  token id -> token text for each model (pages decode without a tokenizer)
+corpora                a tokenized corpus: source, licence, context length, sizes
+contexts               one row per fixed-length context: the document it starts in
+tokens                 (corpus, context, pos) -> token id and the model's next-token loss there
+task_baselines         built-in task metrics on clean and corrupted prompts
+dictionaries           SAEs / transcoders: hook, layer, architecture, widths, quality metrics
+dictionary_weights     the dictionary's weights as a safetensors blob (one file = one store)
+features               per-feature summary statistics (density, max activation, dominant head, ...)
+feature_activations    sparse nonzero activations (dict, feature, context, pos, act)
+feature_logits         top promoted / suppressed output tokens of a feature
+attributions           scores per (task, method, component, layer, head, pos)
+attribution_runs       the parameters and wall time of each attribution computation
+graphs                 attribution graphs: prompt, target, method and pruning parameters
+graph_nodes            nodes of a graph (embedding, feature, error, attention, logit)
+graph_edges            weighted edges of a graph (with the input-invariant factor where defined)
+=====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# Each statement is idempotent so that opening an older (or the same) version for writing is safe.
+DDL: list[str] = [
+    "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    """CREATE TABLE IF NOT EXISTS runs (
+        run_id VARCHAR PRIMARY KEY, kind VARCHAR, model VARCHAR, preset VARCHAR, params JSON,
+        status VARCHAR, started_at TIMESTAMP, finished_at TIMESTAMP, seconds DOUBLE, summary JSON)""",
+    """CREATE TABLE IF NOT EXISTS models (
+        model VARCHAR PRIMARY KEY, family VARCHAR, description VARCHAR, n_layers INTEGER, d_model INTEGER,
+        n_heads INTEGER, n_kv_heads INTEGER, d_head INTEGER, d_mlp INTEGER, d_vocab INTEGER, n_ctx INTEGER,
+        spec JSON, run_id VARCHAR)""",
+    "CREATE TABLE IF NOT EXISTS vocab (model VARCHAR, token_id INTEGER, token_str VARCHAR, PRIMARY KEY (model, token_id))",
+    """CREATE TABLE IF NOT EXISTS corpora (
+        corpus_id VARCHAR PRIMARY KEY, model VARCHAR, source VARCHAR, description VARCHAR, licence VARCHAR,
+        n_documents INTEGER, n_contexts INTEGER, n_ctx INTEGER, n_tokens BIGINT, mean_loss DOUBLE, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS contexts (
+        corpus_id VARCHAR, context_id INTEGER, doc_id VARCHAR, run_id VARCHAR, PRIMARY KEY (corpus_id, context_id))""",
+    """CREATE TABLE IF NOT EXISTS tokens (
+        corpus_id VARCHAR, context_id INTEGER, pos SMALLINT, token_id INTEGER, loss REAL)""",
+    """CREATE TABLE IF NOT EXISTS task_baselines (
+        task VARCHAR, model VARCHAR, n_examples INTEGER, metric_name VARCHAR, clean_metric DOUBLE,
+        corrupt_metric DOUBLE, example_prompt VARCHAR, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS dictionaries (
+        dict_id VARCHAR PRIMARY KEY, model VARCHAR, kind VARCHAR, architecture VARCHAR, hook_name VARCHAR,
+        layer INTEGER, d_in INTEGER, d_sae INTEGER, training_tokens BIGINT, l0 DOUBLE, fve DOUBLE,
+        ce_clean DOUBLE, ce_spliced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, dead_fraction DOUBLE,
+        eval_tokens BIGINT, source VARCHAR, cfg JSON, run_id VARCHAR)""",
+    "CREATE TABLE IF NOT EXISTS dictionary_weights (dict_id VARCHAR PRIMARY KEY, format VARCHAR, data BLOB)",
+    """CREATE TABLE IF NOT EXISTS features (
+        dict_id VARCHAR, feature INTEGER, density DOUBLE, max_act REAL, mean_act REAL, top_head INTEGER,
+        top_head_share REAL, stats JSON, PRIMARY KEY (dict_id, feature))""",
+    """CREATE TABLE IF NOT EXISTS feature_activations (
+        dict_id VARCHAR, feature INTEGER, corpus_id VARCHAR, context_id INTEGER, pos SMALLINT, act REAL)""",
+    """CREATE TABLE IF NOT EXISTS feature_logits (
+        dict_id VARCHAR, feature INTEGER, token_id INTEGER, value REAL, rank SMALLINT)""",
+    """CREATE TABLE IF NOT EXISTS attribution_runs (
+        attr_id VARCHAR PRIMARY KEY, task VARCHAR, method VARCHAR, model VARCHAR, params JSON, seconds DOUBLE,
+        clean_metric DOUBLE, corrupt_metric DOUBLE, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS attributions (
+        attr_id VARCHAR, component VARCHAR, layer INTEGER, head INTEGER, pos INTEGER, feature INTEGER, score DOUBLE)""",
+    """CREATE TABLE IF NOT EXISTS graphs (
+        graph_id VARCHAR PRIMARY KEY, model VARCHAR, prompt VARCHAR, target JSON, method VARCHAR, params JSON,
+        created_at TIMESTAMP, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS graph_nodes (
+        graph_id VARCHAR, node_id VARCHAR, kind VARCHAR, layer INTEGER, pos INTEGER, feature INTEGER,
+        activation DOUBLE, influence DOUBLE, label VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS graph_edges (
+        graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, invariant DOUBLE)""",
+]
+
+# Indexes for the page queries that must stay fast on large stores (feature page: by dict + feature).
+INDEXES: list[str] = [
+    "CREATE INDEX IF NOT EXISTS idx_tokens_ctx ON tokens (corpus_id, context_id)",
+    "CREATE INDEX IF NOT EXISTS idx_featacts_feat ON feature_activations (dict_id, feature)",
+    "CREATE INDEX IF NOT EXISTS idx_attr ON attributions (attr_id)",
+    "CREATE INDEX IF NOT EXISTS idx_graph_nodes ON graph_nodes (graph_id)",
+    "CREATE INDEX IF NOT EXISTS idx_graph_edges ON graph_edges (graph_id)",
+]
+
+# Tables whose rows belong to a run, and so are deleted when a run is replaced.
+RUN_TABLES: list[str] = [
+    "models", "corpora", "contexts", "task_baselines", "dictionaries", "attribution_runs", "graphs",
+]
+
+# version -> statements upgrading the previous version to it. Empty while there is only version 1.
+MIGRATIONS: dict[int, list[str]] = {}
+
+EXPECTED_TABLES: frozenset[str] = frozenset(
+    stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in DDL
+)
