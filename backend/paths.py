@@ -14,6 +14,15 @@ STORES_DIR: Path = DATA_DIR / "stores"
 DEMO_STORE: Path = STORES_DIR / "demo.duckdb"
 
 
+def stores_dir() -> Path:
+    """The directory stores are listed from and must live in: ``$CIRCUITSCOPE_STORES_DIR`` or ``data/stores``.
+
+    Read at call time (not import time) so a server or a test can point the app elsewhere.
+    """
+    override = os.environ.get("CIRCUITSCOPE_STORES_DIR")
+    return Path(override).resolve() if override else STORES_DIR
+
+
 def ensure_dirs() -> None:
     """Create the writable directories (idempotent)."""
     for d in (CACHE_DIR, STORES_DIR):

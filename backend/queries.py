@@ -85,3 +85,11 @@ def summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         "runs": runs(con),
         "counts": table_counts(con),
     }
+
+
+def dictionary_quality(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
+    """Dictionary quality for the home page: L0, FVE, CE-loss recovered, ΔCE in nats (spliced - clean), dead share."""
+    where, params = ("WHERE model = ?", [model]) if model else ("", [])
+    return _df(con, f"SELECT dict_id, model, kind, architecture, hook_name, layer, d_sae, l0, fve, ce_loss_recovered, "
+                    f"ce_spliced - ce_clean AS delta_ce, dead_fraction, training_tokens, eval_tokens "
+                    f"FROM dictionaries {where} ORDER BY kind, layer, dict_id", params)

@@ -1,0 +1,140 @@
+"""circuitscope — Streamlit entry point: page navigation and the home page (what the open store holds).
+
+Run with ``streamlit run app.py``. Deep links: ``/?store=demo.duckdb&model=smollm2-135m`` opens the home page on that
+store; every page accepts ``store`` and ``model`` plus its own parameters (see backend/ui.py).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from backend import ui
+
+
+def _fmt_int(value: object) -> str:
+    return "–" if value is None or pd.isna(value) else f"{int(value):,}"  # type: ignore[arg-type]
+
+
+def _model_section(ctx: ui.PageContext) -> None:
+    info = ctx.model_info
+    st.subheader(f"Model · {ctx.model}")
+    cols = st.columns(5)
+    cols[0].metric("Layers", _fmt_int(info.get("n_layers")))
+    cols[1].metric("d_model", _fmt_int(info.get("d_model")))
+    heads = _fmt_int(info.get("n_heads"))
+    kv = info.get("n_kv_heads")
+    cols[2].metric("Heads", heads if kv is None or pd.isna(kv) or kv == info.get("n_heads") else f"{heads} ({int(kv)} KV)")
+    cols[3].metric("Vocabulary", _fmt_int(info.get("d_vocab")))
+    cols[4].metric("Context (store)", _fmt_int(info.get("n_ctx")))
+    if info.get("description"):
+        st.caption(str(info["description"]))
+
+
+def _corpus_section(ctx: ui.PageContext) -> None:
+    st.subheader("Corpus")
+    corpora: pd.DataFrame = ctx.summary["corpora"]
+    corpora = corpora[corpora["model"] == ctx.model]
+    if corpora.empty:
+        st.info(f"This store has no tokenized corpus for {ctx.model}: run `{ui.build_hint(ctx)}`.")
+        return
+    for _, row in corpora.iterrows():
+        cols = st.columns(4)
+        cols[0].metric("Tokens", _fmt_int(row["n_tokens"]))
+        cols[1].metric("Contexts", f"{_fmt_int(row['n_contexts'])} × {_fmt_int(row['n_ctx'])}")
+        cols[2].metric("Documents", _fmt_int(row["n_documents"]))
+        cols[3].metric("Mean next-token loss", "–" if pd.isna(row["mean_loss"]) else f"{row['mean_loss']:.3f} nats")
+        st.caption(f"`{row['corpus_id']}` — {row['description'] or row['source']} (licence: {row['licence'] or 'unknown'})")
+
+
+def _dictionary_section(ctx: ui.PageContext) -> None:
+    st.subheader("Dictionaries")
+    dicts: pd.DataFrame = ctx.store.query("dictionary_quality", ctx.model)
+    if dicts.empty:
+        st.info(
+            f"This store has no SAEs or transcoders for {ctx.model} yet: they arrive with the dictionary-training "
+            f"precompute steps; once those land, run `{ui.build_hint(ctx)}` to add them."
+        )
+        return
+    st.dataframe(
+        dicts.drop(columns=["model"]),
+        hide_index=True,
+        column_config={
+            "l0": st.column_config.NumberColumn("L0", format="%.1f", help="mean active features per token"),
+            "fve": st.column_config.NumberColumn("FVE", format="%.3f", help="fraction of variance explained"),
+            "ce_loss_recovered": st.column_config.NumberColumn("CE recovered", format="%.3f",
+                                                               help="share of the CE-loss gap (ablated → clean) recovered by splicing the dictionary in"),
+            "delta_ce": st.column_config.NumberColumn("ΔCE (nats)", format="%.4f", help="spliced CE loss − clean CE loss"),
+            "dead_fraction": st.column_config.NumberColumn("Dead", format="percent", help="share of features that never fired"),
+        },
+    )
+
+
+def _tasks_section(ctx: ui.PageContext) -> None:
+    st.subheader("Task baselines")
+    tasks: pd.DataFrame = ctx.summary["task_baselines"]
+    tasks = tasks[tasks["model"] == ctx.model]
+    if tasks.empty:
+        st.info(f"This store has no task baselines for {ctx.model}: run `{ui.build_hint(ctx)}`.")
+        return
+    st.dataframe(
+        tasks.drop(columns=["model"]),
+        hide_index=True,
+        column_config={
+            "clean_metric": st.column_config.NumberColumn("clean", format="%.3f"),
+            "corrupt_metric": st.column_config.NumberColumn("corrupted", format="%.3f"),
+        },
+    )
+
+
+def _runs_section(ctx: ui.PageContext) -> None:
+    st.subheader("Runs")
+    runs: pd.DataFrame = ctx.summary["runs"]
+    st.dataframe(runs[["run_id", "kind", "model", "preset", "status", "started_at", "seconds"]], hide_index=True,
+                 column_config={"seconds": st.column_config.NumberColumn("seconds", format="%.1f")})
+    with st.expander("Rows per table"):
+        counts = ctx.summary["counts"]
+        st.dataframe(pd.DataFrame({"table": list(counts), "rows": list(counts.values())}), hide_index=True)
+
+
+def _views_section(ctx: ui.PageContext) -> None:
+    st.subheader("Views")
+    params = {ui.STORE_PARAM: ctx.store.name, **({ui.MODEL_PARAM: ctx.model} if ctx.model else {})}
+    cols = st.columns(3)
+    for i, (path, title, icon) in enumerate(VIEWS):
+        cols[i % 3].page_link(path, label=title, icon=icon, query_params=params)
+
+
+def _home_body(ctx: ui.PageContext) -> None:
+    if ctx.model is None:
+        st.warning(f"This store records no model yet (an empty or interrupted store): run `{ui.build_hint(ctx)}`.")
+    else:
+        _model_section(ctx)
+        _corpus_section(ctx)
+        _dictionary_section(ctx)
+        _tasks_section(ctx)
+    _runs_section(ctx)
+    _views_section(ctx)
+
+
+def home() -> None:
+    """The home page: what the chosen store holds."""
+    ui.run_page("circuitscope", _home_body,
+                caption="Explore mechanistic-interpretability artifacts precomputed into a DuckDB store.")
+
+
+VIEWS: list[tuple[str, str, str]] = [
+    ("pages/feature_browser.py", "Feature Browser", ":material/manage_search:"),
+    ("pages/prompt_explorer.py", "Prompt Explorer", ":material/edit_note:"),
+    ("pages/head_polysemanticity.py", "Head Polysemanticity", ":material/hub:"),
+    ("pages/induction_heads.py", "Induction Heads", ":material/repeat:"),
+    ("pages/attribution_faithfulness.py", "Attribution Faithfulness", ":material/balance:"),
+    ("pages/circuit_graph.py", "Circuit Graph", ":material/account_tree:"),
+]
+
+st.set_page_config(page_title="circuitscope", page_icon=":material/biotech:", layout="wide")
+navigation = st.navigation({
+    "": [st.Page(home, title="Home", icon=":material/home:", default=True)],
+    "Views": [st.Page(path, title=title, icon=icon) for path, title, icon in VIEWS],
+})
+navigation.run()
