@@ -293,30 +293,44 @@ def _load_smollm2(spec: ModelSpec, progress: Callable[[str], None]) -> "HookedTr
 
     weights, cfg_path, tok_dir = _cache_paths(spec)
     if weights.exists() and cfg_path.exists() and tok_dir.exists():
-        # init_weights=False: random initialisation of 135M parameters costs ~1 s and is overwritten anyway.
-        cfg = HookedTransformerConfig(**{**json.loads(cfg_path.read_text()), "dtype": torch.float32, "init_weights": False})
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
-        model.load_state_dict(load_file(weights), strict=False)
-        return model.eval()
+        try:
+            # init_weights=False: random initialisation of 135M parameters costs ~1 s and is overwritten anyway.
+            cfg = HookedTransformerConfig(
+                **{**json.loads(cfg_path.read_text()), "dtype": torch.float32, "init_weights": False})
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+            _load_weights(model, load_file(weights))
+            return model.eval()
+        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt from the GGUF, never fatal
+            progress(f"The converted-weights cache is unreadable ({type(exc).__name__}); rebuilding it from the GGUF")
+            import shutil
+
+            shutil.rmtree(weights.parent, ignore_errors=True)
 
     progress(f"Dequantizing {spec.source['file']} (one time, ~45 s; cached afterwards)")
     hf_model, tokenizer = load_hf_from_gguf(spec)
     cfg = llama_tl_config(hf_model.config)
     state = convert_llama_weights(hf_model, cfg)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
-    model.load_state_dict(state, strict=False)
+    _load_weights(model, state)
     # Write to temp names then rename, so an interrupted first load never leaves a half-written cache.
     weights.parent.mkdir(parents=True, exist_ok=True)
     tmp = weights.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if _persistent(k)}, tmp)
-    tokenizer.save_pretrained(tok_dir)
+    _save_tokenizer(tokenizer, tok_dir)
     cfg_path.with_suffix(".tmp").write_text(json.dumps(_cfg_json(cfg)))
     os.replace(tmp, weights)
     os.replace(cfg_path.with_suffix(".tmp"), cfg_path)
     del hf_model
-    torch.set_grad_enabled(True)
     return model.eval()
+
+
+def _load_weights(model: "HookedTransformer", state: dict[str, Any]) -> None:
+    """Load learned weights; only rebuilt buffers (rotary tables, masks) may be absent from ``state``."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if _persistent(k)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
 
 
 def _persistent(key: str) -> bool:
@@ -355,10 +369,21 @@ def load_tokenizer(spec: ModelSpec | None = None) -> Any:
         return AutoTokenizer.from_pretrained(tok_dir)
     directory, filename = gguf_location(spec)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    tmp = tok_dir.with_name(tok_dir.name + ".tmp")
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, tok_dir) if not tok_dir.exists() else None
+    _save_tokenizer(tokenizer, tok_dir)
     return tokenizer
+
+
+def _save_tokenizer(tokenizer: Any, tok_dir: Path) -> None:
+    # Saved under a temporary name and renamed: an interrupted save never looks like a complete cache.
+    import shutil
+
+    tmp = tok_dir.with_name(f"{tok_dir.name}.{os.getpid()}.tmp")
+    tokenizer.save_pretrained(tmp)
+    if tok_dir.exists():  # another process finished first; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tok_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, tok_dir)
 
 
 def _load_random(spec: ModelSpec) -> "HookedTransformer":

@@ -74,3 +74,23 @@ def test_cached_reload_gives_identical_weights(smollm2) -> None:
     again = load_model("smollm2-135m")  # from the safetensors cache, not the GGUF
     for key in ("embed.W_E", "blocks.7.attn.W_Q", "blocks.29.mlp.W_gate", "ln_final.w"):
         assert torch.equal(again.state_dict()[key], smollm2.state_dict()[key])
+
+
+@pytest.mark.slow
+def test_corrupt_weight_cache_is_rebuilt(tmp_path, monkeypatch: pytest.MonkeyPatch, smollm2) -> None:
+    # A truncated safetensors file (e.g. disk full during the first conversion) must not make the model unloadable.
+    import shutil
+
+    import backend.models as models
+
+    src = models._cache_paths(REGISTRY["smollm2-135m"])[0].parent
+    copy = tmp_path / "models" / src.name
+    shutil.copytree(src, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path)
+    messages: list[str] = []
+    rebuilt = load_model("smollm2-135m", progress=messages.append)
+    assert any("rebuilding" in m for m in messages)
+    assert torch.equal(rebuilt.state_dict()["blocks.3.mlp.W_in"], smollm2.state_dict()["blocks.3.mlp.W_in"])
+    assert models.is_cached("smollm2-135m") and weights.stat().st_size > 10**8
