@@ -65,6 +65,10 @@ def _dictionary_section(ctx: ui.PageContext) -> None:
             "ce_loss_recovered": st.column_config.NumberColumn("CE recovered", format="%.3f",
                                                                help="share of the CE-loss gap (ablated → clean) recovered by splicing the dictionary in"),
             "delta_ce": st.column_config.NumberColumn("ΔCE (nats)", format="%.4f", help="spliced CE loss − clean CE loss"),
+            "ablation_gap": st.column_config.NumberColumn(
+                "ablated − clean (nats)", format="%.4f",
+                help="denominator of CE recovered: zero-ablating one attention layer moves CE very little, "
+                     "so the ratio is noisy; read it with ΔCE and FVE"),
             "dead_fraction": st.column_config.NumberColumn("Dead", format="percent", help="share of features that never fired"),
         },
     )

@@ -88,8 +88,16 @@ def summary(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
 
 
 def dictionary_quality(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
-    """Dictionary quality for the home page: L0, FVE, CE-loss recovered, ΔCE in nats (spliced - clean), dead share."""
+    """Dictionary quality for the home page: L0, FVE, CE-loss recovered with ΔCE in nats (spliced − clean) and its
+    denominator (ablated − clean; tiny for one attention layer, so the ratio is noisy), dead share."""
     where, params = ("WHERE model = ?", [model]) if model else ("", [])
     return _df(con, f"SELECT dict_id, model, kind, architecture, hook_name, layer, d_sae, l0, fve, ce_loss_recovered, "
-                    f"ce_spliced - ce_clean AS delta_ce, dead_fraction, training_tokens, eval_tokens "
+                    f"ce_spliced - ce_clean AS delta_ce, ce_ablated - ce_clean AS ablation_gap, dead_fraction, training_tokens, eval_tokens "
                     f"FROM dictionaries {where} ORDER BY kind, layer, dict_id", params)
+
+
+# Feature Browser queries live in their own module (engineer B); re-exported so StoreRef.query finds them here.
+from backend.feature_queries import (  # noqa: E402,F401
+    feature_dictionaries, feature_head_dfa, feature_histogram, feature_logits, feature_quantile_examples,
+    feature_summary, feature_top_examples, features_by_head, features_by_layer, features_by_token,
+)

@@ -20,6 +20,9 @@ dictionary_weights     the dictionary's weights as a safetensors blob (one file 
 features               per-feature summary statistics (density, max activation, dominant head, ...)
 feature_activations    sparse nonzero activations (dict, feature, context, pos, act)
 feature_logits         top promoted / suppressed output tokens of a feature
+feature_examples       the top activations of each feature (materialised examples)
+feature_head_dfa       direct feature attribution by head (mean contribution and share)
+feature_histograms     log-binned histogram of each feature's nonzero activations
 attributions           scores per (task, method, component, layer, head, pos)
 attribution_runs       the parameters and wall time of each attribution computation
 graphs                 attribution graphs: prompt, target, method and pruning parameters
@@ -59,13 +62,28 @@ DDL: list[str] = [
         ce_clean DOUBLE, ce_spliced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, dead_fraction DOUBLE,
         eval_tokens BIGINT, source VARCHAR, cfg JSON, run_id VARCHAR)""",
     "CREATE TABLE IF NOT EXISTS dictionary_weights (dict_id VARCHAR PRIMARY KEY, format VARCHAR, data BLOB)",
+    # Feature tables (attention-SAE features, backend/features.py). BOS (position 0) is never scored: density is
+    # over non-BOS tokens, and no activation, example or histogram count comes from a BOS position.
     """CREATE TABLE IF NOT EXISTS features (
-        dict_id VARCHAR, feature INTEGER, density DOUBLE, max_act REAL, mean_act REAL, top_head INTEGER,
-        top_head_share REAL, stats JSON, PRIMARY KEY (dict_id, feature))""",
+        dict_id VARCHAR, feature INTEGER, n_active BIGINT, density DOUBLE, max_act REAL, mean_act REAL,
+        top_head INTEGER, top_head_share REAL, stats JSON, PRIMARY KEY (dict_id, feature))""",
+    # Only nonzero activations; rows are inserted sorted by (dict_id, feature, act DESC).
     """CREATE TABLE IF NOT EXISTS feature_activations (
         dict_id VARCHAR, feature INTEGER, corpus_id VARCHAR, context_id INTEGER, pos SMALLINT, act REAL)""",
+    # The top activations of each feature (rank 1 = largest), materialised for fast example and token-text lookups.
+    """CREATE TABLE IF NOT EXISTS feature_examples (
+        dict_id VARCHAR, feature INTEGER, rank SMALLINT, corpus_id VARCHAR, context_id INTEGER, pos SMALLINT,
+        act REAL)""",
+    # kind: 'promoted' (largest direct logit effect) or 'suppressed' (most negative); rank 1 = strongest.
     """CREATE TABLE IF NOT EXISTS feature_logits (
-        dict_id VARCHAR, feature INTEGER, token_id INTEGER, value REAL, rank SMALLINT)""",
+        dict_id VARCHAR, feature INTEGER, kind VARCHAR, rank SMALLINT, token_id INTEGER, value REAL)""",
+    # DFA by head: mean signed contribution to the pre-activation over the feature's top activations, and the
+    # share |contribution| / sum over heads of |contribution|.
+    """CREATE TABLE IF NOT EXISTS feature_head_dfa (
+        dict_id VARCHAR, feature INTEGER, head INTEGER, contribution REAL, share REAL, n_examples INTEGER)""",
+    # Histogram of a feature's nonzero activations in log-spaced bins [lo, hi) between its min and max.
+    """CREATE TABLE IF NOT EXISTS feature_histograms (
+        dict_id VARCHAR, feature INTEGER, bin SMALLINT, lo REAL, hi REAL, count INTEGER)""",
     """CREATE TABLE IF NOT EXISTS attribution_runs (
         attr_id VARCHAR PRIMARY KEY, task VARCHAR, method VARCHAR, model VARCHAR, params JSON, seconds DOUBLE,
         clean_metric DOUBLE, corrupt_metric DOUBLE, run_id VARCHAR)""",
@@ -85,6 +103,10 @@ DDL: list[str] = [
 INDEXES: list[str] = [
     "CREATE INDEX IF NOT EXISTS idx_tokens_ctx ON tokens (corpus_id, context_id)",
     "CREATE INDEX IF NOT EXISTS idx_featacts_feat ON feature_activations (dict_id, feature)",
+    "CREATE INDEX IF NOT EXISTS idx_featex_feat ON feature_examples (dict_id, feature)",
+    "CREATE INDEX IF NOT EXISTS idx_featlogits_feat ON feature_logits (dict_id, feature)",
+    "CREATE INDEX IF NOT EXISTS idx_featdfa_feat ON feature_head_dfa (dict_id, feature)",
+    "CREATE INDEX IF NOT EXISTS idx_feathist_feat ON feature_histograms (dict_id, feature)",
     "CREATE INDEX IF NOT EXISTS idx_attr ON attributions (attr_id)",
     "CREATE INDEX IF NOT EXISTS idx_graph_nodes ON graph_nodes (graph_id)",
     "CREATE INDEX IF NOT EXISTS idx_graph_edges ON graph_edges (graph_id)",

@@ -276,8 +276,8 @@ def show_missing(ctx: PageContext, *, missing: str, arrives_with: str, have: Map
         )
     else:
         st.info(
-            f"This store already holds {missing}, but this view arrives with {arrives_with}: update circuitscope "
-            "(`git pull`) to browse them.",
+            f"This store already holds {missing}, but this view is not built yet: it arrives with {arrives_with} "
+            "in a later circuitscope version.",
             icon=":material/construction:",
         )
     if extra:
@@ -416,3 +416,55 @@ def st_progress_sink(container: Any = None) -> ProgressSink:
         bar.progress(state["frac"], text=text)
 
     return sink
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention SAEs, live (Prompt Explorer; engineer C)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def get_dictionary(store_path: str, store_key: tuple[int, int, int], dict_id: str) -> Any:
+    """Load one dictionary (a sae-lens SAE) from a store once per server and store version (``StoreRef.key``).
+
+    The SAE is shared by all sessions: callers must not modify it.
+    """
+    from backend.dictionaries import load_dictionary  # imports sae_lens: only pages that need an SAE pay for it
+
+    with reading(store_path) as con:
+        return load_dictionary(con, dict_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)  # an entry holds attention patterns: ~30 MB at 512 tokens
+def cached_prompt_features(model_name: str, ids: tuple[int, ...], store_path: str, store_key: tuple[int, int, int],
+                           layer_dicts: tuple[tuple[int, str], ...], top_n: int) -> Any:
+    """:func:`backend.feature_analysis.analyze_prompt` for the cached model and the store's SAEs, memoised per
+    (model, token ids, store version, (layer, dict_id) pairs). Shared and read-only, like the SAEs."""
+    from backend.feature_analysis import analyze_prompt
+
+    saes = {layer: get_dictionary(store_path, store_key, dict_id) for layer, dict_id in layer_dicts}
+    return analyze_prompt(get_model(model_name), saes, ids, top_n=top_n)
+
+
+def signed_token_strip_html(strings: Sequence[str], values: Sequence[float], label: str = "value",
+                            vmax: float | None = None) -> str:
+    """Like :func:`token_strip_html` for signed values: positive shades red, negative blue (NaN unshaded).
+
+    Token text and tooltips are escaped with html.escape (token text is untrusted).
+    """
+    vals = [float(v) if v is not None else math.nan for v in values]
+    finite = [abs(v) for v in vals if math.isfinite(v)]
+    top = vmax if vmax is not None else (max(finite) if finite else 1.0)
+    top = top if top > 0 else 1.0
+    spans = []
+    for i, (s, v) in enumerate(zip(strings, vals)):
+        ok = math.isfinite(v)
+        alpha = min(1.0, abs(v) / top) if ok else 0.0
+        rgb = "214, 39, 40" if ok and v >= 0 else "31, 119, 180"
+        tip = f"pos {i}" + (f" · {label} {v:+.3f}" if ok else "")
+        spans.append(
+            f'<span title="{html.escape(tip, quote=True)}" style="background: rgba({rgb}, {alpha:.2f}); '
+            f'border: 1px solid rgba(128,128,128,.35); border-radius: 3px; padding: 1px 2px; margin: 1px; '
+            f'white-space: pre; display: inline-block; font-family: monospace;">'
+            f'{html.escape(visible_token(s), quote=True)}</span>'
+        )
+    return '<div style="line-height: 1.9; word-wrap: break-word;">' + "".join(spans) + "</div>"

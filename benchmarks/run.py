@@ -4,7 +4,9 @@ Writes ``benchmarks/results/latest.json`` (and a dated copy) with:
 * model load time: cold (dequantize the GGUF + convert, in a fresh cache dir) vs cached safetensors reload,
   each in its own subprocess so imports and caches do not leak between them;
 * forward throughput (tokens/s) of the embedded model at a few batch sizes, with 1 and 2 torch threads
-  (on a loaded 2-core machine 1 thread is sometimes faster: measured, not assumed).
+  (on a loaded 2-core machine 1 thread is sometimes faster: measured, not assumed);
+* ``features``: the attention-SAE feature precompute's throughput as a ratio to a bare forward pass, and the
+  Feature Browser's query latency p50/p95 on a store with >= 10^6 nonzero activations (benchmarks/features_bench.py).
 
 Claims in the README quote these files as ratios measured in the same run, never as timed test assertions.
 """
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "latest.json"))
+    parser.add_argument("--skip-features", action="store_true", help="skip the attention-SAE feature benchmarks")
     args = parser.parse_args(argv)
 
     result: dict[str, Any] = {
@@ -105,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     result["forward"] = bench_forward(args.model, [1, 4, 16], args.seq_len, args.repeats)
     for row in result["forward"]:
         print(f"  {row}", flush=True)
+    if not args.skip_features:
+        from benchmarks import features_bench
+
+        result["features"] = features_bench.run(args.model)  # precompute throughput + feature page query latency
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

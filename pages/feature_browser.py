@@ -1,27 +1,232 @@
-"""Feature Browser: SAE features of the residual stream / MLPs with their top activations and logit effects.
+"""Feature Browser: the features of the store's attention-output SAEs (Kissane et al. 2024), one dashboard each.
 
-Placeholder until the SAE-training precompute lands: says what is missing and how to get it.
+Find a feature by id, from a dictionary's list (by layer), by dominant head, or by the text of the tokens it fires on;
+its dashboard shows the top activating contexts (tokens shaded by activation), examples from several activation
+intervals, the activation histogram, the output tokens it promotes / suppresses and its DFA by head.
+Deep link: ``?store=...&dict=<dict_id>&feature=<int>``. A thin view over :mod:`backend.feature_queries`.
+BOS (position 0) is shown in example windows but never scored.
 """
 
 from __future__ import annotations
 
+import math
+
+import pandas as pd
+import streamlit as st
+
 from backend import ui
+
+DICT_PARAM = "dict"
+FEATURE_PARAM = "feature"
+_DICT_KEY = "fb_dict"
+_FEATURE_KEY = "fb_feature"  # the number input (widget state is dropped while it is not drawn)
+_FEATURE = "_fb_feature"  # plain session key: the feature on screen (source of truth within the session)
+_MODE_KEY = "fb_mode"
+_KEEP = "_fb_choice"  # plain session key: (dict_id, feature) survives page switches
+_LINK_ERROR = "_fb_link_error"
+MODES = ["Feature id", "List by layer", "By dominant head", "By token text"]
+TOP_K = 10
+N_INTERVALS = 5  # activation intervals of the quantile examples
+PER_INTERVAL = 3
+
+
+def _label(row: pd.Series) -> str:
+    return f"L{int(row['layer'])} · {row['architecture']} · {int(row['d_sae']):,} features ({row['dict_id']})"
+
+
+def _init_state(dicts: pd.DataFrame) -> None:
+    """On the first run of this page: take dict / feature from the link (or the previous visit); refuse unknown ones
+    with one sentence (kept for display) and fall back to the first dictionary / feature 0."""
+    ss = st.session_state
+    if _DICT_KEY in ss and _FEATURE in ss:
+        return
+    kept = ss.get(_KEEP) or (None, None)
+    want_dict = st.query_params.get(DICT_PARAM) or kept[0]
+    want_feat = st.query_params.get(FEATURE_PARAM)
+    ids = list(dicts["dict_id"])
+    ss[_DICT_KEY] = ids[0]
+    if want_dict is not None:
+        if want_dict in ids:
+            ss[_DICT_KEY] = want_dict
+        else:
+            ss[_LINK_ERROR] = (f"The link names dictionary {want_dict!r}, which this store does not have: "
+                               "choose a dictionary below.")
+            want_feat = None
+    feature = 0
+    if want_feat is not None:
+        try:
+            feature = int(want_feat)
+        except ValueError:
+            ss[_LINK_ERROR] = f"The link's feature {want_feat!r} is not a whole number: choose a feature id below."
+    elif kept[1] is not None and want_dict == kept[0]:
+        feature = int(kept[1])
+    ss[_FEATURE] = feature
+
+
+def _open(feature: int) -> None:
+    """Button callback (runs before the widgets are drawn, so it may set their state)."""
+    st.session_state[_FEATURE] = int(feature)
+    st.session_state[_MODE_KEY] = MODES[0]
+
+
+def _typed() -> None:
+    st.session_state[_FEATURE] = int(st.session_state[_FEATURE_KEY])
+
+
+def _feature_list(df: pd.DataFrame, key: str, empty: str) -> None:
+    """A table of features with a picker that opens one of them."""
+    if df.empty:
+        st.info(empty)
+        return
+    view = df.copy()
+    st.dataframe(view, hide_index=True, height=260, column_config={
+        "density": st.column_config.NumberColumn("density", format="%.2e",
+                                                 help="fraction of non-BOS corpus tokens where the feature fires"),
+        "max_act": st.column_config.NumberColumn("max act", format="%.3f"),
+        "mean_act": st.column_config.NumberColumn("mean act", format="%.3f", help="mean over tokens where it fires"),
+        "top_head_share": st.column_config.NumberColumn("top head share", format="%.2f"),
+    })
+    choice = st.selectbox("Open a feature from this list", [int(f) for f in df["feature"]], key=key, index=None,
+                          placeholder="feature id")
+    st.button("Open", key=f"{key}_open", disabled=choice is None, on_click=_open, args=(choice,))
+
+
+def _finder(ctx: ui.PageContext, dict_row: pd.Series) -> None:
+    dict_id, d_sae = dict_row["dict_id"], int(dict_row["d_sae"])
+    mode = st.radio("Find a feature", MODES, horizontal=True, key=_MODE_KEY)
+    if mode == "Feature id":
+        st.session_state[_FEATURE_KEY] = st.session_state[_FEATURE]
+        st.number_input(f"Feature id (0–{d_sae - 1})", step=1, key=_FEATURE_KEY, on_change=_typed)
+    elif mode == "List by layer":
+        order = st.selectbox("Sort by", ["max_act", "density", "top_head_share", "mean_act"], key="fb_order")
+        _feature_list(ctx.store.query("features_by_layer", dict_id, order, 200), "fb_pick_layer",
+                      "This dictionary has no live features on the store's corpus.")
+    elif mode == "By dominant head":
+        n_heads = int(dict_row["n_heads"]) if pd.notna(dict_row["n_heads"]) else 1
+        head = st.selectbox("Dominant head (largest DFA share)", list(range(n_heads)), key="fb_head")
+        _feature_list(ctx.store.query("features_by_head", dict_id, head, 200), "fb_pick_head",
+                      f"No feature of this dictionary is dominated by head {head}.")
+    else:
+        text = st.text_input("Token text contains", key="fb_text",
+                             help="Features whose top examples fire on a token whose text contains this (any case).")
+        if text.strip():
+            _feature_list(ctx.store.query("features_by_token", dict_id, text, 200), "fb_pick_token",
+                          f"No feature's top examples fire on a token containing {text!r}.")
+
+
+def _strip(tokens: list[str], acts: list[float], vmax: float) -> str:
+    return ui.token_strip_html(list(tokens), [float(a) for a in acts], vmax=vmax, label="act")
+
+
+def _examples(df: pd.DataFrame, vmax: float) -> None:
+    for _, row in df.iterrows():
+        st.caption(f"act **{row['act']:.3f}** · context {int(row['context_id'])}, position {int(row['pos'])}")
+        st.html(_strip(row["tokens"], row["acts"], vmax))
+
+
+def _histogram(hist: pd.DataFrame) -> None:
+    import plotly.graph_objects as go
+
+    mid = [math.sqrt(lo * hi) for lo, hi in zip(hist["lo"], hist["hi"])]
+    fig = go.Figure(go.Bar(x=mid, y=hist["count"], width=list(hist["hi"] - hist["lo"]),
+                           customdata=list(zip(hist["lo"], hist["hi"])),
+                           hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g}): %{y} tokens<extra></extra>"))
+    lo, hi = float(hist["lo"].min()), float(hist["hi"].max())
+    ticks = [lo * (hi / lo) ** (i / 4) for i in range(5)] if hi > lo > 0 else [lo]
+    fig.update_layout(xaxis=dict(type="log", title="activation (log scale)", tickvals=ticks,
+                                 ticktext=[f"{t:.2g}" for t in ticks]),
+                      yaxis_title="tokens", height=280, margin=dict(l=10, r=10, t=30, b=10),
+                      title="Activation histogram (where it fires)")
+    st.plotly_chart(fig, config={"displayModeBar": False})
+
+
+def _dfa(dfa: pd.DataFrame) -> None:
+    import plotly.graph_objects as go
+
+    colours = ["#d62728" if v >= 0 else "#1f77b4" for v in dfa["contribution"]]
+    fig = go.Figure(go.Bar(x=[f"H{int(h)}" for h in dfa["head"]], y=dfa["contribution"], marker_color=colours,
+                           customdata=dfa["share"],
+                           hovertemplate="%{x}: %{y:.3f} (share %{customdata:.0%})<extra></extra>"))
+    fig.update_layout(height=280, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="mean contribution",
+                      title=f"DFA by head (mean of top {int(dfa['n_examples'].max())} acts)")
+    st.plotly_chart(fig, config={"displayModeBar": False})
+
+
+def _logits(logits: pd.DataFrame) -> None:
+    cols = st.columns(2)
+    for col, kind, title in ((cols[0], "promoted", "Promoted tokens"), (cols[1], "suppressed", "Suppressed tokens")):
+        part = logits[logits["kind"] == kind]
+        col.markdown(f"**{title}**")
+        col.dataframe(pd.DataFrame({"token": [repr(ui.visible_token(t)) for t in part["token_str"]],
+                                    "logit effect": part["value"].round(4)}), hide_index=True)
+
+
+def dashboard(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
+    """The feature's dashboard (the caller has checked that it exists)."""
+    s = ctx.store.query("feature_summary", dict_id, feature)
+    st.subheader(f"Feature {feature} · layer {int(s['layer'])} attention output")
+    m = st.columns(4)
+    m[0].metric("Density", f"{s['density']:.2e}" if s["density"] else "0 (dead)",
+                help="fraction of non-BOS corpus tokens where it fires")
+    m[1].metric("Max activation", f"{s['max_act']:.3f}" if pd.notna(s["max_act"]) else "—")
+    m[2].metric("Mean activation", f"{s['mean_act']:.3f}" if pd.notna(s["mean_act"]) else "—",
+                help="over the tokens where it fires")
+    m[3].metric("Top head (DFA share)",
+                f"H{int(s['top_head'])} · {s['top_head_share']:.0%}" if pd.notna(s["top_head"]) else "—")
+    if not s["n_active"]:
+        st.info("This feature never fires on the store's corpus (a dead feature): there are no examples to show.")
+    else:
+        vmax = float(s["max_act"])
+        left, right = st.columns(2)
+        with left:
+            _histogram(ctx.store.query("feature_histogram", dict_id, feature))
+        with right:
+            _dfa(ctx.store.query("feature_head_dfa", dict_id, feature))
+        st.markdown(f"#### Top {TOP_K} activations")
+        _examples(ctx.store.query("feature_top_examples", dict_id, feature, TOP_K), vmax)
+        with st.expander("Examples from each activation interval"):
+            quant = ctx.store.query("feature_quantile_examples", dict_id, feature, N_INTERVALS, PER_INTERVAL)
+            for interval, part in quant.groupby("interval", sort=False):
+                lo, hi = int(interval) / N_INTERVALS * vmax, (int(interval) + 1) / N_INTERVALS * vmax
+                st.markdown(f"**Interval {int(interval) + 1} of {N_INTERVALS}** (activation {lo:.3f} – {hi:.3f})")
+                _examples(part, vmax)
+    st.markdown("#### Direct logit effects")
+    st.caption("The feature's decoder direction through each head's W_O, the final norm as a constant scale, and W_U.")
+    _logits(ctx.store.query("feature_logits", dict_id, feature))
 
 
 def body(ctx: ui.PageContext) -> None:
-    """Say what the feature browser needs and what the store holds of it."""
-    counts = ctx.summary["counts"]
-    dicts = ctx.summary["dictionaries"]
-    ui.show_missing(
-        ctx,
-        missing="SAE features",
-        arrives_with="the SAE-training precompute (residual-stream and MLP dictionaries with feature statistics)",
-        have={"dictionaries": len(dicts), "features": counts.get("features", 0),
-              "feature activations": counts.get("feature_activations", 0)},
-        extra="The browser will list each dictionary's features with density, top activating contexts from the "
-              "store's corpus and the output tokens each feature promotes; links will take `dict` and `feature` "
-              "query parameters.",
-    )
+    """Pick a dictionary and a feature, then draw its dashboard."""
+    dicts: pd.DataFrame = ctx.store.query("feature_dictionaries")
+    dicts = dicts[dicts["n_features"] > 0]
+    if ctx.model is not None and (dicts["model"] == ctx.model).any():
+        dicts = dicts[dicts["model"] == ctx.model]
+    if dicts.empty:
+        st.info(f"This store has no attention-SAE features yet: run `{ui.build_hint(ctx)}` to train the attention "
+                "SAEs and precompute their features (`make demo` rebuilds the demo store).")
+        return
+    dicts = dicts.reset_index(drop=True)
+    _init_state(dicts)
+    ss = st.session_state
+    if ss.get(_LINK_ERROR):
+        st.error(ss.pop(_LINK_ERROR))
+    labels = {r["dict_id"]: _label(r) for _, r in dicts.iterrows()}
+    if ss[_DICT_KEY] not in labels:  # e.g. the store changed under the choice
+        ss[_DICT_KEY] = next(iter(labels))
+    dict_id = st.selectbox("Dictionary (layer)", list(labels), format_func=labels.get, key=_DICT_KEY)
+    row = dicts[dicts["dict_id"] == dict_id].iloc[0]
+    _finder(ctx, row)
+    feature = int(ss[_FEATURE])
+    ss[_KEEP] = (dict_id, feature)
+    ui.set_param(DICT_PARAM, dict_id)
+    ui.set_param(FEATURE_PARAM, str(feature))
+    d_sae = int(row["d_sae"])
+    if not 0 <= feature < d_sae or ctx.store.query("feature_summary", dict_id, feature) is None:
+        st.error(f"Feature {feature} does not exist in {dict_id}: it has features 0–{d_sae - 1}; choose another id.")
+        return
+    st.divider()
+    dashboard(ctx, dict_id, feature)
 
 
-ui.run_page("Feature Browser", body)
+ui.run_page("Feature Browser", body,
+            caption="Attention-output SAE features: top activations, activation histogram, logit effects, DFA by head.")

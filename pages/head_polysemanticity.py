@@ -1,6 +1,6 @@
 """Head Polysemanticity: attention-SAE (hook_z) features grouped by the head they live in.
 
-Placeholder until the attention-SAE precompute lands: says what is missing and how to get it.
+Placeholder until the head-polysemanticity precompute lands: says what is missing and how to get it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def body(ctx: ui.PageContext) -> None:
     ui.show_missing(
         ctx,
         missing="attention-SAE dictionaries",
-        arrives_with="the attention-SAE precompute (SAEs trained on each chosen layer's hook_z)",
+        arrives_with="the head-polysemanticity precompute (features grouped by their dominant head)",
         have={"attention-SAE dictionaries": len(z), "features": ctx.summary["counts"].get("features", 0) if len(z) else 0},
         extra="The view will show, per attention head, how many features it hosts and how different their top "
               "activating contexts are — a measure of how polysemantic the head is.",

@@ -31,7 +31,7 @@ PAGES = [
     "pages/attribution_faithfulness.py",
     "pages/circuit_graph.py",
 ]
-PLACEHOLDERS = [p for p in PAGES if p != "pages/prompt_explorer.py"]
+PLACEHOLDERS = [p for p in PAGES if p not in ("pages/prompt_explorer.py", "pages/feature_browser.py")]
 
 
 def _app(script: str = "app.py", **params: str) -> AppTest:
@@ -102,9 +102,9 @@ def test_home_shows_dictionary_quality(app_stores_dir: Path, tiny_store: Path) -
     at = _app(store="dicts.duckdb").run()
     _assert_clean(at)
     frames = [df.value for df in at.dataframe]
-    quality = next(f for f in frames if "delta_ce" in f.columns)
-    assert quality["delta_ce"].iloc[0] == pytest.approx(0.25)
-    assert quality["l0"].iloc[0] == pytest.approx(12.5)
+    quality = next(f for f in frames if "delta_ce" in f.columns).set_index("dict_id")
+    assert quality.loc["resid-L1", "delta_ce"] == pytest.approx(0.25)
+    assert quality.loc["resid-L1", "l0"] == pytest.approx(12.5)
 
 
 # --------------------------------------------------------------------------------------------------------------
