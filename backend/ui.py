@@ -241,12 +241,31 @@ def show_exception(exc: BaseException) -> None:
         st.error(UNEXPECTED.format(kind=type(exc).__name__))
 
 
+def _route_through_app() -> None:
+    """Make a deep link that is a fresh server's *first* request go through ``app.py``'s ``st.navigation``.
+
+    Streamlit keeps a process-wide "uses the pages/ directory" flag (v1 multipage compatibility) that is cleared
+    only once ``st.navigation`` has run; until then it runs a deep-linked page file on its own, with the raw
+    pages/ listing as sidebar and without app.py. Clearing the flag (private API, checked on Streamlit 1.67) and
+    rerunning sends this run through app.py, which routes to the same URL path.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    run_ctx = get_script_run_ctx()
+    main = Path(run_ctx.pages_manager.main_script_path) if run_ctx is not None else None
+    if PagesManager.uses_pages_directory and main is not None and main.name == "app.py":
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def run_page(title: str, body: Callable[[PageContext], None], caption: str | None = None) -> None:
     """Draw a page: title, sidebar pickers, then ``body(ctx)`` — never a traceback in the UI.
 
     User errors (CircuitscopeError) are shown verbatim with st.error; st.stop / st.rerun pass through untouched
     (they are BaseException, not Exception).
     """
+    _route_through_app()
     st.title(title)
     if caption:
         st.caption(caption)
