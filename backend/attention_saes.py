@@ -68,6 +68,9 @@ def step_attention_saes(ctx: Any) -> None:
     import torch
 
     preset = ctx.preset
+    if getattr(ctx, "sae_sources", None):
+        ctx.summary["attention_saes"] = {"imported": import_sources(ctx, ctx.sae_sources)}
+        return
     if not getattr(preset, "sae_train", False) or not ctx.layers:
         return
     if ctx.contexts is None:
@@ -134,6 +137,23 @@ def step_attention_saes(ctx: Any) -> None:
             f"(ΔCE {m.delta_ce:+.4f} nats of {m.ce_ablated - m.ce_clean:.4f}), dead {m.dead_fraction:.1%}")
     summary["eval_seconds"] = round(eval_seconds, 2)
     ctx.summary["attention_saes"] = summary
+
+
+def import_sources(ctx: Any, sources: Sequence[str]) -> list[str]:
+    """``--saes``: each source is a sae-lens-format directory on disk, or a sae-lens release name whose SAEs for
+    the selected layers (ids ``blocks.L.hook_z``, the naming of hook_z releases such as gpt2-small-hook-z-kk)
+    are imported. Returns the dict_ids written."""
+    from pathlib import Path
+
+    from backend.hooks import hook_name
+
+    ids: list[str] = []
+    for source in sources:
+        if Path(source).is_dir():
+            ids += import_local(ctx, [source])
+        else:
+            ids += import_pretrained(ctx, source, [hook_name("z", layer) for layer in ctx.layers])
+    return ids
 
 
 def import_pretrained(ctx: Any, release: str, sae_ids: Sequence[str]) -> list[str]:

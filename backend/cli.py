@@ -27,6 +27,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--corpus", default="builtin",
                      help="'builtin', a .txt/.jsonl/.parquet file, or hf:DATASET[:SPLIT[:COLUMN]]")
     pre.add_argument("--contexts", type=int, default=None, help="override the preset's number of corpus contexts")
+    pre.add_argument("--saes", action="append", default=None, metavar="RELEASE_OR_DIR",
+                     help="import attention SAEs instead of training: a sae-lens release (e.g. gpt2-small-hook-z-kk; "
+                          "one SAE per --layers layer) or a sae-lens-format directory; repeatable")
 
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
@@ -37,7 +40,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     from backend.precompute import precompute
 
     precompute(args.model, args.store, preset=args.preset, layers=args.layers, corpus_source=args.corpus,
-               n_contexts=args.contexts)
+               n_contexts=args.contexts, saes=args.saes)
     return 0
 
 

@@ -93,6 +93,7 @@ class RunContext:
     corpus_source: str
     corpus_id: str = ""
     contexts: Any = None  # backend.corpus.Contexts once the corpus step ran
+    sae_sources: list[str] = field(default_factory=list)  # --saes: import these instead of training
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -228,10 +229,13 @@ def precompute(
     corpus_source: str = "builtin",
     n_contexts: int | None = None,
     model: Any = None,
+    saes: list[str] | None = None,
 ) -> str:
     """Build (or add a run to) the store at ``store_path``; returns the run id.
 
-    ``n_contexts`` overrides the preset's corpus size. ``model`` may pass an already-loaded model.
+    ``n_contexts`` overrides the preset's corpus size. ``model`` may pass an already-loaded model. ``saes`` lists
+    attention SAEs to import instead of training: sae-lens release names (one SAE per selected layer, id
+    ``blocks.L.hook_z``) or sae-lens-format directories.
     """
     from backend.models import get_spec, load_model
     from backend.store import StoreWriter
@@ -246,10 +250,10 @@ def precompute(
     t0 = time.perf_counter()
     if model is None:
         model = load_model(model_name, progress=say)
-    params = {"preset": asdict(chosen), "layers": layer_list, "corpus": corpus_source}
+    params = {"preset": asdict(chosen), "layers": layer_list, "corpus": corpus_source, "saes": list(saes or [])}
     with StoreWriter(store_path, kind="precompute", model=spec.name, preset=chosen.name, params=params) as writer:
         ctx = RunContext(model=model, spec=spec, writer=writer, preset=chosen, layers=layer_list,
-                         corpus_source=corpus_source)
+                         corpus_source=corpus_source, sae_sources=list(saes or []))
         for name, step in STEPS:
             t = time.perf_counter()
             step(ctx)

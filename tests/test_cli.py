@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from backend import queries
@@ -104,3 +105,39 @@ def test_kill_9_during_precompute_keeps_earlier_runs(built_store: Path, tmp_path
     with reading(store) as con:
         assert len(queries.runs(con)) == n_runs + 1
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_precompute_imports_a_local_sae_directory(tmp_path: Path) -> None:
+    # A sae-lens-format directory instead of training: the dictionary is evaluated, stored and gets features.
+    from backend.dictionaries import make_random_sae
+    from backend.hooks import hook_name
+
+    sae = make_random_sae(d_in=64, d_sae=128, k=8, seed=3)  # tiny-llama: 4 heads x 16 = 64
+    sae.cfg.metadata.hook_name = hook_name("z", 1)
+    sae.save_model(tmp_path / "my_sae")
+    store = tmp_path / "imported.duckdb"
+    out = _cli("precompute", "--model", "tiny-llama", "--store", str(store), "--contexts", "12",
+               "--saes", str(tmp_path / "my_sae"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    with reading(store) as con:
+        dicts = queries.dictionaries(con)
+        n_features = con.execute("SELECT count(*) FROM features").fetchall()[0][0]
+        source = con.execute("SELECT source FROM dictionaries").fetchall()[0][0]
+    assert dicts["layer"].tolist() == [1] and dicts["d_sae"].tolist() == [128]
+    assert source.startswith("local:") and n_features > 0
+    # Quality is measured on the held-out contexts (whatever a random SAE scores, it must be a real number).
+    assert np.isfinite(dicts[["fve", "l0", "ce_loss_recovered", "ce_clean"]].to_numpy(dtype=float)).all()
+    assert dicts["l0"].iloc[0] == pytest.approx(8.0)  # TopK k=8 fires exactly 8 features per token
+
+
+def test_offline_sae_release_is_one_sentence(tmp_path: Path) -> None:
+    from backend.models import hub_reachable
+
+    if hub_reachable():
+        pytest.skip("the hub is reachable here, so the release may really load")
+    out = _cli("precompute", "--model", "tiny-llama", "--store", str(tmp_path / "r.duckdb"), "--contexts", "4",
+               "--saes", "gpt2-small-hook-z-kk")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "gpt2-small-hook-z-kk" in error_lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "r.duckdb").exists()
