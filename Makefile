@@ -23,8 +23,10 @@ $(STORE): | $(STAMP)
 
 demo: $(STORE)
 
+# The app lists stores in STORE's directory and opens STORE by default.
 run: setup demo
-	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
+	CIRCUITSCOPE_STORES_DIR=$(abspath $(dir $(STORE))) CIRCUITSCOPE_STORE=$(notdir $(STORE)) \
+		$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 
 test: setup
 	$(PY) -m pytest -q
