@@ -40,31 +40,28 @@ def collect_z(
     layers = sorted(set(int(x) for x in layers))
     if not layers:
         return {}
-    names = {hook_name("z", layer): layer for layer in layers}
     n, n_ctx = tokens.shape
     d_z = model.cfg.n_heads * model.cfg.d_head
     out = {layer: torch.empty(n * (n_ctx - 1), d_z, dtype=torch.float32) for layer in layers}
-    captured: dict[int, torch.Tensor] = {}
-
-    def save(z: torch.Tensor, hook: Any) -> None:
-        captured[names[hook.name]] = z
-
     starts = range(0, n, batch_size)
-    with torch.no_grad():
-        for start in track(starts, total=len(starts), desc=desc, unit="batch"):
-            batch = tokens[start : start + batch_size]
-            captured.clear()
-            model.run_with_hooks(
-                batch,
-                fwd_hooks=[(name, save) for name in names],
-                stop_at_layer=max(layers) + 1,  # later blocks do not affect these activations
-                return_type=None,
-            )
-            rows = slice(start * (n_ctx - 1), (start + len(batch)) * (n_ctx - 1))
-            for layer in layers:
-                # drop BOS (position 0): attention-sink outlier, never trained on or scored
-                out[layer][rows] = flatten_heads(captured[layer][:, 1:]).reshape(-1, d_z).float()
+    for start in track(starts, total=len(starts), desc=desc, unit="batch"):
+        batch = tokens[start : start + batch_size]
+        rows = slice(start * (n_ctx - 1), (start + len(batch)) * (n_ctx - 1))
+        for layer, z in z_batch(model, batch, layers).items():
+            out[layer][rows] = flatten_heads(z).reshape(-1, d_z).float()
     return out
+
+
+def z_batch(model: Any, batch: "torch.Tensor", layers: Sequence[int]) -> dict[int, "torch.Tensor"]:
+    """One no-grad forward pass of ``batch`` ([b, n_ctx], BOS at 0) capturing ``hook_z`` of every layer in
+    ``layers``: ``{layer: z [b, n_ctx - 1, n_heads, d_head]}`` with the BOS position dropped (attention-sink
+    outlier, never trained on or scored). ``stop_at_layer`` skips the blocks above the highest layer."""
+    import torch
+
+    names = {hook_name("z", int(layer)): int(layer) for layer in layers}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=list(names), stop_at_layer=max(names.values()) + 1)
+    return {layer: cache[name][:, 1:] for name, layer in names.items()}
 
 
 def shuffled_batches(

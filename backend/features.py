@@ -45,9 +45,9 @@ import pandas as pd
 import torch
 
 from backend import dfa
+from backend.activations import z_batch
 from backend.dictionaries import encode_z, flatten_z
 from backend.errors import InputError
-from backend.hooks import hook_name
 from backend.progress import say, track
 
 TOP_N = 20  # top activations kept per feature: materialised examples and the DFA average
@@ -193,8 +193,6 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
             got = z_by_layer.get(d.layer)
             if got is None or tuple(got.shape) != (n * (n_ctx - 1), n_heads * d_head):
                 raise ValueError(f"z_by_layer lacks layer {d.layer} for these {n} x {n_ctx} tokens")
-    names = {d.dict_id: hook_name("z", d.layer) for d in dicts}
-    stop = max(d.layer for d in dicts) + 1
     tops = {d.dict_id: _TopN(d.sae.W_enc.shape[1], n_heads) for d in dicts}
     # Nonzeros are appended batch by batch to a TEMP staging table (Python memory stays bounded; DuckDB sorts
     # out of core) and copied into feature_activations sorted by (feature, act DESC) once per dictionary.
@@ -211,8 +209,8 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
         batch = tokens[start : start + batch_size]
         t0 = time.perf_counter()
         if z_by_layer is None:
-            _, cache = model.run_with_cache(batch, names_filter=list(set(names.values())), stop_at_layer=stop)
-            zs = {d.dict_id: cache[names[d.dict_id]][:, 1:] for d in dicts}  # drop BOS: [b, n_ctx-1, heads, d_head]
+            by_layer = z_batch(model, batch, [d.layer for d in dicts])  # BOS dropped: [b, n_ctx-1, heads, d_head]
+            zs = {d.dict_id: by_layer[d.layer] for d in dicts}
         else:
             rows = slice(start * (n_ctx - 1), (start + len(batch)) * (n_ctx - 1))
             zs = {d.dict_id: z_by_layer[d.layer][rows].reshape(len(batch), n_ctx - 1, n_heads, d_head) for d in dicts}
