@@ -28,12 +28,18 @@ attribution_runs       the parameters and wall time of each attribution computat
 graphs                 attribution graphs: prompt, target, method and pruning parameters
 graph_nodes            nodes of a graph (embedding, feature, error, attention, logit)
 graph_edges            weighted edges of a graph (with the input-invariant factor where defined)
+head_scores            (v2) per-head induction / previous-token / duplicate-token scores on random repeats
+induction_prefix       (v2) induction heads vs matching-prefix length: attention to the target, direct effect
+induction_classes      (v2) long- vs short-prefix classification of candidate induction heads (rule in stats)
+head_features          (v2) features a head dominates by DFA share, with their feature family
+head_polysemanticity   (v2) per head: dominant features, families, polysemantic or not (rule in stats)
+attribution_comparisons (v2) one task or clean/corrupt pair scored by several attribution methods
 =====================  ===========================================================================
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each statement is idempotent so that opening an older (or the same) version for writing is safe.
 DDL: list[str] = [
@@ -84,9 +90,11 @@ DDL: list[str] = [
     # Histogram of a feature's nonzero activations in log-spaced bins [lo, hi) between its min and max.
     """CREATE TABLE IF NOT EXISTS feature_histograms (
         dict_id VARCHAR, feature INTEGER, bin SMALLINT, lo REAL, hi REAL, count INTEGER)""",
+    # comparison_id (v2, last so v1 tables upgraded by ALTER keep the same column order) groups the methods run
+    # on the same prompts, so pages compare estimates with activation patching within one comparison.
     """CREATE TABLE IF NOT EXISTS attribution_runs (
         attr_id VARCHAR PRIMARY KEY, task VARCHAR, method VARCHAR, model VARCHAR, params JSON, seconds DOUBLE,
-        clean_metric DOUBLE, corrupt_metric DOUBLE, run_id VARCHAR)""",
+        clean_metric DOUBLE, corrupt_metric DOUBLE, run_id VARCHAR, comparison_id VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS attributions (
         attr_id VARCHAR, component VARCHAR, layer INTEGER, head INTEGER, pos INTEGER, feature INTEGER, score DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS graphs (
@@ -97,6 +105,26 @@ DDL: list[str] = [
         activation DOUBLE, influence DOUBLE, label VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS graph_edges (
         graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, invariant DOUBLE)""",
+    # ---- v2: head analyses (induction heads, head polysemanticity) and attribution comparisons ----
+    """CREATE TABLE IF NOT EXISTS head_scores (
+        model VARCHAR, layer INTEGER, head INTEGER, induction REAL, prev_token REAL, duplicate_token REAL,
+        n_sequences INTEGER, seq_len INTEGER, run_id VARCHAR)""",
+    # condition: e.g. 'prefix' (the k tokens before the repeated token match) or 'last_only' (only the single
+    # previous token matches); see backend/induction.py for the exact definitions.
+    """CREATE TABLE IF NOT EXISTS induction_prefix (
+        model VARCHAR, layer INTEGER, head INTEGER, condition VARCHAR, prefix_len INTEGER, attention REAL,
+        direct_effect REAL, n_sequences INTEGER, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS induction_classes (
+        model VARCHAR, layer INTEGER, head INTEGER, head_class VARCHAR, stats JSON, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS head_features (
+        dict_id VARCHAR, layer INTEGER, head INTEGER, feature INTEGER, share REAL, family INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS head_polysemanticity (
+        dict_id VARCHAR, layer INTEGER, head INTEGER, n_dominant INTEGER, n_families INTEGER, polysemantic BOOLEAN,
+        stats JSON, run_id VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS attribution_comparisons (
+        comparison_id VARCHAR PRIMARY KEY, task VARCHAR, model VARCHAR, metric_name VARCHAR, n_examples INTEGER,
+        clean_prompts JSON, corrupt_prompts JSON, clean_metric DOUBLE, corrupt_metric DOUBLE, params JSON,
+        created_at TIMESTAMP, run_id VARCHAR)""",
 ]
 
 # Indexes for the page queries that must stay fast on large stores (feature page: by dict + feature).
@@ -110,15 +138,20 @@ INDEXES: list[str] = [
     "CREATE INDEX IF NOT EXISTS idx_attr ON attributions (attr_id)",
     "CREATE INDEX IF NOT EXISTS idx_graph_nodes ON graph_nodes (graph_id)",
     "CREATE INDEX IF NOT EXISTS idx_graph_edges ON graph_edges (graph_id)",
+    "CREATE INDEX IF NOT EXISTS idx_attr_runs_cmp ON attribution_runs (comparison_id)",
 ]
 
 # Tables whose rows belong to a run, and so are deleted when a run is replaced.
 RUN_TABLES: list[str] = [
     "models", "corpora", "contexts", "task_baselines", "dictionaries", "attribution_runs", "graphs",
+    "head_scores", "induction_prefix", "induction_classes", "head_polysemanticity", "attribution_comparisons",
 ]
 
-# version -> statements upgrading the previous version to it. Empty while there is only version 1.
-MIGRATIONS: dict[int, list[str]] = {}
+# version -> statements upgrading the previous version to it. They run after the DDL above (which creates
+# tables new in that version), so they only change tables that already existed.
+MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE attribution_runs ADD COLUMN IF NOT EXISTS comparison_id VARCHAR"],
+}
 
 EXPECTED_TABLES: frozenset[str] = frozenset(
     stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in DDL

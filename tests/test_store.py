@@ -165,3 +165,33 @@ def test_schema_creates_every_documented_table(tmp_path: Path) -> None:
     assert schema.EXPECTED_TABLES <= tables
     for name in schema.EXPECTED_TABLES:
         assert name in (schema.__doc__ or ""), f"table {name} is not documented in backend/schema.py"
+
+
+def test_v1_store_is_upgraded_when_written(tmp_path: Path) -> None:
+    """A store written by schema v1 (no v2 tables, attribution_runs without comparison_id) keeps its data and
+    gains the v2 tables and column the next time a precompute writes to it."""
+    store = tmp_path / "s.duckdb"
+    _write_run(store, "a")
+    con = duckdb.connect(str(store))
+    v2_tables = ["head_scores", "induction_prefix", "induction_classes", "head_features", "head_polysemanticity",
+                 "attribution_comparisons"]
+    for table in v2_tables:
+        con.execute(f"DROP TABLE {table}")
+    con.execute("DROP INDEX IF EXISTS idx_attr_runs_cmp")
+    con.execute("ALTER TABLE attribution_runs DROP COLUMN comparison_id")
+    con.execute("INSERT INTO attribution_runs VALUES ('x', 'ioi', 'atp', 'a', '{}', 1.0, 2.0, 0.0, 'r')")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.close()
+    assert _models(store) == ["a"]  # a v1 store stays readable
+    _write_run(store, "b")
+    con = open_store(store)
+    try:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        assert set(v2_tables) <= tables
+        rows = con.execute("SELECT attr_id, comparison_id FROM attribution_runs").fetchall()
+        assert rows == [("x", None)]
+        version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]
+        assert int(version) == schema.SCHEMA_VERSION
+    finally:
+        con.close()
+    assert _models(store) == ["a", "b"]
