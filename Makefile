@@ -7,7 +7,7 @@ STORE ?= data/stores/demo.duckdb
 PORT ?= 8501
 MODEL ?= smollm2-135m
 
-.PHONY: setup demo run test test-fast bench clean-cache
+.PHONY: setup browser demo run test test-fast bench clean-cache
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,16 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The end-to-end tests drive Debian's chromium through Playwright (a Playwright browser download cannot work
+# offline, so never `playwright install`). apt-get update runs only if the install fails without it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		$(APT_GET) install chromium chromium-driver || \
+		{ $(APT_GET) update && $(APT_GET) install chromium chromium-driver; }; \
+	fi
 
 $(STORE): | $(STAMP)
 	$(PY) -m backend precompute --model $(MODEL) --store $(STORE) --preset demo
@@ -28,13 +38,13 @@ run: setup demo
 	CIRCUITSCOPE_STORES_DIR=$(abspath $(dir $(STORE))) CIRCUITSCOPE_STORE=$(notdir $(STORE)) \
 		$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not e2e"
 
-bench: setup
+bench: setup browser
 	$(PY) -m benchmarks.run
 
 clean-cache:

@@ -136,7 +136,8 @@ VIEWS: list[tuple[str, str, str]] = [
     ("pages/circuit_graph.py", "Circuit Graph", ":material/account_tree:"),
 ]
 
-st.set_page_config(page_title="circuitscope", page_icon=":material/biotech:", layout="wide")
+# An emoji icon is drawn locally; a ":material:" icon makes the browser fetch it from Google (offline here).
+st.set_page_config(page_title="circuitscope", page_icon="🔬", layout="wide")
 navigation = st.navigation({
     "": [st.Page(home, title="Home", icon=":material/home:", default=True)],
     "Views": [st.Page(path, title=title, icon=icon) for path, title, icon in VIEWS],

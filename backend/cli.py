@@ -1,4 +1,5 @@
-"""Command line: ``python -m backend precompute ...`` and ``python -m backend info STORE``.
+"""Command line: ``python -m backend precompute ...``, ``python -m backend attribute ...`` and
+``python -m backend info STORE``.
 
 User errors (unknown model, bad store, bad options) print one sentence and exit with status 2 — never a
 traceback wall. Long steps show tqdm bars with ETA.
@@ -31,6 +32,24 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="import attention SAEs instead of training: a sae-lens release (e.g. gpt2-small-hook-z-kk; "
                           "one SAE per --layers layer) or a sae-lens-format directory; repeatable")
 
+    att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, RelP, IG) on a task or a "
+                                           "clean/corrupt pair and store the comparison")
+    att.add_argument("--store", required=True, help="path of the .duckdb store to write into (created if missing)")
+    att.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
+    att.add_argument("--task", default=None, help="a built-in task: ioi, greater-than, induction, induction-text")
+    att.add_argument("--examples", type=int, default=4, help="prompt pairs of the task (default 4)")
+    att.add_argument("--seed", type=int, default=0, help="task prompt seed")
+    att.add_argument("--clean", default=None, help="instead of --task: the clean prompt")
+    att.add_argument("--corrupt", default=None, help="the corrupted prompt (same token count as --clean)")
+    att.add_argument("--answer", default=None, help="the clean answer token, e.g. ' Mary'")
+    att.add_argument("--wrong", default=None, help="the wrong answer token, e.g. ' John'")
+    att.add_argument("--methods", default=None, help="comma-separated methods (default: every available one of "
+                                                     "patching, atp, relp, ig)")
+    att.add_argument("--kinds", default="resid,mlp,head", help="comma-separated component kinds: resid, mlp, head, "
+                                                               "feature (the store's attention SAEs)")
+    att.add_argument("--ig-steps", type=int, default=8, help="integrated-gradient steps (default 8)")
+    att.add_argument("--per-position-heads", action="store_true", help="score heads per position too")
+
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
     return parser
@@ -41,6 +60,60 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
 
     precompute(args.model, args.store, preset=args.preset, layers=args.layers, corpus_source=args.corpus,
                n_contexts=args.contexts, saes=args.saes)
+    return 0
+
+
+def _split(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from backend.attribution import queries as aq
+    from backend.attribution.compare import (
+        check_methods, ensure_model_recorded, run_comparison, store_dictionaries, write_comparison,
+    )
+    from backend.attribution.components import check_kinds
+    from backend.errors import InputError
+    from backend.models import get_spec, load_model
+    from backend.progress import say
+    from backend.store import StoreWriter, reading
+    from backend.tasks import build_task, custom_pair
+
+    pair = [args.clean, args.corrupt, args.answer, args.wrong]
+    if (args.task is None) == all(v is None for v in pair):
+        raise InputError("Give either --task NAME or --clean/--corrupt/--answer/--wrong, not both and not neither.")
+    if args.task is None and any(v is None for v in pair):
+        raise InputError("A custom pair needs all four of --clean, --corrupt, --answer and --wrong.")
+    if args.ig_steps < 1:
+        raise InputError(f"--ig-steps must be a positive whole number, not {args.ig_steps}.")
+    methods = check_methods(_split(args.methods))
+    kinds = _split(args.kinds) or []
+    dictionaries = dict_ids = None
+    if "feature" in kinds:
+        with reading(args.store) as con:
+            dictionaries, dict_ids = store_dictionaries(con, args.model)
+    kinds = check_kinds(kinds, dictionaries)
+    spec = get_spec(args.model)
+    model = load_model(args.model, progress=say)
+    batch = (build_task(args.task, model, n=args.examples, seed=args.seed) if args.task is not None
+             else custom_pair(model, args.clean, args.corrupt, args.answer, args.wrong))
+    comparison = run_comparison(model, batch, spec.name, methods, kinds, ig_steps=args.ig_steps,
+                                per_position_heads=args.per_position_heads, dictionaries=dictionaries,
+                                dictionary_ids=dict_ids, source="cli")
+    params = {"comparison_id": comparison.comparison_id, "task": batch.name, "methods": methods, "kinds": kinds}
+    with StoreWriter(args.store, kind="attribution", model=spec.name, params=params) as writer:
+        ensure_model_recorded(writer, model, spec)
+        write_comparison(writer.con, comparison, writer.run_id)
+    with reading(Path(args.store)) as con:
+        timing = aq.attribution_methods(con, comparison.comparison_id)
+        pearson = aq.attribution_pearson(con, comparison.comparison_id)
+    print(f"comparison {comparison.comparison_id} ({batch.name}, {len(batch)} example(s)) written to {args.store}")
+    print(timing[["method", "seconds", "speedup_vs_patching"]].to_string(index=False))
+    if len(pearson):
+        print("Pearson r with activation patching:")
+        print(pearson.pivot(index="method", columns="component", values="pearson_r").round(3).to_string())
     return 0
 
 
@@ -71,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "precompute":
             return _cmd_precompute(args)
+        if args.command == "attribute":
+            return _cmd_attribute(args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

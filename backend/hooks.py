@@ -18,8 +18,13 @@ _TEMPLATES: dict[str, str] = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "mlp_in": "blocks.{layer}.ln2.hook_normalized",  # the MLP's normalised input (transcoder input)
     "z": "blocks.{layer}.attn.hook_z",  # [batch, pos, head, d_head]; attention-SAE input
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
     "v": "blocks.{layer}.attn.hook_v",
     "pattern": "blocks.{layer}.attn.hook_pattern",  # [batch, head, dest, src]
+    "mlp_pre": "blocks.{layer}.mlp.hook_pre",  # W_gate x (gated) or W_in x + b_in: the activation's input
+    "mlp_pre_linear": "blocks.{layer}.mlp.hook_pre_linear",  # gated MLPs only: W_in x, the gate's partner
+    "mlp_post": "blocks.{layer}.mlp.hook_post",  # after the activation (and the gate product)
     "attn_scale": "blocks.{layer}.ln1.hook_scale",
     "mlp_scale": "blocks.{layer}.ln2.hook_scale",
 }

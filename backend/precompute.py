@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.attention_saes import step_attention_saes
+from backend.attribution.compare import step_attributions
 from backend.features import step_features
+from backend.induction import step_induction
+from backend.polysemanticity import step_head_polysemanticity
 from backend.errors import InputError
 from backend.progress import say, track
 
@@ -41,6 +44,23 @@ class Preset:
     sae_eval_contexts: int = 32  # last contexts of the corpus, held out for evaluation (x (n_ctx-1) tokens)
     sae_train_contexts: int | None = None  # cap on training contexts (None: all the others)
     sae_threads: int | None = None  # torch threads while training (None: leave as is)
+    # Attribution comparisons (backend.attribution): (task, examples) pairs, the methods (those present run), the
+    # component kinds ("feature" adds the store's attention SAEs), IG's α steps, the induction task's copy length.
+    # Activation patching runs one pass per (layer, position) / (layer, head): ~1,000 components for IOI on SmolLM2,
+    # ~1,400 for induction with 20-token copies, so the demo uses 2 prompts (1 induction prompt of 10+10 tokens) and
+    # 4 IG steps; costs measured on SmolLM2 are in the README (Attribution section).
+    attribution_tasks: tuple[tuple[str, int], ...] = (("ioi", 2), ("greater-than", 2), ("induction", 1))
+    attribution_methods: tuple[str, ...] = ("patching", "atp", "relp", "ig")
+    attribution_kinds: tuple[str, ...] = ("resid", "mlp", "head")
+    attribution_ig_steps: int = 4
+    attribution_induction_length: int = 10
+    # Induction heads (backend.induction): sequences per probe condition, copy length of the repeated random tokens,
+    # longest matching prefix K, tokens per prefix/competition sequence, heads classified (top by induction score).
+    induction_sequences: int = 32
+    induction_repeat_len: int = 24
+    induction_max_prefix: int = 6
+    induction_seq_len: int = 40
+    induction_candidates: int = 16
 
 
 PRESETS: dict[str, Preset] = {
@@ -49,7 +69,10 @@ PRESETS: dict[str, Preset] = {
     # full: 2048 training contexts (260k tokens) x 2 passes per layer; measured on L8 with 130k tokens:
     # 1 pass FVE 0.83, 2 passes 0.85, CE-loss recovered 1.07-1.10 (see backend/attention_saes.py).
     "full": Preset("full", n_contexts=4096, n_ctx=128, task_examples=64, batch_size=16, layers="all",
-                   sae_epochs=2.0, sae_eval_contexts=64, sae_train_contexts=2048),
+                   sae_epochs=2.0, sae_eval_contexts=64, sae_train_contexts=2048,
+                   induction_sequences=64, induction_max_prefix=8, induction_seq_len=48,
+                   attribution_tasks=(("ioi", 8), ("greater-than", 8), ("induction", 2)), attribution_ig_steps=8,
+                   attribution_induction_length=20),
 }
 
 
@@ -216,8 +239,11 @@ STEPS: list[tuple[str, Step]] = [
     ("model", step_model),
     ("corpus", step_corpus),
     ("tasks", step_tasks),
+    ("induction", step_induction),
     ("attention_saes", step_attention_saes),
     ("features", step_features),
+    ("attributions", step_attributions),
+    ("head_polysemanticity", step_head_polysemanticity),
 ]
 
 

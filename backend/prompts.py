@@ -74,7 +74,7 @@ def encode_prompt(model: Any, text: str | bytes, max_tokens: int | None = None) 
         raise InputError("The prompt is empty: type some text to run through the model.")
     warnings: list[str] = []
     if len(text) > MAX_PROMPT_CHARS:
-        warnings.append(f"The prompt has {len(text):,} characters; only the first {MAX_PROMPT_CHARS:,} were read.")
+        warnings.append(f"The prompt has {len(text):,} characters; only the first {MAX_PROMPT_CHARS:,} were read — shorten the prompt to analyse all of it.")
         text = text[:MAX_PROMPT_CHARS]
     tokenizer = model.tokenizer
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -82,7 +82,7 @@ def encode_prompt(model: Any, text: str | bytes, max_tokens: int | None = None) 
     prefix = [bos] if bos is not None else []
     limit = (max_tokens or model.cfg.n_ctx) - len(prefix)
     if len(ids) > limit:
-        warnings.append(f"The prompt has {len(ids):,} tokens; only the first {limit:,} fit the context and were used.")
+        warnings.append(f"The prompt has {len(ids):,} tokens; only the first {limit:,} fit the context and were used — shorten the prompt to analyse all of it.")
         ids = ids[:limit]
     if not ids:
         raise InputError("The prompt produced no tokens: type some text to run through the model.")

@@ -101,3 +101,19 @@ from backend.feature_queries import (  # noqa: E402,F401
     feature_dictionaries, feature_head_dfa, feature_histogram, feature_logits, feature_quantile_examples,
     feature_summary, feature_top_examples, features_by_head, features_by_layer, features_by_token,
 )
+
+# Attribution Faithfulness queries (backend/attribution/queries.py), re-exported for StoreRef.query likewise.
+from backend.attribution.queries import (  # noqa: E402,F401
+    attribution_comparison, attribution_comparisons, attribution_methods, attribution_pairs, attribution_pearson,
+    attribution_scores, attribution_tokens,
+)
+
+# Head Polysemanticity queries (backend/head_queries.py); re-exported for StoreRef.query.
+from backend.head_queries import (  # noqa: E402,F401
+    head_feature_tokens, head_features, head_polysemanticity_heads, polysemanticity_headline, token_profiles,
+)
+
+# Induction Heads queries (backend/induction_queries.py); re-exported for StoreRef.query.
+from backend.induction_queries import (  # noqa: E402,F401
+    head_scores, induction_classes, induction_counts, induction_prefix_curves, induction_rule,
+)

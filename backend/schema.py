@@ -4,7 +4,7 @@ A store is one DuckDB file. ``meta.schema_version`` says which version of this m
 refuses a newer version with a clear message, and :data:`MIGRATIONS` upgrades older ones when a precompute
 opens them for writing. Every data row carries the ``run_id`` of the precompute run that wrote it.
 
-Tables (sparse by design: only nonzero feature activations and attributions are stored):
+Tables (sparse by design: only nonzero feature activations are stored; attributions keep every component):
 
 =====================  ===========================================================================
 meta                   key/value facts about the file (schema_version, created_at, writer)
@@ -23,7 +23,7 @@ feature_logits         top promoted / suppressed output tokens of a feature
 feature_examples       the top activations of each feature (materialised examples)
 feature_head_dfa       direct feature attribution by head (mean contribution and share)
 feature_histograms     log-binned histogram of each feature's nonzero activations
-attributions           scores per (task, method, component, layer, head, pos)
+attributions           scores per (method run, component, layer, head, pos, feature)
 attribution_runs       the parameters and wall time of each attribution computation
 graphs                 attribution graphs: prompt, target, method and pruning parameters
 graph_nodes            nodes of a graph (embedding, feature, error, attention, logit)
@@ -31,7 +31,7 @@ graph_edges            weighted edges of a graph (with the input-invariant facto
 head_scores            (v2) per-head induction / previous-token / duplicate-token scores on random repeats
 induction_prefix       (v2) induction heads vs matching-prefix length: attention to the target, direct effect
 induction_classes      (v2) long- vs short-prefix classification of candidate induction heads (rule in stats)
-head_features          (v2) features a head dominates by DFA share, with their feature family
+head_features          (v2) features a head dominates by DFA share, with their rank and feature family
 head_polysemanticity   (v2) per head: dominant features, families, polysemantic or not (rule in stats)
 attribution_comparisons (v2) one task or clean/corrupt pair scored by several attribution methods
 =====================  ===========================================================================
@@ -109,22 +109,31 @@ DDL: list[str] = [
     """CREATE TABLE IF NOT EXISTS head_scores (
         model VARCHAR, layer INTEGER, head INTEGER, induction REAL, prev_token REAL, duplicate_token REAL,
         n_sequences INTEGER, seq_len INTEGER, run_id VARCHAR)""",
-    # condition: e.g. 'prefix' (the k tokens before the repeated token match) or 'last_only' (only the single
-    # previous token matches); see backend/induction.py for the exact definitions.
+    # Induction heads (backend/induction.py, exact definitions in its docstring). condition: 'prefix' (exactly
+    # prefix_len tokens ending at the repeated token match its earlier occurrence; 0 = control, nothing matches),
+    # 'competition_long' / 'competition_short' (two earlier occurrences, one with the long matching prefix, one where
+    # only the token itself matches: the target after each). seq_len: tokens per probe sequence, BOS included.
     """CREATE TABLE IF NOT EXISTS induction_prefix (
         model VARCHAR, layer INTEGER, head INTEGER, condition VARCHAR, prefix_len INTEGER, attention REAL,
-        direct_effect REAL, n_sequences INTEGER, run_id VARCHAR)""",
+        direct_effect REAL, n_sequences INTEGER, run_id VARCHAR, seq_len INTEGER)""",
     """CREATE TABLE IF NOT EXISTS induction_classes (
         model VARCHAR, layer INTEGER, head INTEGER, head_class VARCHAR, stats JSON, run_id VARCHAR)""",
+    # Head polysemanticity (backend/polysemanticity.py). head_features: every feature whose DFA share in the head
+    # passes the dominance rule; rank 1 = largest share; family is NULL beyond the judged top features.
     """CREATE TABLE IF NOT EXISTS head_features (
-        dict_id VARCHAR, layer INTEGER, head INTEGER, feature INTEGER, share REAL, family INTEGER)""",
+        dict_id VARCHAR, layer INTEGER, head INTEGER, feature INTEGER, share REAL, family INTEGER, rank INTEGER)""",
+    # n_families counts families of >= 2 features among the n_judged top features; polysemantic is NULL when the
+    # head has too few dominant features to judge; stats holds the thresholds, family sizes and similarity links.
     """CREATE TABLE IF NOT EXISTS head_polysemanticity (
-        dict_id VARCHAR, layer INTEGER, head INTEGER, n_dominant INTEGER, n_families INTEGER, polysemantic BOOLEAN,
-        stats JSON, run_id VARCHAR)""",
+        dict_id VARCHAR, layer INTEGER, head INTEGER, n_dominant INTEGER, n_judged INTEGER, n_families INTEGER,
+        n_singletons INTEGER, polysemantic BOOLEAN, stats JSON, run_id VARCHAR)""",
+    # source: 'precompute', 'cli' or 'app'; clean_tokens / corrupt_tokens: the token ids [n_examples][seq] (pages
+    # label positions through `vocab`). Scores are stored for every component, zeros included (see
+    # backend/attribution/compare.py), so that methods can be correlated with SQL corr().
     """CREATE TABLE IF NOT EXISTS attribution_comparisons (
         comparison_id VARCHAR PRIMARY KEY, task VARCHAR, model VARCHAR, metric_name VARCHAR, n_examples INTEGER,
         clean_prompts JSON, corrupt_prompts JSON, clean_metric DOUBLE, corrupt_metric DOUBLE, params JSON,
-        created_at TIMESTAMP, run_id VARCHAR)""",
+        created_at TIMESTAMP, run_id VARCHAR, source VARCHAR, clean_tokens JSON, corrupt_tokens JSON)""",
 ]
 
 # Indexes for the page queries that must stay fast on large stores (feature page: by dict + feature).

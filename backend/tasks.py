@@ -331,13 +331,15 @@ INDUCTION_LEN = 20  # tokens in each copy: long enough to show induction, short 
 
 
 @functools.lru_cache(maxsize=4)
-def _word_token_pool(tokenizer: Any) -> tuple[int, ...]:
+def word_token_pool(tokenizer: Any) -> tuple[int, ...]:
     """Ordinary word tokens (" house", " river": a space and 3+ lowercase letters) among the first 20k ids."""
     pool = []
     for tid in range(min(len(tokenizer), 20_000)):
         if re.fullmatch(r" [a-z]{3,}", tokenizer.decode([tid])):
             pool.append(tid)
     return tuple(pool)
+
+
 
 
 def _induction_batch(
@@ -379,7 +381,7 @@ def build_induction(
     _check_n(n)
     if length < 2:
         raise InputError(f"The repeated sequence must be at least 2 tokens long, not {length}.")
-    pool = list(_word_token_pool(tokenizer))
+    pool = list(word_token_pool(tokenizer))
     rng = random.Random(seed)
     firsts, seconds = [], []
     for _ in range(n):

@@ -13,13 +13,17 @@ Only the Prompt Explorer needs a model: torch / transformer_lens are imported la
 
 from __future__ import annotations
 
+import contextlib
 import html
+import inspect
 import logging
 import math
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -31,6 +35,13 @@ from backend.progress import ProgressSink
 from backend.store import fingerprint, open_store, reading
 
 log = logging.getLogger("circuitscope.ui")
+if not logging.getLogger("circuitscope").handlers:
+    # Streamlit configures only its own loggers: without a handler of our own, INFO lines (model loads) would never
+    # reach the server log.
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("circuitscope").addHandler(_handler)
+    logging.getLogger("circuitscope").setLevel(logging.INFO)
 
 # Environment overrides, read at call time (not import time) so tests and servers can point the app elsewhere.
 STORE_ENV = "CIRCUITSCOPE_STORE"  # store file name opened when the URL names none (default: demo.duckdb)
@@ -346,12 +357,58 @@ def token_strip_html(strings: Sequence[str], values: Sequence[float] | None = No
 EXPLORER_MAX_TOKENS = 512
 
 
+class SharedModel:
+    """A model shared by every session of the server, used by one session at a time.
+
+    TransformerLens hooks live on the model's modules, so two sessions running it at once see each other's hooks:
+    activations cached from the other session's prompt, outputs patched by another page's experiment, crashes when
+    one session's cleanup removes the other's hooks (all seen with ten concurrent Prompt Explorer sessions). Every
+    method call through this wrapper — a forward pass, ``run_with_cache``, ``run_with_hooks``, and the whole body of
+    ``with model.hooks(...)`` — holds one re-entrant lock; attributes (cfg, tokenizer, weights, blocks) pass through.
+    """
+
+    def __init__(self, model: Any) -> None:
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_lock", threading.RLock())
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._model, name)
+        if name == "hooks":
+            return self._hooks
+        if inspect.ismethod(attr):
+            def locked(*args: Any, **kwargs: Any) -> Any:
+                with self._lock:
+                    return attr(*args, **kwargs)
+            return locked
+        return attr
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._model, name, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _hooks(self, *args: Any, **kwargs: Any) -> Iterator["SharedModel"]:
+        with self._lock, self._model.hooks(*args, **kwargs):
+            yield self
+
+    def __repr__(self) -> str:
+        return f"SharedModel({self._model.cfg.model_name!r})"
+
+
 @st.cache_resource(show_spinner=False, max_entries=2)
-def get_model(name: str) -> Any:
-    """Load a model once per server process (shared by all sessions); heavy imports happen only here."""
+def get_model(name: str) -> SharedModel:
+    """Load a model once per server process, shared by all sessions (see :class:`SharedModel`); heavy imports
+    happen only here."""
     from backend.models import load_model
 
-    return load_model(name)
+    t0 = time.perf_counter()
+    model = load_model(name)
+    # One line per load: the server log shows that sessions share one model (tests/e2e counts these lines).
+    log.info("loaded model %s in %.1f s", name, time.perf_counter() - t0)
+    return SharedModel(model)
 
 
 def next_token_predictions(model: Any, ids: Sequence[int], k: int = 5) -> pd.DataFrame:

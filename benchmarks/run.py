@@ -7,6 +7,10 @@ Writes ``benchmarks/results/latest.json`` (and a dated copy) with:
   (on a loaded 2-core machine 1 thread is sometimes faster: measured, not assumed);
 * ``features``: the attention-SAE feature precompute's throughput as a ratio to a bare forward pass, and the
   Feature Browser's query latency p50/p95 on a store with >= 10^6 nonzero activations (benchmarks/features_bench.py).
+* ``attribution``: Pearson r of AtP / RelP / IG with activation patching per component kind on IOI, and the wall-time
+  ratio of activation patching to RelP over all heads and MLPs (benchmarks/attribution_bench.py).
+* ``e2e``: time to result in headless chromium, p50 / p95 over ten concurrent Prompt Explorer sessions on one server,
+  as a ratio to one session alone; every session's answer checked, model loads counted (benchmarks/e2e_bench.py).
 
 Claims in the README quote these files as ratios measured in the same run, never as timed test assertions.
 """
@@ -94,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "latest.json"))
     parser.add_argument("--skip-features", action="store_true", help="skip the attention-SAE feature benchmarks")
+    parser.add_argument("--skip-attribution", action="store_true",
+                        help="skip the attribution benchmark (patching vs AtP / RelP / IG on IOI, a few minutes)")
+    parser.add_argument("--skip-e2e", action="store_true",
+                        help="skip the real-browser concurrency benchmark (needs chromium: `make browser`)")
     args = parser.parse_args(argv)
 
     result: dict[str, Any] = {
@@ -112,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import features_bench
 
         result["features"] = features_bench.run(args.model)  # precompute throughput + feature page query latency
+    if not args.skip_attribution:
+        from benchmarks import attribution_bench
+
+        result["attribution"] = attribution_bench.run(args.model)  # Pearson r vs patching, RelP / patching speed
+    if not args.skip_e2e:
+        from benchmarks import e2e_bench
+
+        result["e2e"] = e2e_bench.run()  # 10 concurrent browser sessions: p50 / p95 time to result
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
-TEST_MODEL = "tiny-llama"
-TEST_STORE_NAME = "test.duckdb"
+from tiny_stores import TEST_MODEL, TEST_STORE_NAME, build_tiny_store  # shared with tests/e2e and benchmarks
 
 
 @pytest.fixture(scope="session")
@@ -30,11 +28,7 @@ def tiny_model() -> Any:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_model: Any) -> Path:
     """A store built by ``precompute("tiny-llama", ..., preset="demo", n_contexts=8)``; do not modify it."""
-    from backend.precompute import precompute
-
-    path = tmp_path_factory.mktemp("tiny_store") / TEST_STORE_NAME
-    precompute(TEST_MODEL, path, preset="demo", n_contexts=8, model=tiny_model)
-    return path
+    return build_tiny_store(tmp_path_factory.mktemp("tiny_store") / TEST_STORE_NAME, model=tiny_model)
 
 
 @pytest.fixture

@@ -31,7 +31,10 @@ PAGES = [
     "pages/attribution_faithfulness.py",
     "pages/circuit_graph.py",
 ]
-PLACEHOLDERS = [p for p in PAGES if p not in ("pages/prompt_explorer.py", "pages/feature_browser.py")]
+PLACEHOLDERS = [p for p in PAGES if p not in ("pages/prompt_explorer.py", "pages/feature_browser.py",
+                                             "pages/head_polysemanticity.py",  # tests/test_polysemanticity.py
+                                             "pages/induction_heads.py",  # tests/test_induction_page.py
+                                             "pages/attribution_faithfulness.py")]  # tests/test_attribution_page.py
 
 
 def _app(script: str = "app.py", **params: str) -> AppTest:

@@ -1,0 +1,256 @@
+"""Run several attribution methods on one TaskBatch, time them, and store the comparison.
+
+A comparison is one ``attribution_comparisons`` row (the prompts, their token ids, the metric on clean and corrupt
+prompts, the shared parameters), one ``attribution_runs`` row per method (its own parameters as JSON, wall time in
+seconds) and the scores of every component in ``attributions`` — all of them, zeros included, so that a page can
+correlate any two methods with SQL ``corr()`` (:mod:`backend.attribution.queries`). Pearson r is never computed
+here: pages and the CLI read it from DuckDB, stored or in memory (:func:`comparison_db`), through the same query.
+
+Wall time is measured around each method call alone, after the clean and corrupt forward passes that measure the
+metric (they double as a warm-up); patching is run last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from backend.attribution import GROUND_TRUTH, METHODS, available_methods
+from backend.attribution.components import DEFAULT_KINDS, Scores, check_kinds
+from backend.errors import InputError
+from backend.progress import say
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from backend.tasks import TaskBatch
+
+
+@dataclass
+class MethodRun:
+    """One method's scores, wall time and parameters within a comparison."""
+
+    method: str
+    scores: Scores
+    seconds: float
+    params: dict[str, Any]
+
+
+@dataclass
+class Comparison:
+    """Several methods run on the same prompts; write it with :func:`write_comparison`."""
+
+    comparison_id: str
+    task: str
+    model: str
+    batch: "TaskBatch"
+    kinds: list[str]
+    runs: dict[str, MethodRun]
+    clean_metric: float
+    corrupt_metric: float
+    params: dict[str, Any] = field(default_factory=dict)
+    source: str = "precompute"
+
+
+def check_methods(methods: Sequence[str] | None) -> list[str]:
+    """Validate method names (None: every available method); InputError for unknown or absent ones."""
+    if methods is None:
+        return available_methods()
+    out = []
+    for name in methods:
+        if name not in METHODS:
+            raise InputError(f"Unknown attribution method {name!r}: choose from {', '.join(METHODS)}.")
+        if not METHODS[name].available:
+            raise InputError(f"The attribution method {name!r} is not available in this installation.")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise InputError("No attribution method was chosen: pick at least one of " + ", ".join(METHODS) + ".")
+    return out
+
+
+def _method_params(name: str, ig_steps: int, rules: Any) -> dict[str, Any]:
+    if name == "ig":
+        return {"steps": int(ig_steps)}
+    if name == "relp":
+        from backend.attribution import relp as relp_module
+
+        return {"rules": rules if rules is not None else getattr(relp_module, "DEFAULT_RULES", None)}
+    return {}
+
+
+def _params_json(params: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in params.items():
+        out[k] = v.to_dict() if hasattr(v, "to_dict") else v
+    return out
+
+
+def run_comparison(model: Any, batch: "TaskBatch", model_name: str, methods: Sequence[str] | None = None,
+                   kinds: Sequence[str] = DEFAULT_KINDS, ig_steps: int = 8, per_position_heads: bool = False,
+                   dictionaries: Mapping[int, Any] | None = None, dictionary_ids: Mapping[int, str] | None = None,
+                   rules: Any = None, source: str = "precompute", comparison_id: str | None = None) -> Comparison:
+    """Run ``methods`` (patching last) on ``batch`` and return their scores and wall times.
+
+    ``dictionaries`` (layer -> attention SAE) is needed for the ``feature`` kind (``dictionary_ids``, layer -> store
+    dict_id, only recorded in the parameters); ``rules`` are RelP's rules
+    (default: the RelP module's defaults); ``ig_steps`` the number of α values of IG.
+    """
+    import torch
+
+    methods = check_methods(methods)
+    kinds = check_kinds(kinds, dictionaries)
+    ordered = [m for m in methods if m != GROUND_TRUTH] + [m for m in methods if m == GROUND_TRUTH]
+    with torch.no_grad():  # these two passes double as the warm-up before the timed methods
+        clean_metric = float(batch.metric(model(batch.clean, return_type="logits")))
+        corrupt_metric = float(batch.metric(model(batch.corrupt, return_type="logits")))
+    shared = {"kinds": list(kinds), "per_position_heads": bool(per_position_heads)}
+    if dictionaries:
+        ids = dictionary_ids or {}
+        shared["dictionaries"] = {str(layer): ids.get(layer) for layer in sorted(dictionaries)}
+    runs: dict[str, MethodRun] = {}
+    for name in ordered:
+        spec = METHODS[name]
+        params = _method_params(name, ig_steps, rules)
+        say(f"{batch.name}: {name} ({spec.cost})")
+        fn = spec.load()
+        t0, c0 = time.perf_counter(), time.process_time()
+        scores = fn(model, batch, kinds, per_position_heads=per_position_heads, dictionaries=dictionaries, **params)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # CPU seconds (all threads of this process) beside wall time: on a shared machine they vary far less.
+        runs[name] = MethodRun(name, scores, seconds, {**shared, **_params_json(params), "cpu_seconds": round(cpu, 3)})
+    cid = comparison_id or f"{model_name}/{batch.name}-{uuid.uuid4().hex[:8]}"
+    return Comparison(
+        comparison_id=cid, task=batch.name, model=model_name, batch=batch, kinds=list(kinds), runs=runs,
+        clean_metric=clean_metric, corrupt_metric=corrupt_metric, source=source,
+        params={**shared, "ig_steps": int(ig_steps), "methods": ordered, "n_examples": len(batch),
+                "seq_len": batch.seq_len, "description": batch.description},
+    )
+
+
+def delete_comparison(con: "duckdb.DuckDBPyConnection", comparison_id: str) -> None:
+    """Remove one comparison (its runs and scores) from a writable connection."""
+    con.execute("DELETE FROM attributions WHERE attr_id IN "
+                "(SELECT attr_id FROM attribution_runs WHERE comparison_id = ?)", [comparison_id])
+    con.execute("DELETE FROM attribution_runs WHERE comparison_id = ?", [comparison_id])
+    con.execute("DELETE FROM attribution_comparisons WHERE comparison_id = ?", [comparison_id])
+
+
+def write_comparison(con: "duckdb.DuckDBPyConnection", comparison: Comparison, run_id: str) -> str:
+    """Write ``comparison`` (replacing one with the same id) into a writable store connection; returns its id."""
+    import pandas as pd
+
+    c = comparison
+    delete_comparison(con, c.comparison_id)
+    b = c.batch
+    con.execute(
+        "INSERT INTO attribution_comparisons (comparison_id, task, model, metric_name, n_examples, clean_prompts, "
+        "corrupt_prompts, clean_metric, corrupt_metric, params, created_at, run_id, source, clean_tokens, "
+        "corrupt_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [c.comparison_id, c.task, c.model, b.metric_name, len(b), json.dumps(list(b.prompts)),
+         json.dumps(list(b.corrupt_prompts)), c.clean_metric, c.corrupt_metric, json.dumps(c.params),
+         datetime.now(timezone.utc), run_id, c.source, json.dumps(b.clean.tolist()), json.dumps(b.corrupt.tolist())],
+    )
+    for name, run in c.runs.items():
+        attr_id = f"{c.comparison_id}/{name}"
+        con.execute(
+            "INSERT INTO attribution_runs (attr_id, task, method, model, params, seconds, clean_metric, "
+            "corrupt_metric, run_id, comparison_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [attr_id, c.task, name, c.model, json.dumps(run.params), run.seconds, c.clean_metric, c.corrupt_metric,
+             run_id, c.comparison_id],
+        )
+        frame = run.scores.to_frame()
+        frame.insert(0, "attr_id", attr_id)
+        con.register("_attr_df", pd.DataFrame(frame))
+        con.execute("INSERT INTO attributions (attr_id, component, layer, head, pos, feature, score) "
+                    "SELECT attr_id, component, layer, head, pos, feature, score FROM _attr_df")
+        con.unregister("_attr_df")
+    return c.comparison_id
+
+
+def comparison_db(comparison: Comparison, tokenizer: Any = None) -> "duckdb.DuckDBPyConnection":
+    """An in-memory DuckDB with the store schema holding ``comparison`` (and, given a tokenizer, the vocab rows of
+    its tokens), so a live comparison is read through the same queries as a stored one."""
+    import duckdb
+    import pandas as pd
+
+    from backend import schema
+
+    con = duckdb.connect(":memory:")
+    for stmt in schema.DDL:
+        con.execute(stmt)
+    con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(schema.SCHEMA_VERSION)])
+    write_comparison(con, comparison, run_id="live")
+    if tokenizer is not None:
+        from backend.prompts import token_strings
+
+        ids = sorted({int(t) for t in comparison.batch.clean.flatten().tolist()}
+                     | {int(t) for t in comparison.batch.corrupt.flatten().tolist()})
+        con.register("_vocab", pd.DataFrame({"model": comparison.model, "token_id": ids,
+                                             "token_str": token_strings(tokenizer, ids)}))
+        con.execute("INSERT INTO vocab SELECT model, token_id, token_str FROM _vocab")
+        con.unregister("_vocab")
+    return con
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Store plumbing shared by the precompute step, the CLI and the page
+
+
+def store_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str) -> tuple[dict[int, Any], dict[int, str]]:
+    """The store's attention SAEs for ``model_name``, one per layer (the widest): ``({layer: sae}, {layer: id})``."""
+    from backend.dictionaries import KIND, load_dictionary
+
+    rows = con.execute("SELECT dict_id, layer FROM dictionaries WHERE model = ? AND kind = ? "
+                       "ORDER BY layer, d_sae DESC, dict_id", [model_name, KIND]).fetchall()
+    ids: dict[int, str] = {}
+    for dict_id, layer in rows:
+        ids.setdefault(int(layer), str(dict_id))
+    if not ids:
+        raise InputError(f"This store has no attention SAEs for {model_name}, so the 'feature' kind cannot be scored: "
+                         "drop it, or build SAEs with `python -m backend precompute`.")
+    return {layer: load_dictionary(con, d) for layer, d in ids.items()}, ids
+
+
+def ensure_model_recorded(writer: Any, model: Any, spec: Any) -> None:
+    """Record the model and its vocabulary (pages label tokens from ``vocab``) if the store lacks them."""
+    from backend.precompute import PRESETS, RunContext, step_model
+
+    have = writer.con.execute("SELECT count(*) FROM vocab WHERE model = ?", [spec.name]).fetchall()[0][0]
+    if have != int(model.cfg.d_vocab):
+        step_model(RunContext(model=model, spec=spec, writer=writer, preset=PRESETS["demo"], layers=[],
+                              corpus_source=""))
+
+
+def step_attributions(ctx: Any) -> None:
+    """Precompute step: compare the preset's attribution methods on the built-in tasks and store each comparison
+    (replacing this model's earlier precomputed comparisons; saved custom pairs stay)."""
+    from backend.progress import track
+    from backend.prompts import model_bos_id
+    from backend.tasks import build_task
+
+    preset = ctx.preset
+    tasks = list(preset.attribution_tasks)
+    if not tasks:
+        return
+    methods = [m for m in preset.attribution_methods if METHODS[m].available]
+    kinds = list(preset.attribution_kinds)
+    dictionaries, dict_ids = (store_dictionaries(ctx.con, ctx.spec.name) if "feature" in kinds else (None, None))
+    old = ctx.con.execute("SELECT comparison_id FROM attribution_comparisons WHERE model = ? AND source = 'precompute'",
+                          [ctx.spec.name]).fetchall()
+    for (cid,) in old:
+        delete_comparison(ctx.con, cid)
+    for task, n in track(tasks, total=len(tasks), desc="Attribution comparisons", unit="task"):
+        options = {"length": preset.attribution_induction_length} if task.startswith("induction") else {}
+        batch = build_task(task, ctx.model, n=int(n), seed=0, bos=model_bos_id(ctx.model), **options)
+        c = run_comparison(ctx.model, batch, ctx.spec.name, methods, kinds, ig_steps=preset.attribution_ig_steps,
+                           dictionaries=dictionaries, dictionary_ids=dict_ids, source="precompute",
+                           comparison_id=f"{ctx.spec.name}/{task}")
+        write_comparison(ctx.con, c, ctx.run_id)
+        ctx.summary.setdefault("attributions", {})[task] = {
+            "examples": len(batch), "seq_len": batch.seq_len,
+            "seconds": {name: round(run.seconds, 2) for name, run in c.runs.items()}}

@@ -1,0 +1,150 @@
+"""Every page in a real browser (headless chromium on a live ``streamlit run``), and the user journeys across them.
+
+Per page: it loads without an exception box, its title and main content are visible, and a screenshot lands in
+test-artifacts/e2e/. Journeys: type a prompt in the Prompt Explorer and see each token's attention-SAE features,
+follow its link to the feature's dashboard, open a dashboard by deep link, use the sidebar.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from e2e_harness import BOS, Tab, feature_rows, prompt_features, query_param, submit_prompt, wait_for_strip
+
+from backend import feature_queries
+from backend.store import reading
+from backend.ui import visible_token
+
+pytestmark = pytest.mark.e2e
+
+# (URL path, title, what shows that the page drew its content). The three analysis pages were being built when this
+# was written: any chart, table, metric or message below the title counts (on a store without their data they say
+# so in a message).
+CONTENT = ('[data-testid="stMain"] :is([data-testid="stPlotlyChart"], [data-testid="stDataFrame"], '
+           '[data-testid="stMetric"], [data-testid="stAlert"])')
+PAGES: list[tuple[str, str, str]] = [
+    ("", "circuitscope", '[data-testid="stMain"] [data-testid="stMetric"]'),
+    ("feature_browser", "Feature Browser", '[data-testid="stMain"] [data-testid="stSelectbox"]'),
+    ("prompt_explorer", "Prompt Explorer", '[data-testid="stMain"] [data-testid="stHtml"]'),
+    ("head_polysemanticity", "Head Polysemanticity", CONTENT),
+    ("induction_heads", "Induction Heads", CONTENT),
+    ("attribution_faithfulness", "Attribution Faithfulness", CONTENT),
+    ("circuit_graph", "Circuit Graph", '[data-testid="stMain"] [data-testid="stAlert"]'),
+]
+
+
+@pytest.mark.parametrize("path,title,content", PAGES, ids=[p[0] or "home" for p in PAGES])
+def test_page_loads_with_its_content(tab: Tab, path: str, title: str, content: str) -> None:
+    tab.open(path)
+    tab.page.locator(content).first.wait_for(state="visible")
+    tab.wait_idle()
+    assert tab.title() == title
+    assert tab.problems() == []
+    tab.screenshot(f"page-{path or 'home'}")
+
+
+def test_home_shows_the_store(tab: Tab) -> None:
+    tab.open()
+    assert tab.page.get_by_role("heading", name="Model · tiny-llama").is_visible()
+    assert tab.metric("Layers") == "2"
+    assert tab.page.get_by_role("combobox", name="Store").input_value() == "test.duckdb"
+    assert query_param(tab.page.url, "store") == "test.duckdb"
+
+
+def test_sidebar_links_every_page(tab: Tab) -> None:
+    """The navigation lists every view and links it to the path the per-page tests above open."""
+    tab.open()
+    links = tab.page.locator('[data-testid="stSidebarNav"] a')
+    shown = {links.nth(i).inner_text().strip().splitlines()[-1]: urlparse(links.nth(i).get_attribute("href")).path
+             for i in range(links.count())}
+    assert shown == {title: f"/{path}" for path, title, _ in PAGES if path} | {"Home": "/"}
+    # One click, as a user would: the page opens in the same session and keeps the chosen store.
+    links.filter(has_text="Head Polysemanticity").click()
+    tab.page.locator('[data-testid="stMain"] h1', has_text="Head Polysemanticity").wait_for(state="visible")
+    tab.wait_ready()
+    assert tab.problems() == []
+    assert query_param(tab.page.url, "store") == "test.duckdb"
+
+
+def test_pages_fetch_nothing_from_the_internet(tab: Tab) -> None:
+    tab.open()
+    tab.open("prompt_explorer")
+    tab.page.locator('[data-testid="stMain"] .js-plotly-plot').first.wait_for(state="visible")
+    assert tab.external == []
+
+
+def _token_reprs(tiny_model: Any, prompt: str) -> list[str]:
+    ids = tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return [repr(visible_token(BOS))] + [repr(visible_token(tiny_model.tokenizer.decode([i]))) for i in ids]
+
+
+def test_prompt_explorer_journey(tab: Tab, tiny_model: Any) -> None:
+    """Type a prompt, see its tokens and every token's top features, then open one feature's dashboard."""
+    prompt = "The cat sat on the mat because it was tired"
+    tab.open("prompt_explorer")
+    submit_prompt(tab, prompt)
+    wait_for_strip(tab, BOS + prompt)
+    tokens = _token_reprs(tiny_model, prompt)
+    assert tab.metric("Tokens") == str(len(tokens))
+    assert query_param(tab.page.url, "prompt") == prompt  # the view is a link
+
+    features = prompt_features(tab, BOS + prompt)  # per SAE layer, per token: (feature, activation), best first
+    assert features and all(len(per_pos) == len(tokens) for per_pos in features.values())
+    assert all(per_pos[0] == [] and all(per_pos[1:]) for per_pos in features.values())  # BOS is not scored
+    rows = feature_rows(tab)  # the table beside it, as far as it is in view: pos, token, one column per layer
+    assert len(rows) >= 8 and [r[1] for r in rows] == tokens[:len(rows)]
+    assert rows[0][2] == "BOS · not scored"
+    first = next(iter(features.values()))
+    assert [r[2].split()[0] for r in rows[1:]] == [f"#{per_pos[0][0]}" for per_pos in first[1:len(rows)]]
+    assert tab.problems() == []
+    tab.screenshot("journey-prompt-explorer")
+
+    link = tab.page.locator('[data-testid="stMain"] a', has_text="in the Feature Browser")
+    label = link.inner_text()  # "Open feature #N in the Feature Browser"
+    feature = label.split("#")[1].split()[0]
+    link.click()
+    tab.page.locator('[data-testid="stMain"] h1', has_text="Feature Browser").wait_for(state="visible")
+    heading = tab.page.locator('[data-testid="stMain"] h3', has_text=f"Feature {feature} · layer")
+    heading.wait_for(state="visible")
+    tab.wait_idle()
+    assert query_param(tab.page.url, "feature") == feature
+    assert tab.problems() == []
+
+
+def test_feature_dashboard_by_deep_link(tab: Tab, tiny_store: Path) -> None:
+    """A shared link opens the feature's dashboard: its numbers are the store's."""
+    with reading(tiny_store) as con:
+        dicts = feature_queries.feature_dictionaries(con)
+        dict_id = str(dicts[dicts["n_features"] > 0]["dict_id"].iloc[-1])
+        feature = int(feature_queries.features_by_layer(con, dict_id, "max_act", 1)["feature"].iloc[0])
+        summary = feature_queries.feature_summary(con, dict_id, feature)
+    assert summary is not None
+    tab.open("feature_browser", store="test.duckdb", dict=dict_id, feature=str(feature))
+    heading = f"Feature {feature} · layer {int(summary['layer'])} attention output"
+    tab.page.get_by_role("heading", name=heading).wait_for(state="visible")
+    tab.page.get_by_role("heading", name="Top 10 activations").wait_for(state="visible")
+    tab.wait_idle()
+    assert tab.metric("Max activation") == f"{summary['max_act']:.3f}"
+    assert tab.page.locator('[data-testid="stMain"] [data-testid="stHtml"]').count() >= 1  # highlighted examples
+    tab.page.locator('[data-testid="stMain"] .js-plotly-plot').nth(1).wait_for(state="visible")  # histogram, DFA
+    assert (query_param(tab.page.url, "dict"), query_param(tab.page.url, "feature")) == (dict_id, str(feature))
+    assert tab.problems() == []
+    tab.screenshot("journey-feature-deep-link")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CIRCUIT GRAPH JOURNEY — issue 7, second part (after the circuit-graph issue lands).
+# To write then, replacing the placeholder test below: open circuit_graph, enter a prompt, build the graph, check its
+# nodes/edges are drawn; download each export format and check the files (parse them, compare node/edge counts
+# with what the page shows); move the edge-threshold slider and check the drawn graph changes (fewer edges / nodes).
+
+
+def test_circuit_graph_is_still_a_placeholder(tab: Tab) -> None:
+    """Fails once the Circuit Graph page is built: then replace it with the journey described above."""
+    tab.open("circuit_graph")
+    text = tab.wait_for_alert("Info", "attribution graphs")
+    assert "python -m backend precompute" in text  # says how to get the graphs
+    assert tab.problems() == []
