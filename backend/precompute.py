@@ -47,12 +47,13 @@ class Preset:
     # Attribution comparisons (backend.attribution): (task, examples) pairs, the methods (those present run), the
     # component kinds ("feature" adds the store's attention SAEs), IG's α steps, the induction task's copy length.
     # Activation patching runs one pass per (layer, position) / (layer, head): ~1,000 components for IOI on SmolLM2,
-    # ~1,400 for induction with 20-token copies, so the demo uses 2 prompts (1 induction prompt of 10+10 tokens) and
-    # 4 IG steps; costs measured on SmolLM2 are in the README (Attribution section).
-    attribution_tasks: tuple[tuple[str, int], ...] = (("ioi", 2), ("greater-than", 2), ("induction", 1))
+    # ~1,400 for induction with 20-token copies; IG runs `steps` forward+backward passes per (kind, layer). So the demo
+    # uses 2 IOI prompts, 1 greater-than prompt, 1 induction prompt of 10+10 tokens and 2 IG steps (costs measured on
+    # SmolLM2: README, Attribution section).
+    attribution_tasks: tuple[tuple[str, int], ...] = (("ioi", 2), ("greater-than", 1), ("induction", 1))
     attribution_methods: tuple[str, ...] = ("patching", "atp", "relp", "ig")
     attribution_kinds: tuple[str, ...] = ("resid", "mlp", "head")
-    attribution_ig_steps: int = 4
+    attribution_ig_steps: int = 2
     attribution_induction_length: int = 10
     # Induction heads (backend.induction): sequences per probe condition, copy length of the repeated random tokens,
     # longest matching prefix K, tokens per prefix/competition sequence, heads classified (top by induction score).
