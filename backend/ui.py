@@ -47,6 +47,8 @@ if not logging.getLogger("circuitscope").handlers:
 STORE_ENV = "CIRCUITSCOPE_STORE"  # store file name opened when the URL names none (default: demo.duckdb)
 DEFAULT_STORE_NAME = "demo.duckdb"
 
+# Prompts longer than this are not written into the page link (unwieldy links; browsers cap URL length).
+MAX_LINK_CHARS = 2_000
 STORE_PARAM = "store"
 MODEL_PARAM = "model"
 _STORE_WIDGET = "cs_store_picker"

@@ -23,7 +23,7 @@ from backend.errors import InputError
 
 HEAD_PARAM = "head"
 PROMPT_PARAM = "prompt"
-MAX_LINK_CHARS = 2_000  # longer prompts are not put in the link
+MAX_LINK_CHARS = ui.MAX_LINK_CHARS
 _HEAD_KEY = "ih_head"
 _KEEP_HEAD = "_ih_head"  # plain session key: survives page switches (widget state does not)
 _OVERLAY_KEY = "ih_overlay"

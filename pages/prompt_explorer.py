@@ -23,7 +23,7 @@ from backend.errors import InputError
 
 PROMPT_PARAM = "prompt"
 POS_PARAM = "pos"
-MAX_LINK_CHARS = 2_000  # longer prompts would make unwieldy links (and browsers cap URL length)
+MAX_LINK_CHARS = ui.MAX_LINK_CHARS
 TOP_K = 5
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 _PROMPT_KEY = "pe_prompt"

@@ -40,3 +40,15 @@ def app_stores_dir(tmp_path: Path, tiny_store: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CIRCUITSCOPE_STORES_DIR", str(directory))
     monkeypatch.setenv("CIRCUITSCOPE_STORE", TEST_STORE_NAME)
     yield directory
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module: with other processes busy on the 2 cores, two threads thrash (measured 5-10x
+    slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

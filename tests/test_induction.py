@@ -28,13 +28,7 @@ POOL = list(range(1000, 1400))  # distinct stand-in token ids for the builder te
 BOS = 7
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One torch thread: the machine's other processes make two threads thrash (see tests/test_tasks.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -16,13 +16,7 @@ from backend.tasks import IOI_NAMES, IOI_TEMPLATES, TASKS, TaskBatch, build_task
 N = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One torch thread: with other processes busy on the 2 cores, two threads thrash (measured 5-10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
