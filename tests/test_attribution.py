@@ -251,28 +251,17 @@ def test_a_rule_on_a_component_hook_point_acts_upstream_of_it(tiny_model: Any, i
                                                                     lambda x, hook: x.detach())])
     torch.testing.assert_close(ruled.values["mlp"][1], plain.values["mlp"][1], rtol=1e-5, atol=1e-7)
     # Independent: MLP 0's gradient with MLP 1's output detached, from a hand-written backward pass.
-    name0, name1 = hook_name("mlp_out", 0), hook_name("mlp_out", 1)
-    with torch.no_grad():
-        _, cache = tiny_model.run_with_cache(ioi.corrupt, names_filter=[name0])
-    store: dict[str, torch.Tensor] = {}
-
-    def leaf(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        store["a"] = act.detach().requires_grad_(True)
-        return store["a"]
-
-    with torch.enable_grad():
-        m = ioi.metric(tiny_model.run_with_hooks(ioi.clean, fwd_hooks=[(name0, leaf), (name1, lambda x, hook: x.detach())]))
-        (grad,) = torch.autograd.grad(m, [store["a"]])
-    expected = (grad * (cache[name0] - store["a"].detach())).sum((0, 2)).double()
+    detach_mlp1 = [(hook_name("mlp_out", 1), lambda x, hook: x.detach())]
+    expected = _handwritten_estimate(tiny_model, ioi, hook_name("mlp_out", 0), detach_mlp1).double()
     torch.testing.assert_close(ruled.values["mlp"][0], expected, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(ruled.values["mlp"][0], plain.values["mlp"][0])
 
 
-def test_atp_is_the_first_order_estimate(tiny_model: Any, ioi: Any) -> None:
-    """Independent check of AtP's arithmetic: grad from a hand-written backward pass times the delta."""
-    name = hook_name("resid_pre", 1)
+def _handwritten_estimate(model: Any, batch: Any, name: str, extra_hooks: list[Any] | None = None) -> torch.Tensor:
+    """grad · (corrupt − clean) per position at hook ``name`` from a hand-written backward pass (independent of
+    backend.attribution), with ``extra_hooks`` active in the clean pass."""
     with torch.no_grad():
-        _, cache = tiny_model.run_with_cache(ioi.corrupt, names_filter=[name])
+        _, cache = model.run_with_cache(batch.corrupt, names_filter=[name])
     store: dict[str, torch.Tensor] = {}
 
     def leaf(act: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -280,9 +269,14 @@ def test_atp_is_the_first_order_estimate(tiny_model: Any, ioi: Any) -> None:
         return store["a"]
 
     with torch.enable_grad():
-        m = ioi.metric(tiny_model.run_with_hooks(ioi.clean, fwd_hooks=[(name, leaf)]))
+        m = batch.metric(model.run_with_hooks(batch.clean, fwd_hooks=[(name, leaf), *(extra_hooks or [])]))
         (grad,) = torch.autograd.grad(m, [store["a"]])
-    expected = (grad * (cache[name] - store["a"].detach())).sum((0, 2))
+    return (grad * (cache[name] - store["a"].detach())).sum((0, 2))
+
+
+def test_atp_is_the_first_order_estimate(tiny_model: Any, ioi: Any) -> None:
+    """Independent check of AtP's arithmetic: grad from a hand-written backward pass times the delta."""
+    expected = _handwritten_estimate(tiny_model, ioi, hook_name("resid_pre", 1))
     torch.testing.assert_close(atp(tiny_model, ioi, ["resid"]).values["resid"][1], expected.double(),
                                rtol=1e-5, atol=1e-7)
 
