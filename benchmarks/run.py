@@ -9,6 +9,8 @@ Writes ``benchmarks/results/latest.json`` (and a dated copy) with:
   Feature Browser's query latency p50/p95 on a store with >= 10^6 nonzero activations (benchmarks/features_bench.py).
 * ``attribution``: Pearson r of AtP / RelP / IG with activation patching per component kind on IOI, and the wall-time
   ratio of activation patching to RelP over all heads and MLPs (benchmarks/attribution_bench.py).
+* ``induction``: the induction precompute step's wall time as a ratio to a bare forward pass over the same probe
+  tokens (benchmarks/induction_bench.py).
 * ``e2e``: time to result in headless chromium, p50 / p95 over ten concurrent Prompt Explorer sessions on one server,
   as a ratio to one session alone; every session's answer checked, model loads counted (benchmarks/e2e_bench.py).
 
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "latest.json"))
     parser.add_argument("--skip-features", action="store_true", help="skip the attention-SAE feature benchmarks")
+    parser.add_argument("--skip-induction", action="store_true",
+                        help="skip the induction-step benchmark (step time vs a bare forward pass)")
     parser.add_argument("--skip-attribution", action="store_true",
                         help="skip the attribution benchmark (patching vs AtP / RelP / IG on IOI, a few minutes)")
     parser.add_argument("--skip-e2e", action="store_true",
@@ -120,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import features_bench
 
         result["features"] = features_bench.run(args.model)  # precompute throughput + feature page query latency
+    if not args.skip_induction:
+        from benchmarks import induction_bench
+
+        result["induction"] = induction_bench.run(args.model)  # induction step time as a ratio to a bare forward pass
     if not args.skip_attribution:
         from benchmarks import attribution_bench
 
