@@ -34,7 +34,7 @@ $(STORE): | $(STAMP)
 demo: $(STORE)
 
 # The app lists stores in STORE's directory and opens STORE by default.
-run: setup demo
+run: setup browser demo
 	CIRCUITSCOPE_STORES_DIR=$(abspath $(dir $(STORE))) CIRCUITSCOPE_STORE=$(notdir $(STORE)) \
 		$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 

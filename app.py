@@ -56,20 +56,58 @@ def _dictionary_section(ctx: ui.PageContext) -> None:
             f"precompute steps; once those land, run `{ui.build_hint(ctx)}` to add them."
         )
         return
+    others = dicts[dicts["kind"] != "transcoder"]
+    if not others.empty:
+        st.dataframe(
+            others.drop(columns=["model"]),
+            hide_index=True,
+            column_config={
+                "l0": st.column_config.NumberColumn("L0", format="%.1f", help="mean active features per token"),
+                "fve": st.column_config.NumberColumn("FVE", format="%.3f", help="fraction of variance explained"),
+                "ce_loss_recovered": st.column_config.NumberColumn("CE recovered", format="%.3f",
+                                                                   help="share of the CE-loss gap (ablated → clean) recovered by splicing the dictionary in"),
+                "delta_ce": st.column_config.NumberColumn("ΔCE (nats)", format="%.4f", help="spliced CE loss − clean CE loss"),
+                "ablation_gap": st.column_config.NumberColumn(
+                    "ablated − clean (nats)", format="%.4f",
+                    help="denominator of CE recovered: zero-ablating one attention layer moves CE very little, "
+                         "so the ratio is noisy; read it with ΔCE and FVE"),
+                "dead_fraction": st.column_config.NumberColumn("Dead", format="percent", help="share of features that never fired"),
+            },
+        )
+    if (dicts["kind"] == "transcoder").any():
+        _transcoder_section(ctx)
+
+
+def _transcoder_section(ctx: ui.PageContext) -> None:
+    st.markdown("**MLP transcoders** — each replaces one MLP: features read the MLP's normalised input and predict its output")
+    reps: pd.DataFrame = ctx.store.query("mlp_replacement_evals", ctx.model)
+    if not reps.empty:
+        r = reps.iloc[0]
+        cols = st.columns(4)
+        cols[0].metric("MLPs replaced at once", _fmt_int(r["n_replaced"]))
+        cols[1].metric("CE recovered (all replaced)", "–" if pd.isna(r["ce_loss_recovered"]) else f"{r['ce_loss_recovered']:.3f}",
+                       help="(CE with all these MLPs zeroed − CE with all replaced by transcoders) / "
+                            "(all zeroed − clean); positions ≥ 1, error terms dropped")
+        cols[2].metric("ΔCE (nats)", "–" if pd.isna(r["delta_ce"]) else f"{r['delta_ce']:+.3f}",
+                       help="CE with all replaced − clean CE")
+        cols[3].metric("all zeroed − clean (nats)", "–" if pd.isna(r["ablation_gap"]) else f"{r['ablation_gap']:.3f}",
+                       help="the denominator of the ratio")
+        st.caption(f"Clean CE {r['ce_clean']:.3f} nats over {_fmt_int(r['ce_tokens'])} held-out tokens.")
+    tcs: pd.DataFrame = ctx.store.query("transcoder_quality", ctx.model)
     st.dataframe(
-        dicts.drop(columns=["model"]),
+        tcs.drop(columns=["model"]),
         hide_index=True,
         column_config={
             "l0": st.column_config.NumberColumn("L0", format="%.1f", help="mean active features per token"),
-            "fve": st.column_config.NumberColumn("FVE", format="%.3f", help="fraction of variance explained"),
-            "ce_loss_recovered": st.column_config.NumberColumn("CE recovered", format="%.3f",
-                                                               help="share of the CE-loss gap (ablated → clean) recovered by splicing the dictionary in"),
-            "delta_ce": st.column_config.NumberColumn("ΔCE (nats)", format="%.4f", help="spliced CE loss − clean CE loss"),
-            "ablation_gap": st.column_config.NumberColumn(
-                "ablated − clean (nats)", format="%.4f",
-                help="denominator of CE recovered: zero-ablating one attention layer moves CE very little, "
-                     "so the ratio is noisy; read it with ΔCE and FVE"),
+            "fve": st.column_config.NumberColumn("FVE", format="%.3f", help="fraction of the MLP output's variance explained"),
+            "ce_loss_recovered": st.column_config.NumberColumn(
+                "CE recovered", format="%.3f",
+                help="this one MLP replaced by its transcoder: (zeroed − replaced) / (zeroed − clean) CE"),
+            "delta_ce": st.column_config.NumberColumn("ΔCE (nats)", format="%.4f", help="replaced CE loss − clean CE loss"),
+            "ablation_gap": st.column_config.NumberColumn("zeroed − clean (nats)", format="%.4f",
+                                                          help="denominator of CE recovered: this MLP's output zeroed"),
             "dead_fraction": st.column_config.NumberColumn("Dead", format="percent", help="share of features that never fired"),
+            "ce_tokens": st.column_config.NumberColumn("CE tokens", help="held-out tokens the per-layer CE averages over"),
         },
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from backend.errors import CircuitscopeError
 
@@ -31,6 +31,13 @@ def _build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--saes", action="append", default=None, metavar="RELEASE_OR_DIR",
                      help="import attention SAEs instead of training: a sae-lens release (e.g. gpt2-small-hook-z-kk; "
                           "one SAE per --layers layer) or a sae-lens-format directory; repeatable")
+    pre.add_argument("--transcoders", nargs="+", action="extend", default=None, metavar="SRC",
+                     help="import MLP transcoders instead of training them: sae-lens-format transcoder directories "
+                          "and/or sae-lens releases (one transcoder per --transcoder-layers layer; RELEASE:SAE_ID "
+                          "for one)")
+    pre.add_argument("--transcoder-layers", default=None,
+                     help="layers that get transcoders, same syntax as --layers (default: the preset's, 'all'); "
+                          "--layers does not change them")
 
     att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, RelP, IG) on a task or a "
                                            "clean/corrupt pair and store the comparison")
@@ -50,6 +57,26 @@ def _build_parser() -> argparse.ArgumentParser:
     att.add_argument("--ig-steps", type=int, default=8, help="integrated-gradient steps (default 8)")
     att.add_argument("--per-position-heads", action="store_true", help="score heads per position too")
 
+    gr = sub.add_parser("graph", help="build (or load) an attribution graph for a prompt, prune it, check its "
+                                      "faithfulness, store it and export it")
+    gr.add_argument("--store", required=True, help="path of the .duckdb store (its transcoders and attention SAEs "
+                                                  "are used; the graph is saved into it with --save)")
+    gr.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
+    gr.add_argument("--prompt", default=None, help="the prompt text")
+    gr.add_argument("--graph-id", default=None, help="instead of --prompt: a graph stored in --store")
+    gr.add_argument("--answer", default=None, help="target token (default: the model's top prediction), e.g. ' Paris'")
+    gr.add_argument("--wrong", default=None, help="explain the logit difference answer - wrong instead")
+    gr.add_argument("--max-nodes", type=int, default=400, help="candidate nodes kept when building (default 400)")
+    gr.add_argument("--no-attn-saes", action="store_true", help="use heads even where the store has attention SAEs")
+    gr.add_argument("--node-threshold", type=float, default=0.8, help="cumulative node influence kept (default 0.8)")
+    gr.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (default 0.98)")
+    gr.add_argument("--faithfulness", choices=["zero", "mean", "none"], default="zero",
+                    help="ablate everything outside the pruned circuit this way and report the metric kept")
+    gr.add_argument("--save", action="store_true", help="store the (unpruned) graph in --store")
+    gr.add_argument("--export", action="append", default=None, metavar="FILE",
+                    help="write the pruned graph to FILE; the format follows the suffix: .svg .png .graphml .dot "
+                         ".json (Neuronpedia / circuit-tracer schema); repeatable")
+
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
     return parser
@@ -59,7 +86,8 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
     from backend.precompute import precompute
 
     precompute(args.model, args.store, preset=args.preset, layers=args.layers, corpus_source=args.corpus,
-               n_contexts=args.contexts, saes=args.saes)
+               n_contexts=args.contexts, saes=args.saes, transcoders=args.transcoders,
+               transcoder_layers=args.transcoder_layers)
     return 0
 
 
@@ -117,6 +145,74 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from backend.circuits import faithfulness as faith
+    from backend.circuits.build import BuildParams, build_graph
+    from backend.circuits.prune import prune
+    from backend.circuits.storage import read_graph, store_dictionaries, write_graph
+    from backend.errors import InputError
+    from backend.models import get_spec, load_model
+    from backend.progress import say
+    from backend.store import StoreWriter, reading
+
+    if (args.prompt is None) == (args.graph_id is None):
+        raise InputError("Give either --prompt TEXT or --graph-id ID, not both and not neither.")
+    for name in ("node_threshold", "edge_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise InputError(f"--{name.replace('_', '-')} is a fraction between 0 and 1, not {getattr(args, name)}.")
+    spec = get_spec(args.model)
+    need_model = args.prompt is not None or args.faithfulness != "none"
+    with reading(args.store) as con:
+        transcoders, saes = store_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
+        graph = read_graph(con, args.graph_id) if args.graph_id else None
+    if graph is not None:
+        saes = saes if graph.metadata.get("dictionaries", {}).get("attn_sae_layers") else {}
+    model = load_model(args.model, progress=say) if need_model else None
+    if graph is None:
+        if not transcoders:
+            say("This store has no transcoders: every MLP is one error node (build them with the precompute).")
+        graph = build_graph(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
+                            params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
+        for warning in graph.metadata.get("warnings", []):
+            say(warning)
+    t = graph.metadata["target"]
+    print(f"graph of {graph.metadata['prompt']!r} -> {t['token']!r}"
+          + (f" - {t['wrong']!r}" if t.get("wrong") is not None else "")
+          + f" (metric {t['value']:.3f}): {len(graph.nodes)} nodes, {len(graph.edges)} edges")
+    pruned = prune(graph, args.node_threshold, args.edge_threshold)
+    print(f"pruned (node {args.node_threshold}, edge {args.edge_threshold}): {len(pruned.nodes)} nodes, "
+          f"{len(pruned.edges)} edges")
+    if args.faithfulness != "none":
+        means = None
+        if args.faithfulness == "mean":
+            means = faith.reference_means(model, transcoders, saes, _reference_tokens(args.store, spec.name))
+        result = faith.check(model, pruned, transcoders, saes, mode=args.faithfulness, means=means)
+        pruned.metadata["faithfulness"] = result.as_dict()
+        print(f"faithfulness ({args.faithfulness} ablation): circuit {result.metric_circuit:.3f}, full "
+              f"{result.metric_full:.3f}, nothing {result.metric_empty:.3f} -> fraction kept {result.fraction:.3f}")
+    if args.save:
+        with StoreWriter(args.store, kind="graph", model=spec.name, params={"prompt": graph.metadata["prompt"]}) as w:
+            gid = write_graph(w.con, graph, w.run_id, source="cli")
+        print(f"saved as {gid} in {args.store}")
+    for path in args.export or []:
+        from backend.circuits.export import export_to_file
+
+        export_to_file(pruned, Path(path))
+        print(f"wrote {path}")
+    return 0
+
+
+def _reference_tokens(store: str, model_name: str) -> Any:
+    """A few corpus contexts of the store (for mean ablation)."""
+    from backend.circuits.faithfulness import reference_tokens
+    from backend.store import reading
+
+    with reading(store) as con:
+        return reference_tokens(con, model_name)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -146,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_precompute(args)
         if args.command == "attribute":
             return _cmd_attribute(args)
+        if args.command == "graph":
+            return _cmd_graph(args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,9 +16,11 @@ from typing import Any, Callable
 
 from backend.attention_saes import step_attention_saes
 from backend.attribution.compare import step_attributions
+from backend.circuits.step import step_graphs
 from backend.features import step_features
 from backend.induction import step_induction
 from backend.polysemanticity import step_head_polysemanticity
+from backend.transcoders import step_transcoders
 from backend.errors import InputError
 from backend.progress import say, track
 
@@ -62,18 +64,59 @@ class Preset:
     induction_max_prefix: int = 6
     induction_seq_len: int = 40
     induction_candidates: int = 16
+    # Transcoders per MLP layer (backend.transcoders; measurements and the fitting recipe in its docstring). Layers are
+    # chosen by transcoder_layers (NOT by --layers: attribution graphs want every MLP replaced; a layer without a
+    # transcoder is one big error node). d_sae = expansion x d_model. epochs 0 = prototype encoder + least-squares
+    # decoder only; > 0 adds Adam passes with the adaptive L1 and a final refit. Held out: the last
+    # transcoder_eval_contexts contexts (L0 / FVE / dead / all-replaced CE); per-layer CE on the first
+    # transcoder_ce_contexts of them (it costs ~n_layers forward passes per token).
+    transcoder_train: bool = True
+    transcoder_layers: str = "all"
+    transcoder_architecture: str = "transcoder"  # or "skip_transcoder" (adds a linear skip W_skip)
+    transcoder_expansion: float = 4.0  # 576 -> 2304 on SmolLM2
+    transcoder_l0: float = 32.0  # target active features per token (each becomes a graph node)
+    transcoder_epochs: float = 0.0
+    transcoder_lr: float = 3e-4
+    transcoder_batch_size: int = 512
+    transcoder_ridge: float = 1e-3
+    transcoder_train_contexts: int | None = None  # cap on training contexts (None: all but the held-out ones)
+    transcoder_eval_contexts: int = 32
+    transcoder_ce_contexts: int | None = 4  # None: all held-out contexts
+    transcoder_threads: int | None = None
+    # Attribution graphs stored for the Circuit Graph page (backend.circuits): (prompt, answer, wrong answer or
+    # None); answer None = the model's top prediction. Candidate nodes kept per graph.
+    graph_prompts: tuple[tuple[str, str | None, str | None], ...] = (
+        ("The capital of France is", None, None),
+        ("When Mary and John went to the store, John gave a drink to", " Mary", " John"),
+    )
+    graph_max_nodes: int = 400
 
 
 PRESETS: dict[str, Preset] = {
+    # demo transcoders (all 30 MLPs; measurements in backend/transcoders.py): 128 training contexts (16k tokens), no
+    # Adam pass (prototype encoder + least-squares decoder), 8 held-out contexts (1016 tokens) for L0 / FVE / the
+    # all-replaced row, per-layer CE on 4 of them (508 tokens). Measured on SmolLM2, quiet 2-core machine: the step takes
+    # 142 s (collect 29, fit 37 = 1.2 s/layer, evaluate 76), peak RSS 4.1 GB; L0 25-34, 0% dead, FVE 0.27-0.48 on most
+    # middle layers, 0.55/0.63/0.93 at L0-2, 0.95/0.70 at L28-29; per-layer CE recovered median 0.69 (0.03 at L11 whose
+    # FVE is 0.98: the small residual matters there), ΔCE 0.004-1.5 nats against denominators 0.06-6.8. All 30 MLPs
+    # replaced at once: CE recovered 0.68 but ΔCE +8.1 nats (clean 4.6, all MLPs zeroed 29.7): a rough replacement
+    # model whose error nodes carry a lot. Trade-off measured: 28k instead of 16k tokens +0.03 FVE for +40 s; an Adam
+    # pass +0.01 at this size (+0.03 at 114k tokens) for +2.5x fit time. Per-layer CE recovered on 508 tokens is noisy:
+    # two runs with different held-out (and training) contexts gave e.g. L5 0.83 vs 0.28: read ΔCE and FVE beside it.
     "demo": Preset("demo", n_contexts=256, n_ctx=128, task_examples=16, batch_size=16, layers="spread:3",
-                   sae_epochs=3.0, sae_eval_contexts=32),
+                   sae_epochs=3.0, sae_eval_contexts=32, transcoder_train_contexts=128, transcoder_eval_contexts=8,
+                   transcoder_ce_contexts=4),
     # full: 2048 training contexts (260k tokens) x 2 passes per layer; measured on L8 with 130k tokens:
     # 1 pass FVE 0.83, 2 passes 0.85, CE-loss recovered 1.07-1.10 (see backend/attention_saes.py).
     "full": Preset("full", n_contexts=4096, n_ctx=128, task_examples=64, batch_size=16, layers="all",
                    sae_epochs=2.0, sae_eval_contexts=64, sae_train_contexts=2048,
                    induction_sequences=64, induction_max_prefix=8, induction_seq_len=48,
                    attribution_tasks=(("ioi", 8), ("greater-than", 8), ("induction", 2)), attribution_ig_steps=8,
-                   attribution_induction_length=20),
+                   attribution_induction_length=20,
+                   # transcoders: 260k tokens + 1 Adam pass (at 114k tokens L8 FVE 0.53 -> 0.56 with the pass, ~40 s per
+                   # layer), 64 held-out contexts, per-layer CE on 16 of them (~4.5 min for 30 layers). Not run end to end.
+                   transcoder_train_contexts=2048, transcoder_epochs=1.0, transcoder_eval_contexts=64,
+                   transcoder_ce_contexts=16),
 }
 
 
@@ -118,6 +161,8 @@ class RunContext:
     corpus_id: str = ""
     contexts: Any = None  # backend.corpus.Contexts once the corpus step ran
     sae_sources: list[str] = field(default_factory=list)  # --saes: import these instead of training
+    transcoder_layers: list[int] = field(default_factory=list)  # from preset.transcoder_layers / --transcoder-layers
+    transcoder_sources: list[str] = field(default_factory=list)  # --transcoders: import these instead of training
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -243,8 +288,10 @@ STEPS: list[tuple[str, Step]] = [
     ("induction", step_induction),
     ("attention_saes", step_attention_saes),
     ("features", step_features),
+    ("transcoders", step_transcoders),
     ("attributions", step_attributions),
     ("head_polysemanticity", step_head_polysemanticity),
+    ("graphs", step_graphs),
 ]
 
 
@@ -257,12 +304,16 @@ def precompute(
     n_contexts: int | None = None,
     model: Any = None,
     saes: list[str] | None = None,
+    transcoders: list[str] | None = None,
+    transcoder_layers: str | None = None,
 ) -> str:
     """Build (or add a run to) the store at ``store_path``; returns the run id.
 
     ``n_contexts`` overrides the preset's corpus size. ``model`` may pass an already-loaded model. ``saes`` lists
     attention SAEs to import instead of training: sae-lens release names (one SAE per selected layer, id
-    ``blocks.L.hook_z``) or sae-lens-format directories.
+    ``blocks.L.hook_z``) or sae-lens-format directories. ``transcoders`` likewise imports transcoders instead of
+    training them (sae-lens releases, ``RELEASE:SAE_ID``, or directories); ``transcoder_layers`` overrides the preset's
+    transcoder layer selection (same syntax as ``layers``, which does not affect transcoders).
     """
     from backend.models import get_spec, load_model
     from backend.store import StoreWriter
@@ -274,13 +325,20 @@ def precompute(
         chosen = Preset(**{**asdict(chosen), "n_contexts": int(n_contexts)})
     spec = get_spec(model_name)
     layer_list = parse_layers(layers, spec.n_layers, chosen.layers)
+    tc_layers = parse_layers(transcoder_layers, spec.n_layers, chosen.transcoder_layers)
+    if transcoders:
+        from backend.transcoders import check_transcoder_sources
+
+        check_transcoder_sources(transcoders, tc_layers)  # an unknown release fails now, not after minutes
     t0 = time.perf_counter()
     if model is None:
         model = load_model(model_name, progress=say)
-    params = {"preset": asdict(chosen), "layers": layer_list, "corpus": corpus_source, "saes": list(saes or [])}
+    params = {"preset": asdict(chosen), "layers": layer_list, "corpus": corpus_source, "saes": list(saes or []),
+              "transcoder_layers": tc_layers, "transcoders": list(transcoders or [])}
     with StoreWriter(store_path, kind="precompute", model=spec.name, preset=chosen.name, params=params) as writer:
         ctx = RunContext(model=model, spec=spec, writer=writer, preset=chosen, layers=layer_list,
-                         corpus_source=corpus_source, sae_sources=list(saes or []))
+                         corpus_source=corpus_source, sae_sources=list(saes or []), transcoder_layers=tc_layers,
+                         transcoder_sources=list(transcoders or []))
         for name, step in STEPS:
             t = time.perf_counter()
             step(ctx)

@@ -96,6 +96,30 @@ def dictionary_quality(con: duckdb.DuckDBPyConnection, model: str | None = None)
                     f"FROM dictionaries {where} ORDER BY kind, layer, dict_id", params)
 
 
+def transcoder_quality(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
+    """MLP transcoders (kind 'transcoder') for the home page: L0, FVE of the MLP output, CE-loss recovered with that one
+    MLP replaced, ΔCE (spliced − clean, nats), its denominator (MLP zeroed − clean), dead share, and the token counts
+    (per-layer CE runs on fewer held-out tokens than FVE: ``ce_tokens`` vs ``eval_tokens``)."""
+    where, params = ("AND model = ?", [model]) if model else ("", [])
+    return _df(con, f"""
+        SELECT dict_id, model, architecture, layer, d_sae, l0, fve, ce_loss_recovered, ce_spliced - ce_clean AS delta_ce,
+               ce_ablated - ce_clean AS ablation_gap, dead_fraction, training_tokens, eval_tokens,
+               TRY_CAST(json_extract(cfg, '$.metadata.evaluation.ce_tokens') AS BIGINT) AS ce_tokens, source
+        FROM dictionaries WHERE kind = 'transcoder' {where} ORDER BY layer, dict_id""", params)
+
+
+def mlp_replacement_evals(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
+    """All-MLPs-replaced evaluations (``replacement_evals``), newest run first: how many MLPs were replaced by their
+    transcoders at once, CE clean / replaced / all those MLPs zeroed, the share recovered, ΔCE and its denominator."""
+    where, params = ("WHERE e.model = ?", [model]) if model else ("", [])
+    return _df(con, f"""
+        SELECT e.eval_id, e.model, e.n_replaced, e.ce_loss_recovered, e.ce_replaced - e.ce_clean AS delta_ce,
+               e.ce_ablated - e.ce_clean AS ablation_gap, e.ce_clean, e.ce_replaced, e.ce_ablated, e.ce_tokens,
+               e.run_id
+        FROM replacement_evals e LEFT JOIN runs r USING (run_id) {where}
+        ORDER BY r.started_at DESC NULLS LAST, e.eval_id""", params)
+
+
 # Feature Browser queries live in their own module (engineer B); re-exported so StoreRef.query finds them here.
 from backend.feature_queries import (  # noqa: E402,F401
     feature_dictionaries, feature_head_dfa, feature_histogram, feature_logits, feature_quantile_examples,
@@ -116,4 +140,9 @@ from backend.head_queries import (  # noqa: E402,F401
 # Induction Heads queries (backend/induction_queries.py); re-exported for StoreRef.query.
 from backend.induction_queries import (  # noqa: E402,F401
     head_scores, induction_classes, induction_counts, induction_prefix_curves, induction_rule,
+)
+
+# Circuit Graph queries (backend/circuits/queries.py); re-exported for StoreRef.query.
+from backend.circuits.queries import (  # noqa: E402,F401
+    dictionaries_with_features, graph_feature_examples, list_graphs, read_graph, replacement_quality,
 )

@@ -25,21 +25,22 @@ feature_head_dfa       direct feature attribution by head (mean contribution and
 feature_histograms     log-binned histogram of each feature's nonzero activations
 attributions           scores per (method run, component, layer, head, pos, feature)
 attribution_runs       the parameters and wall time of each attribution computation
-graphs                 attribution graphs: prompt, target, method and pruning parameters
-graph_nodes            nodes of a graph (embedding, feature, error, attention, logit)
-graph_edges            weighted edges of a graph (with the input-invariant factor where defined)
+graphs                 (v3 columns) attribution graphs: prompt, tokens, target, method, build parameters
+graph_nodes            (v3 columns) nodes of a graph (embedding, feature, error, attention, logit)
+graph_edges            (v3 columns) weighted edges; transcoder->transcoder edges keep their two factors
 head_scores            (v2) per-head induction / previous-token / duplicate-token scores on random repeats
 induction_prefix       (v2) induction heads vs matching-prefix length: attention to the target, direct effect
 induction_classes      (v2) long- vs short-prefix classification of candidate induction heads (rule in stats)
 head_features          (v2) features a head dominates by DFA share, with their rank and feature family
 head_polysemanticity   (v2) per head: dominant features, families, polysemantic or not (rule in stats)
 attribution_comparisons (v2) one task or clean/corrupt pair scored by several attribution methods
+replacement_evals      (v3) CE loss with several MLPs replaced by their transcoders at once
 =====================  ===========================================================================
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each statement is idempotent so that opening an older (or the same) version for writing is safe.
 DDL: list[str] = [
@@ -97,14 +98,25 @@ DDL: list[str] = [
         clean_metric DOUBLE, corrupt_metric DOUBLE, run_id VARCHAR, comparison_id VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS attributions (
         attr_id VARCHAR, component VARCHAR, layer INTEGER, head INTEGER, pos INTEGER, feature INTEGER, score DOUBLE)""",
+    # Attribution graphs (backend/circuits). graphs.metadata holds the prompt tokens, the target's metric values,
+    # the dictionaries used and the build parameters; a graph is stored as built (before pruning: thresholds are
+    # applied when it is viewed). source: 'precompute', 'cli' or 'app'.
     """CREATE TABLE IF NOT EXISTS graphs (
         graph_id VARCHAR PRIMARY KEY, model VARCHAR, prompt VARCHAR, target JSON, method VARCHAR, params JSON,
-        created_at TIMESTAMP, run_id VARCHAR)""",
+        created_at TIMESTAMP, run_id VARCHAR, metadata JSON, source VARCHAR, title VARCHAR)""",
+    # feature: the feature index (transcoder / attention-SAE nodes), head index (head nodes), token id (embedding
+    # and logit nodes). value: what the node's incoming edges sum to (with bias); attribution: the node's total
+    # effect on the target (all paths); see backend/circuits/graph.py.
     """CREATE TABLE IF NOT EXISTS graph_nodes (
         graph_id VARCHAR, node_id VARCHAR, kind VARCHAR, layer INTEGER, pos INTEGER, feature INTEGER,
-        activation DOUBLE, influence DOUBLE, label VARCHAR)""",
+        activation DOUBLE, influence DOUBLE, label VARCHAR, dict_id VARCHAR, value DOUBLE, bias DOUBLE,
+        is_target BOOLEAN, attribution DOUBLE)""",
+    # weight = source_factor x invariant x norm_factor for transcoder -> transcoder edges (Dunefsky et al.:
+    # input-dependent source activation x input-invariant decoder.encoder x the frozen norm's 1/scale);
+    # NULL factors elsewhere.
     """CREATE TABLE IF NOT EXISTS graph_edges (
-        graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, invariant DOUBLE)""",
+        graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, invariant DOUBLE, source_factor DOUBLE,
+        norm_factor DOUBLE)""",
     # ---- v2: head analyses (induction heads, head polysemanticity) and attribution comparisons ----
     """CREATE TABLE IF NOT EXISTS head_scores (
         model VARCHAR, layer INTEGER, head INTEGER, induction REAL, prev_token REAL, duplicate_token REAL,
@@ -134,6 +146,13 @@ DDL: list[str] = [
         comparison_id VARCHAR PRIMARY KEY, task VARCHAR, model VARCHAR, metric_name VARCHAR, n_examples INTEGER,
         clean_prompts JSON, corrupt_prompts JSON, clean_metric DOUBLE, corrupt_metric DOUBLE, params JSON,
         created_at TIMESTAMP, run_id VARCHAR, source VARCHAR, clean_tokens JSON, corrupt_tokens JSON)""",
+    # ---- v3: transcoders and attribution graphs ----
+    # One row per evaluation of a set of transcoders spliced in together (dict_ids: JSON list): clean CE, CE with
+    # every listed MLP replaced (error dropped), CE with those MLPs' outputs zeroed; the ratio as for dictionaries.
+    """CREATE TABLE IF NOT EXISTS replacement_evals (
+        eval_id VARCHAR PRIMARY KEY, model VARCHAR, dict_ids JSON, n_replaced INTEGER, ce_clean DOUBLE,
+        ce_replaced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, ce_tokens BIGINT, stats JSON,
+        run_id VARCHAR)""",
 ]
 
 # Indexes for the page queries that must stay fast on large stores (feature page: by dict + feature).
@@ -154,12 +173,18 @@ INDEXES: list[str] = [
 RUN_TABLES: list[str] = [
     "models", "corpora", "contexts", "task_baselines", "dictionaries", "attribution_runs", "graphs",
     "head_scores", "induction_prefix", "induction_classes", "head_polysemanticity", "attribution_comparisons",
+    "replacement_evals",
 ]
 
 # version -> statements upgrading the previous version to it. They run after the DDL above (which creates
 # tables new in that version), so they only change tables that already existed.
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE attribution_runs ADD COLUMN IF NOT EXISTS comparison_id VARCHAR"],
+    3: [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}" for table, column in (
+        ("graphs", "metadata JSON"), ("graphs", "source VARCHAR"), ("graphs", "title VARCHAR"),
+        ("graph_nodes", "dict_id VARCHAR"), ("graph_nodes", "value DOUBLE"), ("graph_nodes", "bias DOUBLE"),
+        ("graph_nodes", "is_target BOOLEAN"), ("graph_nodes", "attribution DOUBLE"), ("graph_edges", "source_factor DOUBLE"),
+        ("graph_edges", "norm_factor DOUBLE"))],
 }
 
 EXPECTED_TABLES: frozenset[str] = frozenset(

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -295,26 +295,6 @@ def build_hint(ctx: PageContext) -> str:
     """The precompute command that (re)builds the current store for the current model."""
     model = ctx.model or "smollm2-135m"
     return f"python -m backend precompute --model {model} --store {ctx.store.path}"
-
-
-def show_missing(ctx: PageContext, *, missing: str, arrives_with: str, have: Mapping[str, int], extra: str = "") -> None:
-    """Placeholder for a view whose data or code arrives with a later issue: say plainly what is missing and how to
-    get it, and how much of what the view will read the store already holds (``have``: label -> row count)."""
-    if not any(have.values()):
-        st.info(
-            f"This store has no {missing} yet: they arrive with {arrives_with}; once that lands, run "
-            f"`{build_hint(ctx)}` to add them (`make demo` rebuilds the demo store).",
-            icon=":material/construction:",
-        )
-    else:
-        st.info(
-            f"This store already holds {missing}, but this view is not built yet: it arrives with {arrives_with} "
-            "in a later circuitscope version.",
-            icon=":material/construction:",
-        )
-    if extra:
-        st.markdown(extra)
-    st.caption("In this store: " + ", ".join(f"{label} {n:,}" for label, n in have.items()))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the induction-step benchmark (step time vs a bare forward pass)")
     parser.add_argument("--skip-attribution", action="store_true",
                         help="skip the attribution benchmark (patching vs AtP / RelP / IG on IOI, a few minutes)")
+    parser.add_argument("--skip-graph", action="store_true",
+                        help="skip the attribution-graph benchmark (20-token prompt: build / prune / check / export)")
     parser.add_argument("--skip-e2e", action="store_true",
                         help="skip the real-browser concurrency benchmark (needs chromium: `make browser`)")
     args = parser.parse_args(argv)
@@ -132,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import attribution_bench
 
         result["attribution"] = attribution_bench.run(args.model)  # Pearson r vs patching, RelP / patching speed
+    if not args.skip_graph:
+        from benchmarks import graph_bench
+
+        result["graph"] = graph_bench.run(args.model)  # graph build time for a 20-token prompt, ratio to a forward
     if not args.skip_e2e:
         from benchmarks import e2e_bench
 

@@ -1,27 +1,334 @@
-"""Circuit Graph: attribution graphs (features, errors, attention and logit nodes) for a prompt.
+"""Circuit Graph: attribution graphs of transcoder circuits (Dunefsky et al. 2024) for a prompt and a target logit.
 
-Placeholder until the transcoder / attribution-graph precompute lands: says what is missing and how to get it.
+A thin view over :mod:`backend.circuits`: stored graphs (``?graph=ID``) or a new one built live from the store's
+transcoders and attention SAEs (``?prompt=...&answer=...&wrong=...``); pruning sliders (node / edge influence
+thresholds), pinned and hidden nodes, strongest input→target paths highlighted, a node panel (edges in and out,
+hover examples, the Feature Browser link, the input-invariant view for transcoder features), the faithfulness check,
+and downloads (SVG, PNG, GraphML, DOT, Neuronpedia JSON). The method is documented in backend/circuits/.
 """
 
 from __future__ import annotations
 
+import html
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
 from backend import ui
+from backend.errors import CircuitscopeError
+
+GRAPH_PARAM = "graph"
+PROMPT_PARAM = "prompt"
+ANSWER_PARAM = "answer"
+WRONG_PARAM = "wrong"
+NODE_PARAM = "node"
+DEFAULT_PROMPT = "The capital of France is"
+_LIVE = "_cg_live"  # session key: the graph built in this session (not stored yet)
+_IMAGES = "_cg_images"
+_PICK_NEXT = "_cg_pick_next"
+PLOT_KEY = "cg_plot"
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _dictionaries(store_path: str, store_key: tuple[int, int, int], model: str, attn_saes: bool) -> tuple[dict, dict]:
+    """The store's transcoders and attention SAEs, loaded once per server and store version (read-only)."""
+    from backend.circuits.storage import store_dictionaries
+    from backend.store import reading
+
+    del store_key  # part of the cache key only
+    with reading(store_path) as con:
+        return store_dictionaries(con, model, attn_saes=attn_saes)
+
+
+def _build(ctx: ui.PageContext, prompt: str, answer: str, wrong: str, max_nodes: int, attn_saes: bool) -> Any:
+    from backend.circuits.build import BuildParams, build_graph
+
+    transcoders, saes = _dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn_saes)
+    model = ui.get_model(ctx.model)
+    return build_graph(model, prompt, transcoders, saes, answer=answer or None, wrong=wrong or None,
+                       params=BuildParams(max_nodes=max_nodes), model_name=ctx.model)
+
+
+def _choose_graph(ctx: ui.PageContext) -> Any:
+    """The stored graph picked (or linked), or the one built in this session; None if neither."""
+    stored: pd.DataFrame = ctx.store.query("list_graphs", ctx.model)
+    live = st.session_state.get(_LIVE)
+    options = (["(built in this session)"] if live is not None else []) + stored["graph_id"].tolist()
+    titles = dict(zip(stored["graph_id"], stored["title"]))
+    linked = st.query_params.get(GRAPH_PARAM)
+    if linked and linked not in titles:
+        st.error(f"This store has no graph {linked!r}: pick one below, or build one.")
+        ui.set_param(GRAPH_PARAM, None)
+        linked = None
+    if not options:
+        return None
+    index = options.index(linked) if linked in options else 0
+    pending = st.session_state.pop(_PICK_NEXT, None)
+    if pending in options:
+        st.session_state["cg_pick"] = pending
+    choice = st.selectbox("Graph", options, index=index, key="cg_pick",
+                          format_func=lambda g: g if g not in titles else f"{titles[g]}  ·  {g}")
+    if choice == "(built in this session)":
+        ui.set_param(GRAPH_PARAM, None)
+        return live
+    ui.set_param(GRAPH_PARAM, choice)
+    return ctx.store.query("read_graph", choice)
+
+
+def _build_form(ctx: ui.PageContext) -> None:
+    with st.expander("Build a graph for your own prompt", expanded=st.session_state.get(_LIVE) is None):
+        with st.form("cg_build"):
+            prompt = st.text_area("Prompt", value=st.query_params.get(PROMPT_PARAM, DEFAULT_PROMPT), max_chars=2000)
+            c1, c2, c3 = st.columns(3)
+            answer = c1.text_input("Target token (empty: the model's top prediction)",
+                                   value=st.query_params.get(ANSWER_PARAM, ""))
+            wrong = c2.text_input("Minus this token's logit (optional)", value=st.query_params.get(WRONG_PARAM, ""))
+            max_nodes = c3.number_input("Candidate nodes kept", min_value=20, max_value=2000, value=400, step=20)
+            attn_saes = st.checkbox("Use the store's attention SAEs for their layers (else heads)", value=True)
+            go = st.form_submit_button("Build graph")
+        if go:
+            with st.spinner("Building the attribution graph…"):
+                try:
+                    graph = _build(ctx, prompt, answer, wrong, int(max_nodes), attn_saes)
+                except CircuitscopeError as exc:
+                    st.error(str(exc))
+                    return
+            st.session_state[_LIVE] = graph
+            st.session_state.pop(_IMAGES, None)
+            st.session_state["cg_pick"] = "(built in this session)"
+            for w in graph.metadata.get("warnings", []):
+                st.warning(w)
+            st.rerun()
+
+
+def _hover(ctx: ui.PageContext, graph: Any) -> dict[str, str]:
+    """Hover text for feature nodes with stored examples: their top activating contexts."""
+    feats = graph.nodes[graph.nodes["kind"].isin(["transcoder", "attn_feature"]) & graph.nodes["dict_id"].notna()]
+    if feats.empty:
+        return {}
+    pairs = tuple(sorted({(str(d), int(f)) for d, f in zip(feats["dict_id"], feats["feature"])}))
+    ex: pd.DataFrame = ctx.store.query("graph_feature_examples", ctx.model, pairs)
+    if ex.empty:
+        return {}
+    by = {k: g for k, g in ex.groupby(["dict_id", "feature"])}
+    out = {}
+    for row in feats.itertuples():
+        g = by.get((row.dict_id, int(row.feature)))
+        if g is None:
+            continue
+        lines = [f"{row.label} (act {row.activation:.2f}, attribution {row.attribution:+.3f})", "top examples:"]
+        lines += [f"{r.act:.2f}: …{ui.visible_token(r.context)}" for r in g.itertuples()]
+        out[row.node_id] = "\n".join(lines)  # figure() escapes it
+    return out
+
+
+def _view(graph: Any) -> tuple[Any, list[str], list[tuple[list[str], float]]]:
+    """Sliders, pins and hides applied: the graph to draw, the hidden ids and the highlighted paths."""
+    from backend.circuits.prune import prune, strongest_paths
+
+    c1, c2, c3 = st.columns(3)
+    node_t = c1.slider("Node influence kept", 0.0, 1.0, 0.8, 0.01, key="cg_node_t",
+                       help="Keep the most influential nodes until they account for this share of the total.")
+    edge_t = c2.slider("Edge influence kept", 0.0, 1.0, 0.98, 0.01, key="cg_edge_t")
+    k_paths = c3.slider("Strongest paths highlighted", 0, 10, 3, key="cg_paths")
+    pruned = prune(graph, node_t, edge_t)
+    all_ids = graph.nodes["node_id"].tolist()
+    labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
+    fmt = lambda n: f"{labels.get(n, n)} · {n}"  # noqa: E731
+    c1, c2 = st.columns(2)
+    pinned = c1.multiselect("Pin nodes (always shown)", all_ids, key="cg_pin", format_func=fmt)
+    hidden = c2.multiselect("Hide nodes", [n for n in all_ids if n != graph.target_id], key="cg_hide", format_func=fmt)
+    keep = (set(pruned.nodes["node_id"]) | set(pinned)) - set(hidden)
+    edges = pd.concat([pruned.edges, graph.edges[graph.edges["source"].isin(pinned) | graph.edges["target"].isin(pinned)]]
+                      ).drop_duplicates(["source", "target"])
+    view = graph.subgraph(keep, edges)
+    view.nodes = view.nodes.drop(columns=["influence"]).merge(
+        pruned.nodes[["node_id", "influence"]], on="node_id", how="left")[graph.nodes.columns]
+    view.metadata["pruning"] = pruned.metadata["pruning"] | {"pinned": list(pinned), "hidden": list(hidden)}
+    paths = strongest_paths(view, k=k_paths) if k_paths else []
+    return view, hidden, paths
+
+
+def _node_panel(ctx: ui.PageContext, graph: Any, view: Any, node: str) -> None:
+    row = graph.node(node)
+    st.markdown(f"#### {html.escape(str(row['label']))} · `{html.escape(node)}`")
+    tokens = graph.tokens
+    tok = tokens[int(row["pos"])] if 0 <= int(row["pos"]) < len(tokens) else ""
+    st.caption(f"{row['kind']} · layer {row['layer']} · position {row['pos']} "
+               f"({html.escape(ui.visible_token(tok))}) · activation {row['activation']:.3f} · "
+               f"total attribution to the target {row['attribution']:+.3f}")
+    c1, c2 = st.columns(2)
+    e = view.edges
+    names = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
+    for col, side, other in ((c1, "target", "source"), (c2, "source", "target")):
+        part = e[e[side] == node].copy()
+        part["node"] = part[other].map(names)
+        part = part.reindex(part["weight"].abs().sort_values(ascending=False).index).head(15)
+        col.markdown("**Inputs (direct effect on this node)**" if side == "target" else "**Outputs**")
+        col.dataframe(part[["node", other, "weight", "invariant"]], hide_index=True, width="stretch")
+    if row["kind"] in ("transcoder", "attn_feature") and row.get("dict_id"):
+        with_dash = ctx.store.query("dictionaries_with_features")
+        if row["dict_id"] in with_dash:
+            params = {ui.STORE_PARAM: ctx.store.name, ui.MODEL_PARAM: ctx.model or "", "dict": row["dict_id"],
+                      "feature": str(int(row["feature"]))}
+            try:
+                st.page_link("pages/feature_browser.py", label=f"Open feature #{int(row['feature'])} in the Feature Browser",
+                             icon=":material/open_in_new:", query_params=params)
+            except Exception:  # noqa: BLE001 - page run on its own: a plain link with the same address
+                from urllib.parse import urlencode
+
+                st.markdown(f"[Open feature #{int(row['feature'])} in the Feature Browser](feature_browser?{urlencode(params)})")
+        else:
+            st.caption("This dictionary's features have no stored dashboards yet.")
+    if row["kind"] == "transcoder":
+        _invariant_panel(ctx, int(row["layer"]), int(row["feature"]))
+
+
+def _invariant_panel(ctx: ui.PageContext, layer: int, feature: int) -> None:
+    from backend.circuits.invariant import invariant_neighbours
+
+    transcoders, _ = _dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, False)
+    st.markdown("**Input-invariant connections** (decoder·encoder only, the same for every prompt)")
+    up, down = invariant_neighbours(transcoders, layer, feature, k=10)
+    c1, c2 = st.columns(2)
+    c1.caption("Upstream features writing into its encoder")
+    c1.dataframe(up, hide_index=True, width="stretch")
+    c2.caption("Downstream features it writes into")
+    c2.dataframe(down, hide_index=True, width="stretch")
+
+
+def _faithfulness(ctx: ui.PageContext, graph: Any, view: Any) -> None:
+    from backend.circuits import faithfulness as faith
+
+    c1, c2 = st.columns([1, 3])
+    mode = c1.radio("Ablate the rest", faith.MODES, key="cg_ablate", horizontal=True,
+                    help="zero: set to 0; mean: set to its mean over the store's corpus contexts")
+    if c2.button("Check faithfulness of the shown circuit", key="cg_faith"):
+        attn = bool(graph.metadata.get("dictionaries", {}).get("attn_sae_layers"))
+        transcoders, saes = _dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn)
+        model = ui.get_model(ctx.model)
+        with st.spinner("Running the model with everything outside the circuit ablated…"):
+            try:
+                means = None
+                if mode == "mean":
+                    from backend.store import reading
+
+                    with reading(ctx.store.path) as con:
+                        tokens = faith.reference_tokens(con, ctx.model)
+                    means = faith.reference_means(model, transcoders, saes, tokens)
+                result = faith.check(model, view, transcoders, saes, mode=mode, means=means)
+            except CircuitscopeError as exc:
+                st.error(str(exc))
+                return
+        m1, m2, m3, m4 = st.columns(4)
+        m1.metric("Fraction of the metric kept", f"{result.fraction:.3f}")
+        m2.metric("Circuit only", f"{result.metric_circuit:.3f}")
+        m3.metric("Full model", f"{result.metric_full:.3f}")
+        m4.metric("Everything ablated", f"{result.metric_empty:.3f}")
+
+
+def _downloads(view: Any, stem: str) -> None:
+    from backend.circuits.export import FORMATS, export
+
+    cols = st.columns(len(FORMATS) + 1)
+    images = st.session_state.get(_IMAGES)
+    key = (stem, tuple(sorted(view.nodes["node_id"])), len(view.edges))
+    for col, (name, fmt) in zip(cols, FORMATS.items()):
+        if name in ("svg", "png"):
+            if images is None or images[0] != key:
+                continue
+            data = images[1][name]
+        else:
+            data = export(view, name)
+        col.download_button(f"{name.upper()}", data=data, file_name=f"{stem}{fmt.extension}", mime=fmt.mime,
+                            key=f"cg_dl_{name}")
+    if images is None or images[0] != key:
+        if cols[-1].button("Render SVG + PNG", key="cg_render", help="Static images are drawn by a headless browser "
+                                                                      "(a few seconds)."):
+            with st.spinner("Rendering images…"):
+                try:
+                    st.session_state[_IMAGES] = (key, {n: export(view, n) for n in ("svg", "png")})
+                except CircuitscopeError as exc:
+                    st.error(str(exc))
+                    return
+            st.rerun()
+
+
+def _save(ctx: ui.PageContext, graph: Any) -> None:
+    from backend.circuits.storage import write_graph
+    from backend.store import StoreWriter
+
+    if st.button("Save this graph into the store", key="cg_save"):
+        try:
+            with StoreWriter(ctx.store.path, kind="graph", model=ctx.model,
+                             params={"prompt": graph.metadata.get("prompt"), "source": "app"}) as writer:
+                gid = write_graph(writer.con, graph, writer.run_id, source="app")
+        except CircuitscopeError as exc:
+            st.error(str(exc))
+            return
+        st.session_state.pop(_LIVE, None)
+        st.session_state[_PICK_NEXT] = gid  # the picker exists already in this run: set it in the next one
+        ui.set_param(GRAPH_PARAM, gid)
+        st.rerun()
 
 
 def body(ctx: ui.PageContext) -> None:
-    """Say what the view needs and what the store holds of it."""
-    counts = ctx.summary["counts"]
-    dicts = ctx.summary["dictionaries"]
-    transcoders = dicts[dicts["kind"].fillna("").str.contains("transcoder")]
-    ui.show_missing(
-        ctx,
-        missing="attribution graphs",
-        arrives_with="the transcoder and attribution-graph precompute",
-        have={"transcoders": len(transcoders), "graphs": counts.get("graphs", 0),
-              "graph nodes": counts.get("graph_nodes", 0), "graph edges": counts.get("graph_edges", 0)},
-        extra="The view will draw a pruned attribution graph for a prompt, from input tokens through transcoder "
-              "features to the predicted token, with the edge weights that survive pruning.",
-    )
+    """Pick or build a graph, then view, inspect, check and export it."""
+    from backend.circuits.figure import figure
+
+    if ctx.model is None:
+        st.warning(f"This store records no model: build it with `{ui.build_hint(ctx)}`.")
+        return
+    quality = ctx.store.query("replacement_quality", ctx.model)
+    if quality:
+        st.caption(f"Transcoders replace {quality['n_replaced']} MLP layer(s); with all of them spliced in at once the "
+                   f"model keeps {quality['ce_loss_recovered']:.2f} of the CE loss (clean {quality['ce_clean']:.3f}, "
+                   f"replaced {quality['ce_replaced']:.3f}, MLPs zeroed {quality['ce_ablated']:.3f} nats); what they "
+                   "miss is in the error nodes.")
+    else:
+        st.caption("This store has no transcoders: every MLP is one error node per position. Build them with "
+                   f"`{ui.build_hint(ctx)}`.")
+    _build_form(ctx)
+    graph = _choose_graph(ctx)
+    if graph is None:
+        st.info("No graph yet: build one above.")
+        return
+    m = graph.metadata
+    t = m["target"]
+    target = repr(t["token"]) + (f" − {t['wrong']!r}" if t.get("wrong") is not None else "")
+    st.markdown(f"**Target** {html.escape(target)} · metric {t['value']:.3f} · p = {t.get('prob', float('nan')):.3f} · "
+                f"{len(graph.nodes)} nodes, {len(graph.edges):,} edges as built (method {html.escape(str(m['method']))})")
+    view, hidden, paths = _view(graph)
+    hl_nodes = {n for p, _ in paths for n in p}
+    hl_edges = {(a, b) for p, _ in paths for a, b in zip(p[:-1], p[1:])}
+    fig = figure(view, highlight_nodes=hl_nodes, highlight_edges=hl_edges, hover=_hover(ctx, view))
+    event = st.plotly_chart(fig, key=PLOT_KEY, on_select="rerun", selection_mode="points", width="content",
+                            config={"displaylogo": False})
+    st.caption(f"Shown: {len(view.nodes)} nodes, {len(view.edges)} edges. Blue edges excite, red inhibit; "
+               "click a node for its details.")
+    if paths:
+        with st.expander("Strongest paths from the input to the target"):
+            labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
+            st.dataframe(pd.DataFrame({"path": [" → ".join(labels[n] for n in p) for p, _ in paths],
+                                       "strength": [s for _, s in paths]}), hide_index=True, width="stretch")
+    selected = None
+    points = (event.get("selection", {}) or {}).get("points", []) if event else []
+    for point in points:
+        cd = point.get("customdata")
+        selected = cd[0] if isinstance(cd, (list, tuple)) else cd
+    if selected is None:
+        linked = st.query_params.get(NODE_PARAM)
+        selected = linked if linked in set(graph.nodes["node_id"]) else None
+    if selected:
+        ui.set_param(NODE_PARAM, selected)
+        _node_panel(ctx, graph, view, selected)
+    st.subheader("Faithfulness")
+    _faithfulness(ctx, graph, view)
+    st.subheader("Export the shown graph")
+    _downloads(view, st.query_params.get(GRAPH_PARAM) or "circuit-graph")
+    if st.session_state.get(_LIVE) is graph:
+        _save(ctx, graph)
 
 
 ui.run_page("Circuit Graph", body)

@@ -25,8 +25,9 @@ def test_step_writes_one_valid_row_per_layer(sae_store):
     from backend.store import reading
 
     with reading(sae_store) as con:
-        df = con.execute("SELECT * FROM dictionaries ORDER BY layer").df()
-        weights = con.execute("SELECT dict_id, format, octet_length(data) FROM dictionary_weights").fetchall()
+        df = con.execute("SELECT * FROM dictionaries WHERE kind = 'attn_sae' ORDER BY layer").df()
+        weights = con.execute("SELECT dict_id, format, octet_length(data) FROM dictionary_weights "
+                               "WHERE dict_id IN (SELECT dict_id FROM dictionaries WHERE kind = 'attn_sae')").fetchall()
         n_ctx = con.execute("SELECT n_ctx FROM corpora").fetchall()[0][0]
         sae = load_dictionary(con, df.dict_id[1])
         summary = con.execute("SELECT summary FROM runs").fetchall()[0][0]

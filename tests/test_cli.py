@@ -120,9 +120,9 @@ def test_precompute_imports_a_local_sae_directory(tmp_path: Path) -> None:
                "--saes", str(tmp_path / "my_sae"))
     assert out.returncode == 0, out.stderr[-2000:]
     with reading(store) as con:
-        dicts = queries.dictionaries(con)
+        dicts = queries.dictionaries(con).query("kind == 'attn_sae'")
         n_features = con.execute("SELECT count(*) FROM features").fetchall()[0][0]
-        source = con.execute("SELECT source FROM dictionaries").fetchall()[0][0]
+        source = con.execute("SELECT source FROM dictionaries WHERE kind = 'attn_sae'").fetchall()[0][0]
     assert dicts["layer"].tolist() == [1] and dicts["d_sae"].tolist() == [128]
     assert source.startswith("local:") and n_features > 0
     # Quality is measured on the held-out contexts (whatever a random SAE scores, it must be a real number).

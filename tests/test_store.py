@@ -195,3 +195,41 @@ def test_v1_store_is_upgraded_when_written(tmp_path: Path) -> None:
     finally:
         con.close()
     assert _models(store) == ["a", "b"]
+
+
+def test_v2_store_gains_the_v3_graph_columns_and_tables_when_written(tmp_path: Path) -> None:
+    """A v2 store (graph tables with their v1 columns and a row, no replacement_evals) keeps its rows and gains the
+    v3 columns (NULL for old rows) and table the next time a precompute writes to it."""
+    store = tmp_path / "s.duckdb"
+    _write_run(store, "a")
+    con = duckdb.connect(str(store))
+    con.execute("DROP TABLE replacement_evals")
+    con.execute("DROP INDEX idx_graph_nodes")
+    con.execute("DROP INDEX idx_graph_edges")
+    for table, columns in (("graphs", ["metadata", "source", "title"]),
+                           ("graph_nodes", ["dict_id", "value", "bias", "is_target", "attribution"]),
+                           ("graph_edges", ["source_factor", "norm_factor"])):
+        for column in columns:
+            con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    con.execute("CREATE INDEX idx_graph_nodes ON graph_nodes (graph_id)")  # v2 had these indexes
+    con.execute("CREATE INDEX idx_graph_edges ON graph_edges (graph_id)")
+    con.execute("INSERT INTO graph_edges VALUES ('g', 'a', 'b', 1.5, NULL)")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.close()
+    assert _models(store) == ["a"]  # a v2 store stays readable
+    _write_run(store, "b")
+    con = open_store(store)
+    try:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        assert "replacement_evals" in tables
+        cols = [r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = "
+                                          "'graph_edges' ORDER BY ordinal_position").fetchall()]
+        assert cols == ["graph_id", "source", "target", "weight", "invariant", "source_factor", "norm_factor"]
+        assert con.execute("SELECT * FROM graph_edges").fetchall() == [("g", "a", "b", 1.5, None, None, None)]
+        node_cols = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                               "table_name = 'graph_nodes'").fetchall()}
+        assert {"dict_id", "value", "bias", "is_target", "attribution"} <= node_cols
+        version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]
+        assert int(version) == schema.SCHEMA_VERSION == 3
+    finally:
+        con.close()

@@ -32,7 +32,7 @@ PAGES: list[tuple[str, str, str]] = [
     ("head_polysemanticity", "Head Polysemanticity", CONTENT),
     ("induction_heads", "Induction Heads", CONTENT),
     ("attribution_faithfulness", "Attribution Faithfulness", CONTENT),
-    ("circuit_graph", "Circuit Graph", '[data-testid="stMain"] [data-testid="stAlert"]'),
+    ("circuit_graph", "Circuit Graph", '[data-testid="stMain"] [data-testid="stPlotlyChart"]'),
 ]
 
 
@@ -136,15 +136,72 @@ def test_feature_dashboard_by_deep_link(tab: Tab, tiny_store: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CIRCUIT GRAPH JOURNEY — issue 7, second part (after the circuit-graph issue lands).
-# To write then, replacing the placeholder test below: open circuit_graph, enter a prompt, build the graph, check its
-# nodes/edges are drawn; download each export format and check the files (parse them, compare node/edge counts
-# with what the page shows); move the edge-threshold slider and check the drawn graph changes (fewer edges / nodes).
+# CIRCUIT GRAPH JOURNEY: build a graph from a prompt, download every export format and check the files against what
+# the page draws, move a threshold slider and see the graph change.
+
+# Node ids of the drawn circuit graph (marker traces carry them as customdata) and the number of edge segments.
+GRAPH_JS = """() => { const el = document.querySelector('[data-testid="stMain"] .js-plotly-plot');
+  if (!el || !el.data) return null;
+  const nodes = [];
+  for (const t of el.data) if ((t.mode || '').startsWith('markers') && t.customdata)
+    for (const c of t.customdata) nodes.push(Array.isArray(c) ? c[0] : c);
+  return nodes.sort(); }"""
 
 
-def test_circuit_graph_is_still_a_placeholder(tab: Tab) -> None:
-    """Fails once the Circuit Graph page is built: then replace it with the journey described above."""
+def _drawn_nodes(tab: Tab) -> list[str]:
+    tab.page.wait_for_function(f"() => ({GRAPH_JS})() !== null")
+    return tab.page.evaluate(GRAPH_JS)
+
+
+def _download(tab: Tab, label: str, tmp_path: Path) -> Path:
+    with tab.page.expect_download() as info:
+        tab.page.get_by_role("button", name=label, exact=True).click()
+    path = tmp_path / info.value.suggested_filename
+    info.value.save_as(path)
+    return path
+
+
+def test_circuit_graph_journey_build_export_and_prune(tab: Tab, tmp_path: Path) -> None:
+    import json
+    import xml.etree.ElementTree as ET
+
+    import networkx as nx
+    import pydot
+
     tab.open("circuit_graph")
-    text = tab.wait_for_alert("Info", "attribution graphs")
-    assert "python -m backend precompute" in text  # says how to get the graphs
+    tab.page.locator('[data-testid="stMain"] [data-testid="stTextArea"] textarea').first.fill("Mary and John went to")
+    tab.page.get_by_role("button", name="Build graph").click()
+    from playwright.sync_api import expect
+
+    expect(tab.page.get_by_role("combobox", name="Graph")).to_have_value("(built in this session)", timeout=120_000)
+    tab.wait_idle()
     assert tab.problems() == []
+    drawn = _drawn_nodes(tab)
+    assert len(drawn) > 3
+    tab.screenshot("circuit-graph-built")
+
+    graphml = nx.read_graphml(_download(tab, "GRAPHML", tmp_path))
+    assert sorted(graphml.nodes) == drawn
+    dot = pydot.graph_from_dot_data(_download(tab, "DOT", tmp_path).read_text())[0]
+    assert len([n for n in dot.get_nodes() if n.get_name().strip('"') not in ("node", "edge", "graph")]) == len(drawn)
+    data = json.loads(_download(tab, "JSON", tmp_path).read_text())
+    assert {"metadata", "qParams", "nodes", "links"} <= set(data) and len(data["nodes"]) == len(drawn)
+    assert len(data["links"]) == graphml.number_of_edges()
+    tab.page.get_by_role("button", name="Render SVG + PNG").click()
+    tab.page.get_by_role("button", name="SVG", exact=True).wait_for(state="visible", timeout=120_000)
+    svg = ET.parse(_download(tab, "SVG", tmp_path)).getroot()
+    assert svg.tag.endswith("svg")
+    png = _download(tab, "PNG", tmp_path).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # lower the node-influence threshold: the graph is drawn again with fewer nodes, all among the earlier ones
+    slider = tab.page.get_by_role("slider", name="Node influence kept")
+    slider.focus()
+    for _ in range(50):
+        slider.press("ArrowLeft")
+    tab.page.wait_for_function(f"(n) => {{ const d = ({GRAPH_JS})(); return d && d.length < n; }}", arg=len(drawn))
+    tab.wait_idle()
+    fewer = _drawn_nodes(tab)
+    assert set(fewer) < set(drawn)
+    assert tab.problems() == []
+    tab.screenshot("circuit-graph-pruned")

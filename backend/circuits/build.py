@@ -1,0 +1,225 @@
+"""Build the attribution graph of a prompt and a target logit (or logit difference).
+
+1. Record one clean forward pass and enumerate every candidate node (:mod:`.replacement`).
+2. Score each candidate by its **total attribution** to the target in the linearised replacement model (all
+   paths; one reverse sweep) and keep the ``max_nodes`` largest in absolute value, plus every token embedding and
+   the target. This is the node-selection stage circuit-tracer runs before computing edges (there by influence,
+   iteratively, on a GPU); total attribution is the signed quantity influence bounds, and it is exact here.
+3. Edges among the kept nodes (default): the direct effect ``out_u · r_t`` of each source on each target's value with
+   norms and attention patterns frozen (edge method ``"relp"``: these are exactly the LRP rules for this model —
+   norms by the identity rule, attention with its pattern held constant, the transcoders' ReLUs by the identity
+   rule, linear maps exact — so RelP's relevance equals the frozen direct effect). Methods ``"gradient"`` and
+   ``"ig"`` keep attention patterns and norms live instead (:mod:`.methods`); node selection is the same.
+
+Pruning by influence is a separate pure function (:mod:`.prune`): a graph is stored as built.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from backend.circuits.graph import NODE_COLUMNS, Graph, node_id
+from backend.circuits.replacement import (Candidates, Target, biases, candidates, edges_between, node_labels,
+                                          record, total_attribution)
+from backend.circuits.methods import METHODS, edges_autograd
+from backend.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+EDGE_METHODS: tuple[str, ...] = METHODS
+
+
+@dataclass
+class BuildParams:
+    """How a graph is built (stored with it). ``max_nodes``: candidates kept besides embeddings and the target."""
+
+    max_nodes: int = 400
+    method: str = "relp"  # edge weights: "relp" (frozen norms and patterns), "gradient" or "ig" (backend.circuits.methods)
+    ig_steps: int = 4
+    max_tokens: int = 64  # longer prompts are truncated with a warning: edges grow with positions squared
+
+
+def resolve_target(model: Any, token_ids: Sequence[int], answer: str | int | None = None,
+                   wrong: str | int | None = None) -> Target:
+    """The target: ``answer`` (a single-token string or id; default: the model's top prediction at the last
+    position), minus ``wrong``'s logit if given. Multi-token answers get one clear sentence."""
+    import torch
+
+    def one(tok: str | int, what: str) -> int:
+        if isinstance(tok, int):
+            if not 0 <= tok < model.cfg.d_vocab:
+                raise InputError(f"The {what} token id {tok} is outside the vocabulary (0..{model.cfg.d_vocab - 1}).")
+            return tok
+        ids = model.tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise InputError(f"The {what} {tok!r} is {len(ids)} tokens for this model: give a single token "
+                             "(often with a leading space, e.g. ' Paris').")
+        return int(ids[0])
+
+    if answer is None or answer == "":
+        with torch.no_grad():
+            logits = model(torch.tensor([list(token_ids)]))[0, -1]
+        token = int(logits.argmax())
+    else:
+        token = one(answer, "answer")
+    wrong_id = None if wrong in (None, "") else one(wrong, "wrong answer")  # type: ignore[arg-type]
+    if wrong_id == token:
+        raise InputError("The answer and the wrong answer are the same token: pick two different ones.")
+    return Target(token, wrong_id)
+
+
+def select_nodes(c: Candidates, attribution: "torch.Tensor", max_nodes: int) -> "torch.Tensor":
+    """Indices kept: every embedding, the target, and the ``max_nodes`` other candidates with the largest
+    |total attribution| (ties broken by index, so the choice is deterministic)."""
+    import torch
+
+    kind = c.kind
+    always = [i for i, k in enumerate(kind) if k in ("embedding", "logit")]
+    others = torch.tensor([i for i, k in enumerate(kind) if k not in ("embedding", "logit")], dtype=torch.long)
+    if len(others):
+        order = torch.argsort(-attribution[others].abs(), stable=True)
+        others = others[order[: max(0, int(max_nodes))]]
+    return torch.sort(torch.cat([torch.tensor(always, dtype=torch.long), others])).values
+
+
+def build_graph(
+    model: Any,
+    prompt: str | bytes | Sequence[int],
+    transcoders: dict[int, Any],
+    attn_saes: dict[int, Any] | None = None,
+    answer: str | int | None = None,
+    wrong: str | int | None = None,
+    params: BuildParams | None = None,
+    model_name: str | None = None,
+) -> Graph:
+    """The attribution graph of ``prompt`` (text, or token ids with BOS first) for its target (see
+    :func:`resolve_target`), with ``transcoders`` ``{layer: sae-lens Transcoder}`` replacing MLPs (layers without
+    one become error nodes) and ``attn_saes`` ``{layer: hook_z SAE}`` replacing those layers' heads."""
+    import torch
+
+    from backend.prompts import encode_prompt, token_strings
+
+    params = params or BuildParams()
+    if params.method not in EDGE_METHODS:
+        raise InputError(f"Unknown edge method {params.method!r}: use one of {', '.join(EDGE_METHODS)}.")
+    t0 = time.perf_counter()
+    warnings: list[str] = []
+    if isinstance(prompt, (str, bytes)):
+        enc = encode_prompt(model, prompt, max_tokens=params.max_tokens)
+        ids, strings, warnings = enc.ids, enc.strings, list(enc.warnings)
+    else:
+        ids = [int(i) for i in prompt]
+        strings = token_strings(model.tokenizer, ids) if model.tokenizer is not None else [str(i) for i in ids]
+    if len(ids) < 2:
+        raise InputError("The prompt needs at least one token after BOS to build a graph: type more text.")
+    target = resolve_target(model, ids, answer, wrong)
+    tokens = torch.tensor(ids)
+    with torch.no_grad():
+        rec = record(model, tokens)
+        cand = candidates(model, rec, target, transcoders, attn_saes)
+        attribution = total_attribution(cand, rec)
+        keep = select_nodes(cand, attribution, params.max_nodes)
+        bias = biases(cand, rec)
+        if params.method == "relp":
+            W = edges_between(cand, rec, keep)
+    if params.method != "relp":
+        W = edges_autograd(model, cand, rec, keep, target, transcoders, attn_saes or {}, params.method,
+                           steps=params.ig_steps)
+    nodes = _node_frame(model, cand, keep, attribution, bias, strings)
+    edges = _edge_frame(model, cand, keep, W, nodes["node_id"].tolist(), transcoders, rec,
+                        factorised=params.method == "relp")
+    tok = model.tokenizer
+    decode = (lambda i: tok.decode([i])) if tok is not None else str  # noqa: E731
+    metadata = {
+        "model": model_name or model.cfg.model_name,
+        "prompt": "".join(strings[1:]) if not isinstance(prompt, (str, bytes)) else prompt if isinstance(prompt, str)
+        else prompt.decode("utf-8-sig"),
+        "tokens": strings,
+        "token_ids": ids,
+        "target": {"kind": target.kind, "token_id": target.token_id, "token": decode(target.token_id),
+                   "wrong_id": target.wrong_id, "wrong": None if target.wrong_id is None else decode(target.wrong_id),
+                   "value": float(cand.value[cand.target]),
+                   "prob": float(torch.softmax(rec.logits[-1], -1)[target.token_id])},
+        "method": params.method,
+        "params": asdict(params),
+        "n_layers": int(model.cfg.n_layers),
+        "dictionaries": {
+            "transcoders": sorted({d for d, k in zip(cand.dict_id, cand.kind) if k == "transcoder" and d}),
+            "attn_saes": sorted({d for d, k in zip(cand.dict_id, cand.kind) if k == "attn_feature" and d}),
+            "transcoder_layers": sorted(int(l) for l in transcoders),
+            "attn_sae_layers": sorted(int(l) for l in (attn_saes or {})),
+        },
+        "n_candidates": len(cand),
+        # share of all candidates' |total attribution| that the kept nodes carry
+        "candidate_attribution_kept": float(attribution[keep[keep != cand.target]].abs().sum() / attribution[
+            torch.tensor([k != "logit" for k in cand.kind])].abs().sum().clamp_min(1e-12)),
+        "warnings": warnings,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return Graph(nodes=nodes, edges=edges, metadata=metadata)
+
+
+def _node_frame(model: Any, c: Candidates, keep: "torch.Tensor", attribution: "torch.Tensor",
+                bias: "torch.Tensor", strings: Sequence[str]) -> "pd.DataFrame":
+    import pandas as pd
+
+    labels = node_labels(c, strings)
+    rows = []
+    for i in keep.tolist():
+        k = c.kind[i]
+        index = int(c.index[i])
+        rows.append({
+            "node_id": node_id(k, int(c.layer[i]), int(c.pos[i]), index),
+            "kind": k, "layer": int(c.layer[i]), "pos": int(c.pos[i]),
+            "feature": None if index < 0 else index,
+            "activation": float(c.activation[i]), "value": float(c.value[i]), "bias": float(bias[i]),
+            "attribution": float(attribution[i]), "influence": float("nan"), "label": labels[i],
+            "dict_id": c.dict_id[i], "is_target": i == c.target,
+        })
+    frame = pd.DataFrame(rows, columns=list(NODE_COLUMNS))
+    frame["feature"] = frame["feature"].astype("Int64")
+    return frame
+
+
+def _edge_frame(model: Any, c: Candidates, keep: "torch.Tensor", W: "torch.Tensor", ids: list[str],
+                transcoders: dict[int, Any], rec: Any, factorised: bool = True) -> "pd.DataFrame":
+    """Nonzero entries of ``W`` as rows; transcoder -> transcoder edges get their input-invariant factor, and
+    when ``factorised`` (frozen-norm edges, whose weight is exactly the product) the other two factors."""
+    import pandas as pd
+    import torch
+
+    from backend.circuits.replacement import center
+    from backend.hooks import hook_name
+
+    t_idx, s_idx = torch.nonzero(W, as_tuple=True)
+    weight = W[t_idx, s_idx]
+    n = len(weight)
+    source_factor = torch.full((n,), float("nan"))
+    invariant = torch.full((n,), float("nan"))
+    norm_factor = torch.full((n,), float("nan"))
+    is_tc = torch.tensor([c.kind[i] == "transcoder" for i in keep.tolist()])
+    both = torch.nonzero(is_tc[t_idx] & is_tc[s_idx], as_tuple=True)[0]
+    if len(both):
+        g_t, g_s = keep[t_idx[both]], keep[s_idx[both]]
+        d = c.out.shape[1]
+        dec, enc = torch.empty(len(both), d), torch.empty(len(both), d)
+        for layer, tc in transcoders.items():
+            m = c.layer[g_s] == layer
+            dec[m] = tc.W_dec.detach()[c.index[g_s[m]]]
+            m = c.layer[g_t] == layer
+            enc[m] = center(model, tc.W_enc.detach()[:, c.index[g_t[m]]].T)
+        scale = torch.stack([rec.acts[hook_name("mlp_scale", l)][:, 0] for l in range(model.cfg.n_layers)])
+        # Input-invariant: the source's decoder row . the target's encoder column (Dunefsky et al. 2024).
+        invariant[both] = (dec * enc).sum(-1)
+        if factorised:
+            source_factor[both] = c.activation[g_s]
+            norm_factor[both] = 1.0 / scale[c.layer[g_t], c.pos[g_t]]
+    return pd.DataFrame({
+        "source": [ids[i] for i in s_idx.tolist()], "target": [ids[i] for i in t_idx.tolist()],
+        "weight": weight.double().numpy(), "source_factor": source_factor.double().numpy(),
+        "invariant": invariant.double().numpy(), "norm_factor": norm_factor.double().numpy(),
+    })

@@ -1,0 +1,242 @@
+"""Faithfulness of a pruned circuit: run the model with everything outside it ablated.
+
+The run is the real (nonlinear) replacement model — live attention patterns and norms, every transcoder's
+features recomputed from its live input — built from TransformerLens hooks:
+
+* each MLP with a transcoder outputs ``Σ_{i in circuit} f_i W_dec[i] + b_dec`` plus its error node's clean
+  value if that error node is in the circuit; features outside the circuit are ablated;
+* heads (hook_z at their destination position) and attention-SAE features / error nodes likewise;
+* layers without a transcoder: the MLP error node is the whole MLP output (kept or ablated);
+* token embeddings and everything at BOS (position 0) are always kept: they are the input.
+
+**Ablation** (``mode``): ``"zero"`` sets an ablated node to 0; ``"mean"`` sets it to its mean over reference
+tokens (non-BOS positions of corpus contexts: a feature's mean activation, a head's mean ``z``, an error node's
+mean vector), which keeps activations on-distribution — the usual choice when a circuit is judged (Wang et al.
+2022). Reported: the metric with the circuit, with everything kept (equals the clean metric: error nodes make
+the replacement exact), with every node ablated, and ``fraction = (circuit − none) / (full − none)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from backend.circuits.graph import Graph
+from backend.hooks import hook_name
+
+if TYPE_CHECKING:
+    import torch
+
+MODES: tuple[str, ...] = ("zero", "mean")
+
+
+@dataclass
+class Faithfulness:
+    """Metric values of one check (see the module docstring)."""
+
+    mode: str
+    metric_full: float
+    metric_circuit: float
+    metric_empty: float
+    n_nodes: int
+
+    @property
+    def fraction(self) -> float:
+        """(circuit − empty) / (full − empty): the share of the metric the circuit keeps."""
+        denom = self.metric_full - self.metric_empty
+        return (self.metric_circuit - self.metric_empty) / denom if denom != 0 else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fraction": self.fraction}
+
+
+@dataclass
+class Means:
+    """Reference means for mean ablation, per layer: transcoder activations [d_sae], z [H, d_head], MLP error
+    [d_model], attention-SAE activations [d_sae] and attention error (in z space) [H, d_head]."""
+
+    tc_acts: dict[int, "torch.Tensor"]
+    z: dict[int, "torch.Tensor"]
+    mlp_error: dict[int, "torch.Tensor"]
+    sae_acts: dict[int, "torch.Tensor"]
+    z_error: dict[int, "torch.Tensor"]
+
+
+def reference_means(model: Any, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None,
+                    tokens: "torch.Tensor") -> Means:
+    """Means over the non-BOS positions of ``tokens`` ``[n, ctx]`` (BOS first) for mean ablation."""
+    import torch
+
+    from backend.dictionaries import encode_z
+
+    attn_saes = attn_saes or {}
+    names = [hook_name(k, l) for l in range(model.cfg.n_layers) for k in ("z", "mlp_in", "mlp_out")]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    m = Means({}, {}, {}, {}, {})
+    for layer in range(model.cfg.n_layers):
+        z = cache[hook_name("z", layer)][:, 1:].float()
+        m.z[layer] = z.mean((0, 1))
+        y = cache[hook_name("mlp_out", layer)][:, 1:].float()
+        tc = transcoders.get(layer)
+        with torch.no_grad():
+            if tc is not None:
+                f = tc.encode(cache[hook_name("mlp_in", layer)][:, 1:].float())
+                m.tc_acts[layer] = f.mean((0, 1))
+                m.mlp_error[layer] = (y - tc.decode(f)).mean((0, 1))
+            else:
+                m.mlp_error[layer] = y.mean((0, 1))
+            if layer in attn_saes:
+                sae = attn_saes[layer]
+                flat = z.reshape(*z.shape[:2], -1)
+                f = encode_z(sae, flat)
+                m.sae_acts[layer] = f.mean((0, 1))
+                m.z_error[layer] = (flat - sae.decode(f)).mean((0, 1)).reshape(z.shape[-2], -1)
+    return m
+
+
+def _masks(graph: Graph, n_layers: int, n_heads: int, n_pos: int, transcoders: dict[int, Any],
+           attn_saes: dict[int, Any]) -> dict[str, Any]:
+    """Which nodes are in the circuit, as boolean tensors per layer."""
+    import torch
+
+    keep: dict[str, Any] = {
+        "tc": {l: torch.zeros(n_pos, tc.cfg.d_sae, dtype=torch.bool) for l, tc in transcoders.items()},
+        "sae": {l: torch.zeros(n_pos, s.cfg.d_sae, dtype=torch.bool) for l, s in attn_saes.items()},
+        "head": torch.zeros(n_layers, n_pos, n_heads, dtype=torch.bool),
+        "mlp_error": torch.zeros(n_layers, n_pos, dtype=torch.bool),
+        "attn_error": torch.zeros(n_layers, n_pos, dtype=torch.bool),
+    }
+    for row in graph.nodes.itertuples():
+        k, l, p = row.kind, int(row.layer), int(row.pos)
+        if k == "transcoder":
+            keep["tc"][l][p, int(row.feature)] = True
+        elif k == "attn_feature":
+            keep["sae"][l][p, int(row.feature)] = True
+        elif k == "head":
+            keep["head"][l, p, int(row.feature)] = True
+        elif k == "mlp_error":
+            keep["mlp_error"][l, p] = True
+        elif k == "attn_error":
+            keep["attn_error"][l, p] = True
+    return keep
+
+
+def check(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None = None,
+          mode: str = "zero", means: Means | None = None) -> Faithfulness:
+    """Run the faithfulness check of the (pruned) ``graph``: see the module docstring."""
+    if mode not in MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "mean" and means is None:
+        raise ValueError("mean ablation needs reference means (reference_means)")
+    full = _metric(model, graph, transcoders, attn_saes or {}, mode, means, "all")
+    circuit = _metric(model, graph, transcoders, attn_saes or {}, mode, means, "circuit")
+    empty = _metric(model, graph, transcoders, attn_saes or {}, mode, means, "none")
+    return Faithfulness(mode=mode, metric_full=full, metric_circuit=circuit, metric_empty=empty,
+                        n_nodes=len(graph.nodes))
+
+
+def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any], mode: str,
+            means: Means | None, which: str) -> float:
+    import torch
+
+    from backend.dictionaries import encode_z
+
+    tokens = torch.tensor(graph.metadata["token_ids"])
+    target = graph.metadata["target"]
+    cfg = model.cfg
+    P, H = len(tokens), cfg.n_heads
+    keep = _masks(graph, cfg.n_layers, H, P, transcoders, attn_saes)
+    if which != "circuit":
+        value = which == "all"
+        for group in ("tc", "sae"):
+            for l in keep[group]:
+                keep[group][l][:] = value
+        for k in ("head", "mlp_error", "attn_error"):
+            keep[k][:] = value
+    for k in ("head", "mlp_error", "attn_error"):
+        keep[k][:, 0] = True  # BOS is always kept
+    for group in ("tc", "sae"):
+        for l in keep[group]:
+            keep[group][l][0] = True
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens[None], names_filter=[hook_name(k, l) for l in range(cfg.n_layers)
+                                                                    for k in ("mlp_in", "mlp_out", "z")])
+    live: dict[str, torch.Tensor] = {}
+
+    def save_in(act: torch.Tensor, hook: Any) -> None:
+        live[hook.name] = act
+
+    def mlp_hook(layer: int) -> Any:
+        def hook(out: torch.Tensor, hook: Any) -> torch.Tensor:
+            y_clean = clean[hook_name("mlp_out", layer)][0]
+            tc = transcoders.get(layer)
+            if tc is None:
+                err = y_clean
+                ablated = torch.zeros_like(err) if mode == "zero" else means.mlp_error[layer].expand_as(err)  # type: ignore[union-attr]
+                return torch.where(keep["mlp_error"][layer][:, None], err, ablated)[None]
+            x = live[hook_name("mlp_in", layer)][0]
+            f = tc.encode(x)
+            fill = torch.zeros_like(f) if mode == "zero" else means.tc_acts[layer].expand_as(f)  # type: ignore[union-attr]
+            f = torch.where(keep["tc"][layer], f, fill)
+            x_clean = clean[hook_name("mlp_in", layer)][0]
+            err = y_clean - tc.decode(tc.encode(x_clean))
+            err_fill = torch.zeros_like(err) if mode == "zero" else means.mlp_error[layer].expand_as(err)  # type: ignore[union-attr]
+            err = torch.where(keep["mlp_error"][layer][:, None], err, err_fill)
+            y = tc.decode(f) + err
+            y[0] = y_clean[0]  # BOS: untouched
+            return y[None]
+        return hook
+
+    def z_hook(layer: int) -> Any:
+        def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            z0 = z[0]
+            if layer in attn_saes:
+                sae = attn_saes[layer]
+                flat = z0.reshape(P, -1)
+                f = encode_z(sae, flat)
+                fill = torch.zeros_like(f) if mode == "zero" else means.sae_acts[layer].expand_as(f)  # type: ignore[union-attr]
+                f = torch.where(keep["sae"][layer], f, fill)
+                zc = clean[hook_name("z", layer)][0].reshape(P, -1)
+                err = zc - sae.decode(encode_z(sae, zc))
+                e_fill = torch.zeros_like(err) if mode == "zero" else means.z_error[layer].reshape(-1).expand_as(err)  # type: ignore[union-attr]
+                err = torch.where(keep["attn_error"][layer][:, None], err, e_fill)
+                new = (sae.decode(f) + err).reshape(z0.shape)
+                new[0] = z0[0]
+                return new[None]
+            fill = torch.zeros_like(z0) if mode == "zero" else means.z[layer].expand_as(z0)  # type: ignore[union-attr]
+            return torch.where(keep["head"][layer][:, :, None], z0, fill)[None]
+        return hook
+
+    hooks = []
+    for layer in range(cfg.n_layers):
+        hooks.append((hook_name("mlp_in", layer), save_in))
+        hooks.append((hook_name("mlp_out", layer), mlp_hook(layer)))
+        hooks.append((hook_name("z", layer), z_hook(layer)))
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
+    value = logits[int(target["token_id"])]
+    if target.get("wrong_id") is not None:
+        value = value - logits[int(target["wrong_id"])]
+    return float(value)
+
+
+def reference_tokens(con: Any, model_name: str, n_contexts: int = 16) -> "torch.Tensor":
+    """The first ``n_contexts`` corpus contexts the store holds for ``model_name`` ``[n, ctx]`` (BOS first), the
+    reference distribution for mean ablation. StoreError if the store has no corpus for the model."""
+    import torch
+
+    from backend.errors import StoreError
+
+    rows = con.execute(
+        "SELECT t.context_id, t.pos, t.token_id FROM tokens t JOIN corpora c USING (corpus_id) "
+        "WHERE c.model = ? AND t.context_id < ? ORDER BY t.context_id, t.pos",
+        [model_name, int(n_contexts)]).fetchall()
+    if not rows:
+        raise StoreError(f"This store has no corpus for {model_name}, which mean ablation needs: use zero ablation, "
+                         "or build the store with `python -m backend precompute`.")
+    by_ctx: dict[int, list[int]] = {}
+    for ctx, _, tok in rows:
+        by_ctx.setdefault(int(ctx), []).append(int(tok))
+    length = min(len(v) for v in by_ctx.values())
+    return torch.tensor([v[:length] for v in by_ctx.values()])

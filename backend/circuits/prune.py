@@ -1,0 +1,174 @@
+"""Pruning an attribution graph by influence on its target, and its strongest paths (pure functions).
+
+**Influence** (circuit-tracer's definition, METHODS.md §4): ``Â = |A|`` with each row (a target node's incoming
+edges) divided by its sum, so row ``t`` says what fraction of ``t``'s direct inputs each source is. A node's
+influence on the target is the sum over all paths of the products of these fractions:
+``influence = e_target · (Â + Â² + …) = e_target · Â (I − Â)⁻¹``; the target's own influence is 1. Written by
+hand with one linear solve (networkx has no matrix path sums; the graph is a DAG so ``I − Â`` is invertible).
+
+**Pruning** (:func:`prune`):
+
+1. nodes: rank every non-target node by influence; keep the shortest prefix of that ranking whose influence
+   adds up to ``node_threshold`` of the total (and at most ``max_nodes``); the target is always kept;
+2. edges: score each edge by ``Â[t, u] × influence(t)`` (with ``influence(target) = 1``), the share of the
+   target's explanation flowing through it; keep the shortest prefix of the ranking of ALL the graph's edges
+   whose score adds up to ``edge_threshold`` of the total, among edges whose two ends are kept;
+3. drop nodes with no kept path to the target.
+
+Every ranking is computed once on the full graph, so a larger threshold keeps a superset: pruning is monotone
+in both thresholds (tests/test_circuits.py checks it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from backend.circuits.graph import Graph
+
+if TYPE_CHECKING:
+    import networkx as nx
+    import pandas as pd
+    import torch
+
+
+def adjacency(graph: Graph) -> tuple[list[str], "torch.Tensor"]:
+    """Node ids (in ``graph.nodes`` order) and the dense matrix ``A[t, u]`` of edge weights (rows: targets)."""
+    import torch
+
+    ids = graph.nodes["node_id"].tolist()
+    where = {n: i for i, n in enumerate(ids)}
+    A = torch.zeros(len(ids), len(ids), dtype=torch.float64)
+    e = graph.edges
+    if len(e):
+        t = torch.tensor([where[x] for x in e["target"]])
+        s = torch.tensor([where[x] for x in e["source"]])
+        A.index_put_((t, s), torch.tensor(e["weight"].to_numpy(dtype="float64")), accumulate=True)
+    return ids, A
+
+
+def normalized_adjacency(A: "torch.Tensor") -> "torch.Tensor":
+    """``|A|`` with each row divided by its sum (rows that sum to 0 stay 0)."""
+    a = A.abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def influence(graph: Graph) -> "pd.Series":
+    """Influence of every node on the target (see the module docstring), indexed by node id."""
+    import pandas as pd
+    import torch
+
+    ids, A = adjacency(graph)
+    An = normalized_adjacency(A)
+    t = ids.index(graph.target_id)
+    e = torch.zeros(len(ids), dtype=torch.float64)
+    e[t] = 1.0
+    # x (I − Â) = e Â  <=>  (I − Â)ᵀ xᵀ = (e Â)ᵀ
+    x = torch.linalg.solve((torch.eye(len(ids), dtype=torch.float64) - An).T, An.T @ e)
+    x[t] = 1.0
+    return pd.Series(x.numpy(), index=ids, name="influence")
+
+
+def with_influence(graph: Graph) -> Graph:
+    """A copy of ``graph`` whose ``influence`` column is filled in."""
+    inf = influence(graph)
+    nodes = graph.nodes.copy()
+    nodes["influence"] = nodes["node_id"].map(inf).astype(float)
+    return Graph(nodes=nodes, edges=graph.edges.copy(), metadata=dict(graph.metadata))
+
+
+def _prefix(scores: "torch.Tensor", threshold: float) -> int:
+    """Length of the shortest prefix of ``scores`` (sorted descending) reaching ``threshold`` of their total."""
+    import torch
+
+    total = float(scores.sum())
+    if total <= 0 or threshold >= 1:
+        return int((scores > 0).sum()) if threshold < 1 else len(scores)
+    reached = torch.nonzero(torch.cumsum(scores, 0) >= threshold * total, as_tuple=True)[0]
+    return int(reached[0]) + 1 if len(reached) else len(scores)
+
+
+def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+          max_nodes: int | None = None) -> Graph:
+    """The pruned graph (see the module docstring), with ``influence`` filled in and the thresholds and counts
+    recorded under ``metadata["pruning"]``. ``node_threshold`` / ``edge_threshold`` in [0, 1]."""
+    import networkx as nx
+    import torch
+
+    if not (0.0 <= node_threshold <= 1.0 and 0.0 <= edge_threshold <= 1.0):
+        raise ValueError("thresholds are fractions between 0 and 1")
+    full = with_influence(graph)
+    ids, A = adjacency(full)
+    t = ids.index(full.target_id)
+    inf = torch.tensor(full.nodes["influence"].to_numpy(dtype="float64"))
+    # 1. nodes by influence
+    others = torch.tensor([i for i in range(len(ids)) if i != t], dtype=torch.long)
+    order = others[torch.argsort(-inf[others], stable=True)]
+    n_keep = _prefix(inf[order].clamp_min(0), node_threshold)
+    if max_nodes is not None:
+        n_keep = min(n_keep, max(0, int(max_nodes) - 1))
+    kept = set(order[:n_keep].tolist()) | {t}
+    # 2. edges by their share of the target's explanation, ranked over the whole graph
+    An = normalized_adjacency(A)
+    edges = full.edges.reset_index(drop=True)
+    where = {n: i for i, n in enumerate(ids)}
+    tt = torch.tensor([where[x] for x in edges["target"]], dtype=torch.long)
+    ss = torch.tensor([where[x] for x in edges["source"]], dtype=torch.long)
+    score = An[tt, ss] * inf[tt].clamp_min(0) if len(edges) else torch.zeros(0, dtype=torch.float64)
+    e_order = torch.argsort(-score, stable=True)
+    e_keep = e_order[: _prefix(score[e_order], edge_threshold)]
+    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
+    ends_kept = torch.isin(tt[e_keep], kept_t) & torch.isin(ss[e_keep], kept_t)
+    e_keep = torch.sort(e_keep[ends_kept]).values
+    kept_edges = edges.iloc[e_keep.tolist()]
+    # 3. only nodes with a kept path to the target
+    g = nx.DiGraph()
+    g.add_nodes_from(ids[i] for i in kept)
+    g.add_edges_from(zip(kept_edges["source"], kept_edges["target"]))
+    reach = nx.ancestors(g, full.target_id) | {full.target_id}
+    out = full.subgraph(reach, kept_edges)
+    out.metadata["pruning"] = {
+        "node_threshold": float(node_threshold), "edge_threshold": float(edge_threshold),
+        "max_nodes": max_nodes, "nodes_before": len(ids), "edges_before": len(edges),
+        "nodes_after": len(out.nodes), "edges_after": len(out.edges),
+    }
+    return out
+
+
+def to_path_graph(graph: Graph) -> "nx.DiGraph":
+    """networkx DiGraph whose edge ``cost`` is ``−log`` of the normalised edge weight, so the cheapest path is the
+    one whose fractions multiply to the most."""
+    import math
+
+    import networkx as nx
+
+    ids, A = adjacency(graph)
+    An = normalized_adjacency(A)
+    g = nx.DiGraph()
+    g.add_nodes_from(ids)
+    t_idx, s_idx = (An > 0).nonzero(as_tuple=True)
+    for t, s in zip(t_idx.tolist(), s_idx.tolist()):
+        g.add_edge(ids[s], ids[t], cost=-math.log(float(An[t, s])), share=float(An[t, s]))
+    return g
+
+
+def strongest_paths(graph: Graph, k: int = 5) -> list[tuple[list[str], float]]:
+    """The ``k`` strongest paths from any input node (a node with no incoming edges: embeddings, errors) to the
+    target, as ``(node ids, strength)`` with strength = the product of the normalised edge weights along the
+    path; by networkx's k-shortest simple paths on ``−log`` weights from a virtual source."""
+    import itertools
+    import math
+
+    import networkx as nx
+
+    g = to_path_graph(graph)
+    source = "__inputs__"
+    for n in [n for n in g.nodes if g.in_degree(n) == 0 and n != graph.target_id]:
+        g.add_edge(source, n, cost=0.0, share=1.0)
+    if source not in g or not nx.has_path(g, source, graph.target_id):
+        return []
+    paths = itertools.islice(nx.shortest_simple_paths(g, source, graph.target_id, weight="cost"), max(0, int(k)))
+    out = []
+    for p in paths:
+        cost = sum(g.edges[a, b]["cost"] for a, b in zip(p[:-1], p[1:]))
+        out.append((p[1:], math.exp(-cost)))
+    return out

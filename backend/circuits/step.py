@@ -1,0 +1,30 @@
+"""The precompute step ``graphs``: attribution graphs for the preset's example prompts, stored so the Circuit Graph
+page has something to show the moment a store is opened (users build their own there or with the CLI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def step_graphs(ctx: Any) -> None:
+    """Build and store one graph per ``preset.graph_prompts`` entry ``(prompt, answer, wrong)`` with the store's
+    transcoders and attention SAEs; a prompt whose answer is not one token for this model is skipped with a note."""
+    from backend.circuits.build import BuildParams, build_graph
+    from backend.circuits.storage import store_dictionaries, write_graph
+    from backend.errors import InputError
+    from backend.progress import say, track
+
+    transcoders, saes = store_dictionaries(ctx.con, ctx.spec.name)
+    done = []
+    prompts = list(ctx.preset.graph_prompts)
+    for prompt, answer, wrong in track(prompts, total=len(prompts), desc="Attribution graphs", unit="graph"):
+        try:
+            graph = build_graph(ctx.model, prompt, transcoders, saes, answer=answer, wrong=wrong,
+                                params=BuildParams(max_nodes=ctx.preset.graph_max_nodes), model_name=ctx.spec.name)
+        except InputError as exc:  # e.g. an answer that is several tokens for this tokenizer
+            say(f"Skipped the graph of {prompt!r}: {exc}")
+            continue
+        gid = write_graph(ctx.con, graph, ctx.run_id, source="precompute")
+        done.append({"graph_id": gid, "nodes": len(graph.nodes), "edges": len(graph.edges),
+                     "seconds": graph.metadata["seconds"]})
+    ctx.summary["graphs"] = done

@@ -1,0 +1,118 @@
+"""Graphs in the store: write one (tables ``graphs``, ``graph_nodes``, ``graph_edges``; schema v3) and read it back.
+
+A graph is stored as built — pruning thresholds are applied when it is viewed — so the page's sliders work on
+a stored graph without the model. All reads are SQL on a read-only connection (backend.store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from backend.circuits.graph import EDGE_COLUMNS, NODE_COLUMNS, Graph
+from backend.errors import StoreError
+
+if TYPE_CHECKING:
+    import duckdb
+    import pandas as pd
+
+
+def graph_id_for(graph: Graph) -> str:
+    """A short stable id from the model, prompt tokens, target, method and build parameters."""
+    m = graph.metadata
+    key = json.dumps([m.get("model"), m.get("token_ids"), m.get("target", {}).get("token_id"),
+                      m.get("target", {}).get("wrong_id"), m.get("method"), m.get("params"),
+                      m.get("dictionaries")], sort_keys=True, default=str)
+    return "g-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def default_title(graph: Graph) -> str:
+    """``'<prompt end>' → ' Paris'`` style title (plain text; pages escape it)."""
+    m = graph.metadata
+    prompt = str(m.get("prompt", ""))
+    short = prompt if len(prompt) <= 60 else "…" + prompt[-59:]
+    t = m.get("target", {})
+    target = repr(t.get("token"))
+    if t.get("wrong") is not None:
+        target += f" vs {t.get('wrong')!r}"
+    return f"{short!r} → {target}"
+
+
+def write_graph(con: "duckdb.DuckDBPyConnection", graph: Graph, run_id: str, source: str = "precompute",
+                title: str | None = None) -> str:
+    """Write ``graph`` (replacing one with the same id) into a writable store connection; returns its id."""
+    import pandas as pd
+
+    gid = graph_id_for(graph)
+    delete_graph(con, gid)
+    m = graph.metadata
+    con.execute(
+        "INSERT INTO graphs (graph_id, model, prompt, target, method, params, created_at, run_id, metadata, source, "
+        "title) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [gid, m.get("model"), m.get("prompt"), json.dumps(m.get("target")), m.get("method"),
+         json.dumps(m.get("params")), datetime.now(timezone.utc), run_id, json.dumps(m, default=str), source,
+         title or default_title(graph)],
+    )
+    nodes = graph.nodes[list(NODE_COLUMNS)].copy()
+    nodes.insert(0, "graph_id", gid)
+    edges = graph.edges[list(EDGE_COLUMNS)].copy()
+    edges.insert(0, "graph_id", gid)
+    for table, frame in (("graph_nodes", nodes), ("graph_edges", edges)):
+        con.register("_graph_df", pd.DataFrame(frame))
+        cols = ", ".join(frame.columns)
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _graph_df")
+        con.unregister("_graph_df")
+    return gid
+
+
+def delete_graph(con: "duckdb.DuckDBPyConnection", graph_id: str) -> None:
+    """Remove one graph from a writable connection."""
+    for table in ("graph_edges", "graph_nodes", "graphs"):
+        con.execute(f"DELETE FROM {table} WHERE graph_id = ?", [graph_id])
+
+
+def list_graphs(con: "duckdb.DuckDBPyConnection", model: str | None = None) -> "pd.DataFrame":
+    """Stored graphs, newest first: id, title, model, method, source, created_at, node and edge counts."""
+    where, args = ("WHERE g.model = ?", [model]) if model else ("", [])
+    return con.execute(
+        "SELECT g.graph_id, g.title, g.model, g.method, g.source, g.created_at, "
+        "(SELECT count(*) FROM graph_nodes n WHERE n.graph_id = g.graph_id) AS n_nodes, "
+        "(SELECT count(*) FROM graph_edges e WHERE e.graph_id = g.graph_id) AS n_edges "
+        f"FROM graphs g {where} ORDER BY g.created_at DESC, g.graph_id", args).df()
+
+
+def read_graph(con: "duckdb.DuckDBPyConnection", graph_id: str) -> Graph:
+    """The stored graph ``graph_id`` (StoreError with what to do if there is none)."""
+    rows = con.execute("SELECT metadata FROM graphs WHERE graph_id = ?", [graph_id]).fetchall()
+    if not rows or rows[0][0] is None:
+        raise StoreError(f"This store has no graph {graph_id!r}: pick one from the list of stored graphs, or build one.")
+    metadata: dict[str, Any] = json.loads(rows[0][0])
+    nodes = con.execute(f"SELECT {', '.join(NODE_COLUMNS)} FROM graph_nodes WHERE graph_id = ? ORDER BY rowid",
+                        [graph_id]).df()
+    edges = con.execute(f"SELECT {', '.join(EDGE_COLUMNS)} FROM graph_edges WHERE graph_id = ? ORDER BY rowid",
+                        [graph_id]).df()
+    nodes["feature"] = nodes["feature"].astype("Int64")
+    nodes["is_target"] = nodes["is_target"].astype(bool)
+    for c in ("source_factor", "invariant", "norm_factor", "weight"):
+        edges[c] = edges[c].astype("float64")
+    return Graph(nodes=nodes, edges=edges, metadata=metadata)
+
+
+def store_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str, attn_saes: bool = True
+                       ) -> tuple[dict[int, Any], dict[int, Any]]:
+    """The store's transcoders and (if ``attn_saes``) attention SAEs for ``model_name``: ``({layer: transcoder},
+    {layer: sae})``. A store without transcoders still builds graphs: every MLP is then one error node."""
+    from backend.dictionaries import KIND, load_dictionary
+    from backend.transcoders import load_transcoders
+
+    transcoders = load_transcoders(con, model_name)
+    saes: dict[int, Any] = {}
+    if attn_saes:
+        rows = con.execute("SELECT dict_id, layer FROM dictionaries WHERE model = ? AND kind = ? "
+                           "ORDER BY layer, d_sae DESC, dict_id", [model_name, KIND]).fetchall()
+        for dict_id, layer in rows:
+            if int(layer) not in saes:
+                saes[int(layer)] = load_dictionary(con, str(dict_id))
+    return transcoders, saes
