@@ -375,17 +375,18 @@ def load_pretrained(release: str, sae_id: str) -> "SAE":
     return sae.eval()
 
 
-def load_local(path: str | Path) -> "SAE":
-    """Load a sae-lens-format directory (``cfg.json`` + ``sae_weights.safetensors``)."""
+def load_local(path: str | Path, what: str = "SAE") -> "SAE":
+    """Load a sae-lens-format directory (``cfg.json`` + ``sae_weights.safetensors``); ``what`` names the kind of
+    dictionary in the error messages (e.g. "transcoder")."""
     from sae_lens import SAE
 
     path = Path(path)
     if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
-        raise InputError(f"{path} is not a sae-lens SAE directory: it needs cfg.json and sae_weights.safetensors.")
+        raise InputError(f"{path} is not a sae-lens {what} directory: it needs cfg.json and sae_weights.safetensors.")
     try:
         sae = SAE.load_from_disk(path, device="cpu", dtype="float32")
     except Exception as exc:  # noqa: BLE001 - malformed configs raise many types
-        raise InputError(f"{path} could not be loaded as a sae-lens SAE ({type(exc).__name__}: {str(exc)[:120]}).") from None
+        raise InputError(f"{path} could not be loaded as a sae-lens {what} ({type(exc).__name__}: {str(exc)[:120]}).") from None
     return sae.eval()
 
 

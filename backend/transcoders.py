@@ -507,19 +507,13 @@ def transcoder_ids(con: Any, model_name: str) -> dict[int, str]:
 def load_local_transcoder(path: str) -> "Transcoder":
     """Load a sae-lens-format transcoder directory (``cfg.json`` + ``sae_weights.safetensors``, as written by
     sae-lens' ``save_model`` / ``save_inference_model``)."""
-    from pathlib import Path
+    from sae_lens import Transcoder
 
-    from sae_lens import SAE, Transcoder
+    from backend.dictionaries import load_local
 
-    p = Path(path)
-    if not (p / "cfg.json").is_file() or not (p / "sae_weights.safetensors").is_file():
-        raise InputError(f"{p} is not a sae-lens transcoder directory: it needs cfg.json and sae_weights.safetensors.")
-    try:
-        tc = SAE.load_from_disk(p, device="cpu", dtype="float32")
-    except Exception as exc:  # noqa: BLE001 - malformed configs raise many types
-        raise InputError(f"{p} could not be loaded as a sae-lens transcoder ({type(exc).__name__}: {str(exc)[:120]}).") from None
+    tc = load_local(path, what="transcoder")
     if not isinstance(tc, Transcoder):
-        raise InputError(f"{p} holds a sae-lens {tc.cfg.architecture()!r} SAE, not a transcoder: pass it with --saes instead.")
+        raise InputError(f"{path} holds a sae-lens {tc.cfg.architecture()!r} SAE, not a transcoder: pass it with --saes instead.")
     return tc.eval()
 
 
