@@ -1,14 +1,15 @@
 """Collecting per-token activations from corpus contexts through TransformerLens hooks.
 
-One forward pass per batch captures ``hook_z`` of several layers at once (``stop_at_layer`` skips the layers
-after the last one asked for). Position 0 (BOS) is dropped: its activations are attention-sink outliers
+One forward pass per batch captures several activation sites at once, each named ``(hook kind, layer)`` as in
+:mod:`backend.hooks` (``hook_z`` for attention SAEs, the MLP's input and output for transcoders); ``stop_at_layer``
+skips the layers after the last one asked for. Position 0 (BOS) is dropped: its activations are attention-sink outliers
 whose norm is far above every other token's, so they are excluded from SAE training, from evaluation
 denominators and from per-feature statistics (see :mod:`backend.dictionaries`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from backend.hooks import hook_name
 from backend.progress import track
@@ -22,6 +23,91 @@ def flatten_heads(z: "torch.Tensor") -> "torch.Tensor":
     return z.reshape(*z.shape[:-2], z.shape[-2] * z.shape[-1])
 
 
+Act = tuple[str, int]  # (hook kind of backend.hooks, layer): one activation site
+
+
+def capture_batch(model: Any, batch: "torch.Tensor", acts: Sequence[Act]) -> dict[Act, "torch.Tensor"]:
+    """One no-grad forward pass of ``batch`` ([b, n_ctx], BOS at 0) capturing every activation site in ``acts``:
+    ``{(kind, layer): tensor [b, n_ctx - 1, ...]}`` with the BOS position dropped (attention-sink outlier, never
+    trained on or scored). ``stop_at_layer`` skips the blocks above the highest layer."""
+    import torch
+
+    names = {hook_name(kind, int(layer)): (kind, int(layer)) for kind, layer in acts}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=list(names),
+                                        stop_at_layer=max(layer for _, layer in names.values()) + 1)
+    return {act: cache[name][:, 1:] for name, act in names.items()}
+
+
+class Precollector:
+    """Copies activation sites into context-major row matrices from forward passes that some code runs anyway.
+
+    ``wants`` maps each site ``(kind, layer)`` to how many leading contexts it is wanted for; :meth:`hooks` gives the
+    TransformerLens hooks for one batch of contexts ``[start, start + b)`` (BOS dropped, hook_z's heads flattened);
+    :meth:`result` returns ``{site: float32 [n_contexts * (n_ctx - 1), d]}`` (:func:`collect`'s layout). The corpus
+    step uses it to gather, during its scoring pass, what the dictionary steps would otherwise run the model again for.
+    """
+
+    def __init__(self, wants: Mapping[Act, int], n_ctx: int) -> None:
+        self.wants = {(kind, int(layer)): int(n) for (kind, layer), n in wants.items() if n > 0}
+        self.n_ctx = n_ctx
+        self.out: dict[Act, "torch.Tensor"] = {}
+
+    def hooks(self, start: int, b: int) -> list[tuple[str, Any]]:
+        """Forward hooks copying the rows of contexts ``start .. start + b - 1`` that some site still wants."""
+        import torch
+
+        rows_per = self.n_ctx - 1
+        fwd = []
+        for act, n_want in self.wants.items():
+            take = min(b, n_want - start)
+            if take <= 0:
+                continue
+
+            def copy(value: "torch.Tensor", hook: Any, act: Act = act, take: int = take, n_want: int = n_want) -> None:
+                v = value[:take, 1:]
+                flat = (flatten_heads(v) if act[0] == "z" else v).reshape(take * rows_per, -1)
+                if act not in self.out:  # allocate once the width is known
+                    self.out[act] = torch.empty(n_want * rows_per, flat.shape[-1], dtype=torch.float32)
+                self.out[act][start * rows_per : (start + take) * rows_per] = flat.float()
+
+            fwd.append((hook_name(*act), copy))
+        return fwd
+
+    def result(self) -> dict[Act, "torch.Tensor"]:
+        """The collected matrices (complete once every wanted context has been run)."""
+        return self.out
+
+
+def collect(
+    model: Any,
+    tokens: "torch.Tensor",
+    acts: Sequence[Act],
+    batch_size: int = 16,
+    desc: str = "Collecting activations",
+) -> dict[Act, "torch.Tensor"]:
+    """Run ``tokens`` ([n, n_ctx], BOS at position 0) through ``model`` in batches and return every activation
+    site's value at every non-BOS token: ``{(kind, layer): float32 tensor [n * (n_ctx - 1), d]}`` (hook_z's heads
+    flattened head-major, see :func:`flatten_heads`).
+
+    Rows are ordered context-major (context i, positions 1..n_ctx-1), so row ``i * (n_ctx - 1) + (p - 1)`` is
+    context ``i``, position ``p``.
+    """
+    import torch
+
+    if not acts:
+        return {}
+    n, n_ctx = tokens.shape
+    pre = Precollector({(kind, int(layer)): n for kind, layer in acts}, n_ctx)
+    stop = max(int(layer) for _, layer in acts) + 1
+    starts = range(0, n, batch_size)
+    with torch.no_grad():
+        for start in track(starts, total=len(starts), desc=desc, unit="batch"):
+            batch = tokens[start : start + batch_size]
+            model.run_with_hooks(batch, fwd_hooks=pre.hooks(start, len(batch)), stop_at_layer=stop)
+    return pre.result()
+
+
 def collect_z(
     model: Any,
     tokens: "torch.Tensor",
@@ -29,39 +115,14 @@ def collect_z(
     batch_size: int = 16,
     desc: str = "Collecting hook_z",
 ) -> dict[int, "torch.Tensor"]:
-    """Run ``tokens`` ([n, n_ctx], BOS at position 0) through ``model`` and return, per layer, the flattened
-    ``hook_z`` of every non-BOS token: ``{layer: float32 tensor [n * (n_ctx - 1), n_heads * d_head]}``.
-
-    Rows are ordered context-major (context i, positions 1..n_ctx-1), so row ``i * (n_ctx - 1) + (p - 1)`` is
-    context ``i``, position ``p``.
-    """
-    import torch
-
-    layers = sorted(set(int(x) for x in layers))
-    if not layers:
-        return {}
-    n, n_ctx = tokens.shape
-    d_z = model.cfg.n_heads * model.cfg.d_head
-    out = {layer: torch.empty(n * (n_ctx - 1), d_z, dtype=torch.float32) for layer in layers}
-    starts = range(0, n, batch_size)
-    for start in track(starts, total=len(starts), desc=desc, unit="batch"):
-        batch = tokens[start : start + batch_size]
-        rows = slice(start * (n_ctx - 1), (start + len(batch)) * (n_ctx - 1))
-        for layer, z in z_batch(model, batch, layers).items():
-            out[layer][rows] = flatten_heads(z).reshape(-1, d_z).float()
-    return out
+    """:func:`collect` of ``hook_z`` at ``layers``: ``{layer: float32 tensor [n * (n_ctx - 1), n_heads * d_head]}``
+    (attention-SAE inputs)."""
+    return {layer: z for (_, layer), z in collect(model, tokens, [("z", l) for l in layers], batch_size, desc).items()}
 
 
 def z_batch(model: Any, batch: "torch.Tensor", layers: Sequence[int]) -> dict[int, "torch.Tensor"]:
-    """One no-grad forward pass of ``batch`` ([b, n_ctx], BOS at 0) capturing ``hook_z`` of every layer in
-    ``layers``: ``{layer: z [b, n_ctx - 1, n_heads, d_head]}`` with the BOS position dropped (attention-sink
-    outlier, never trained on or scored). ``stop_at_layer`` skips the blocks above the highest layer."""
-    import torch
-
-    names = {hook_name("z", int(layer)): int(layer) for layer in layers}
-    with torch.no_grad():
-        _, cache = model.run_with_cache(batch, names_filter=list(names), stop_at_layer=max(names.values()) + 1)
-    return {layer: cache[name][:, 1:] for name, layer in names.items()}
+    """:func:`capture_batch` of ``hook_z`` at ``layers``: ``{layer: z [b, n_ctx - 1, n_heads, d_head]}``."""
+    return {layer: z for (_, layer), z in capture_batch(model, batch, [("z", l) for l in layers]).items()}
 
 
 def shuffled_batches(

@@ -21,14 +21,18 @@ def _df(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = Non
     return con.execute(sql, params or []).df()
 
 
-def feature_dictionaries(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
-    """Attention-SAE dictionaries that have feature data, by layer: dict_id, model, layer, d_sae, n_heads, ... ."""
+def feature_dictionaries(con: duckdb.DuckDBPyConnection, kind: str | None = None) -> pd.DataFrame:
+    """Dictionaries with feature tables (attention SAEs first, then transcoders; by layer), or only those of
+    ``kind`` ('attn_sae' / 'transcoder'): dict_id, model, kind, layer, d_sae, n_heads, n_features, n_alive, ... ."""
     return _df(con, """
-        SELECT d.dict_id, d.model, d.layer, d.architecture, d.d_in, d.d_sae, d.l0, d.fve, m.n_heads,
+        SELECT d.dict_id, d.model, d.kind, d.layer, d.architecture, d.d_in, d.d_sae, d.l0, d.fve, m.n_heads,
                (SELECT count(*) FROM features f WHERE f.dict_id = d.dict_id) AS n_features,
-               (SELECT count(*) FROM features f WHERE f.dict_id = d.dict_id AND f.n_active > 0) AS n_alive
+               (SELECT count(*) FROM features f WHERE f.dict_id = d.dict_id AND f.n_active > 0) AS n_alive,
+               (SELECT any_value(json_extract(f.stats, '$.scored_tokens')::BIGINT) FROM features f
+                WHERE f.dict_id = d.dict_id) AS scored_tokens
         FROM dictionaries d LEFT JOIN models m ON m.model = d.model
-        WHERE d.kind = 'attn_sae' ORDER BY d.model, d.layer, d.dict_id""")
+        WHERE d.kind IN ('attn_sae', 'transcoder') AND (? IS NULL OR d.kind = ?)
+        ORDER BY d.model, d.kind = 'transcoder', d.layer, d.dict_id""", [kind, kind])
 
 
 def feature_summary(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) -> dict[str, Any] | None:
@@ -36,7 +40,8 @@ def feature_summary(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) 
     or None if the dictionary has no such feature."""
     df = _df(con, """
         SELECT f.dict_id, f.feature, f.n_active, f.density, f.max_act, f.mean_act, f.top_head, f.top_head_share,
-               d.layer, d.model, d.d_sae, d.architecture
+               d.layer, d.model, d.d_sae, d.architecture, d.kind,
+               json_extract(f.stats, '$.scored_tokens')::BIGINT AS scored_tokens
         FROM features f JOIN dictionaries d USING (dict_id) WHERE f.dict_id = ? AND f.feature = ?""",
         [dict_id, int(feature)])
     return None if df.empty else df.iloc[0].to_dict()

@@ -1,6 +1,8 @@
-"""Per-feature data of attention-output SAEs (Kissane et al. 2024): the ``features`` precompute step and its math.
+"""Per-feature data of the store's dictionaries: the ``features`` and ``transcoder_features`` precompute steps.
 
-For every ``attn_sae`` dictionary of a run, one pass over the run's corpus contexts writes (sparse, into DuckDB):
+Two kinds of dictionary are covered (:data:`KINDS`): attention-output SAEs on ``hook_z`` (Kissane et al. 2024) and
+MLP transcoders on ``ln2.hook_normalized`` (Dunefsky et al. 2024). For every such dictionary of a run, one pass over
+the run's corpus contexts writes (sparse, into DuckDB):
 
 * ``feature_activations``: every nonzero activation (dict_id, feature, corpus_id, context_id, pos, act), inserted
   sorted by (dict_id, feature, act DESC) so a feature's rows sit together (DuckDB zone maps skip the rest);
@@ -8,12 +10,15 @@ For every ``attn_sae`` dictionary of a run, one pass over the run's corpus conte
   *over the tokens where it fires*, the dominant head by DFA and its share;
 * ``feature_examples``: the top :data:`TOP_N` activations of each feature (context, position, activation);
 * ``feature_head_dfa``: direct feature attribution by head (METHODS.md §1), averaged over the feature's top
-  :data:`TOP_N` activations;
+  :data:`TOP_N` activations (attention SAEs only: a transcoder reads the MLP input, not heads);
 * ``feature_histograms``: a histogram of the feature's nonzero activations in :data:`HIST_BINS` log-spaced bins;
 * ``feature_logits``: the :data:`N_LOGITS` output tokens the feature's direct path promotes most and suppresses most.
 
-**Cost.** One forward pass per batch (to the highest dictionary layer) captures every dictionary's hook_z; or none,
-when an earlier step leaves hook_z of all contexts on the run context as ``ctx.z_by_layer`` (collect_z layout).
+**Cost.** One forward pass per batch (to the highest dictionary layer) captures every dictionary's input; or none,
+when an earlier step left those inputs on the run context as ``ctx.precollected`` (:func:`backend.activations.collect`
+layout, keyed by (hook kind, layer)): on the demo the corpus step's scoring pass gathers hook_z of every context, and
+the transcoder step leaves the MLP inputs of the leading contexts it trained on. Transcoder features score only the
+first ``preset.transcoder_feature_contexts`` contexts: every MLP layer at L0 ~30 is ~10x the SAEs' rows per token.
 Nonzeros go batch by batch to a TEMP staging table (bounded Python memory) and are copied sorted once per dictionary;
 everything else is derived from them in DuckDB SQL. Top-N activations (with their per-head contributions) are kept
 by a streaming per-feature merge, so DFA needs no second pass.
@@ -28,10 +33,11 @@ head's *mean signed contribution* over the feature's top activations, and its **
 ``|mean contribution_h| / Σ_h' |mean contribution_h'|`` (absolute, so shares are in [0, 1] and sum to 1; the sign
 stays visible in the contribution). ``top_head`` is the head with the largest share.
 
-**Logit effects.** The feature's residual direction is ``Σ_h W_dec[i, slice_h] @ W_O[h]`` (the block-diagonal W_O);
-the final norm is treated as a constant scale — RMSNorm multiplies by ``ln_final.w``, LayerNorm centres the
-vector and multiplies by its weight (the "Pre" variants, with weights folded into W_U, only centre / do nothing) —
-and then ``W_U`` (no ``b_U``: it is the same for every feature). Values are in logits per unit of activation.
+**Logit effects.** The feature's residual direction is ``Σ_h W_dec[i, slice_h] @ W_O[h]`` (the block-diagonal W_O)
+for an attention SAE and ``W_dec[i]`` itself for a transcoder (it writes the MLP output); the final norm is treated
+as a constant scale — RMSNorm multiplies by ``ln_final.w``, LayerNorm centres the vector and multiplies by its weight
+(the "Pre" variants, with weights folded into W_U, only centre / do nothing) — and then ``W_U`` (no ``b_U``: it is
+the same for every feature). Values are in logits per unit of activation.
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ import pandas as pd
 import torch
 
 from backend import dfa
-from backend.activations import z_batch
-from backend.dictionaries import encode_z, flatten_z
+from backend.activations import Act, capture_batch, flatten_heads
+from backend.dictionaries import encode_z
+from backend.dictionary_kinds import KINDS
 from backend.errors import InputError
 from backend.progress import say, track
 
@@ -58,11 +65,23 @@ _STAGE = "_feature_acts_stage"  # TEMP table: one run's nonzeros before the sort
 
 @dataclass
 class DictEntry:
-    """One dictionary to process: its id, the layer whose hook_z it reads, and the loaded sae-lens SAE."""
+    """One dictionary to process: its id, the layer whose input it reads, the loaded sae-lens SAE / Transcoder,
+    and its kind (a key of :data:`KINDS`)."""
 
     dict_id: str
     layer: int
     sae: Any
+    kind: str = "attn_sae"
+
+    @property
+    def act(self) -> Act:
+        """The activation site (hook kind, layer) the dictionary encodes."""
+        return KINDS[self.kind].hook, self.layer
+
+    @property
+    def per_head(self) -> bool:
+        """Whether the dictionary reads hook_z (so DFA by head applies)."""
+        return KINDS[self.kind].per_head
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -87,29 +106,40 @@ def final_norm_as_scale(model: Any, v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def feature_logit_effects(model: Any, sae: Any, layer: int, features: torch.Tensor | None = None) -> torch.Tensor:
-    """Direct logit effect ``[n_features, d_vocab]`` of one unit of each feature (all features by default)."""
-    feats = torch.arange(sae.W_dec.shape[0]) if features is None else features
+def residual_directions(model: Any, sae: Any, layer: int, features: torch.Tensor, kind: str = "attn_sae") -> torch.Tensor:
+    """What one unit of each of ``features`` writes into the residual stream ``[n, d_model]``: the decoder rows
+    through each head's W_O for an attention SAE, the decoder rows themselves for a transcoder."""
+    if not KINDS[kind].per_head:
+        return sae.W_dec[features]
     n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
-    w_dec = sae.W_dec[feats].reshape(len(feats), n_heads, d_head)
-    resid = torch.einsum("fhd,hdm->fm", w_dec, model.blocks[layer].attn.W_O)
-    return final_norm_as_scale(model, resid) @ model.W_U
+    w_dec = sae.W_dec[features].reshape(len(features), n_heads, d_head)
+    return torch.einsum("fhd,hdm->fm", w_dec, model.blocks[layer].attn.W_O)
 
 
 @torch.no_grad()
-def top_logits(model: Any, sae: Any, layer: int, k: int = N_LOGITS, chunk: int = 256) -> pd.DataFrame:
-    """Top-k promoted and suppressed tokens of every feature: columns feature, kind, rank (1 = strongest), token_id,
-    value. Chunked over features: the full [d_sae, d_vocab] matrix would not fit comfortably in memory."""
-    d_sae = sae.W_dec.shape[0]
+def feature_logit_effects(model: Any, sae: Any, layer: int, features: torch.Tensor | None = None,
+                          kind: str = "attn_sae") -> torch.Tensor:
+    """Direct logit effect ``[n_features, d_vocab]`` of one unit of each feature (all features by default)."""
+    feats = torch.arange(sae.W_dec.shape[0]) if features is None else features
+    return final_norm_as_scale(model, residual_directions(model, sae, layer, feats, kind)) @ model.W_U
+
+
+@torch.no_grad()
+def top_logits(model: Any, sae: Any, layer: int, k: int = N_LOGITS, chunk: int = 256,
+               kind: str = "attn_sae", features: Sequence[int] | None = None) -> pd.DataFrame:
+    """Top-k promoted and suppressed tokens of every feature (or of ``features``): columns feature, kind, rank
+    (1 = strongest), token_id, value. Chunked over features: the full [d_sae, d_vocab] matrix would not fit
+    comfortably in memory."""
+    every = torch.arange(sae.W_dec.shape[0]) if features is None else torch.tensor(list(features), dtype=torch.long)
     frames = []
-    for s in range(0, d_sae, chunk):
-        feats = torch.arange(s, min(d_sae, s + chunk))
-        eff = feature_logit_effects(model, sae, layer, feats)
-        for kind, largest in (("promoted", True), ("suppressed", False)):
+    for s in range(0, len(every), chunk):
+        feats = every[s : s + chunk]
+        eff = feature_logit_effects(model, sae, layer, feats, kind)
+        for direction, largest in (("promoted", True), ("suppressed", False)):
             top = eff.topk(k, dim=-1, largest=largest)
             frames.append(pd.DataFrame({
                 "feature": np.repeat(feats.numpy(), k).astype(np.int32),
-                "kind": kind,
+                "kind": direction,
                 "rank": np.tile(np.arange(1, k + 1), len(feats)).astype(np.int16),
                 "token_id": top.indices.reshape(-1).numpy().astype(np.int32),
                 "value": top.values.reshape(-1).numpy().astype(np.float32),
@@ -175,25 +205,37 @@ def stage(writer: Any, stage_index: int, feat: np.ndarray, act: np.ndarray, ctx_
                                            "act": act.astype(np.float32)}))
 
 
+def _encode(d: DictEntry, x: torch.Tensor) -> torch.Tensor:
+    """Feature activations ``[b, p, d_sae]`` of one batch of the dictionary's inputs (sae-lens' own encode)."""
+    if d.per_head:
+        return encode_z(d.sae, x)
+    from backend.transcoders import encode
+
+    return encode(d.sae, x)
+
+
 @torch.no_grad()
 def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: torch.Tensor, corpus_id: str,
-                   batch_size: int = 16, z_by_layer: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
+                   batch_size: int = 16, precollected: Mapping[Act, torch.Tensor] | None = None,
+                   logits: bool = True, desc: str = "Feature activations") -> dict[str, Any]:
     """Compute and write all per-feature tables for ``dicts`` over ``tokens`` ``[n, n_ctx]`` (BOS at position 0).
 
-    One forward pass per batch captures hook_z of every dictionary's layer at once (``stop_at_layer`` skips the
-    layers above the highest one). If ``z_by_layer`` already holds those activations for *these* tokens, in
-    :func:`backend.activations.collect_z`'s layout (``[n * (n_ctx - 1), d_in]``, context-major, BOS dropped), no
-    forward pass runs at all. Returns timings and row counts.
+    One forward pass per batch captures every dictionary's input at once (``stop_at_layer`` skips the layers above
+    the highest one). If ``precollected`` already holds those inputs for *these* tokens, in
+    :func:`backend.activations.collect`'s layout (``{(kind, layer): [n * (n_ctx - 1), d_in]}``, context-major, BOS
+    dropped), no forward pass runs at all. ``logits=False`` skips ``feature_logits`` (its cost is one
+    ``[d_sae, d_model] @ [d_model, d_vocab]`` product per dictionary). Returns timings and row counts.
     """
-    con = writer.con
     n, n_ctx = tokens.shape
     n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
-    if z_by_layer is not None:
+    rows_total = n * (n_ctx - 1)
+    if precollected is not None:
         for d in dicts:
-            got = z_by_layer.get(d.layer)
-            if got is None or tuple(got.shape) != (n * (n_ctx - 1), n_heads * d_head):
-                raise ValueError(f"z_by_layer lacks layer {d.layer} for these {n} x {n_ctx} tokens")
-    tops = {d.dict_id: _TopN(d.sae.W_enc.shape[1], n_heads) for d in dicts}
+            got = precollected.get(d.act)
+            if got is None or got.shape[0] != rows_total:
+                raise ValueError(f"precollected activations lack {d.act} for these {n} x {n_ctx} tokens")
+    con = writer.con
+    tops = {d.dict_id: _TopN(d.sae.W_enc.shape[1], n_heads if d.per_head else 0) for d in dicts}
     # Nonzeros are appended batch by batch to a TEMP staging table (Python memory stays bounded; DuckDB sorts
     # out of core) and copied into feature_activations sorted by (feature, act DESC) once per dictionary.
     create_stage(con)
@@ -204,22 +246,24 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
             con.execute(f"DELETE FROM {table} WHERE dict_id = ?", [d.dict_id])
     timings = {"forward_s": 0.0, "encode_s": 0.0, "stage_s": 0.0, "write_s": 0.0, "logits_s": 0.0}
     index = {d.dict_id: i for i, d in enumerate(dicts)}
+    sites = sorted({d.act for d in dicts}, key=lambda a: (a[1], a[0]))
     batches = range(0, n, batch_size)
-    for start in track(batches, total=len(batches), desc="Feature activations", unit="batch"):
+    for start in track(batches, total=len(batches), desc=desc, unit="batch"):
         batch = tokens[start : start + batch_size]
         t0 = time.perf_counter()
-        if z_by_layer is None:
-            by_layer = z_batch(model, batch, [d.layer for d in dicts])  # BOS dropped: [b, n_ctx-1, heads, d_head]
-            zs = {d.dict_id: by_layer[d.layer] for d in dicts}
+        if precollected is None:
+            inputs = capture_batch(model, batch, sites)  # BOS dropped: [b, n_ctx-1, ...]
         else:
             rows = slice(start * (n_ctx - 1), (start + len(batch)) * (n_ctx - 1))
-            zs = {d.dict_id: z_by_layer[d.layer][rows].reshape(len(batch), n_ctx - 1, n_heads, d_head) for d in dicts}
+            inputs = {a: precollected[a][rows].reshape(len(batch), n_ctx - 1, -1) for a in sites}
         t1 = time.perf_counter()
         timings["forward_s"] += t1 - t0
         staged = 0.0
         for d in dicts:
-            z = zs[d.dict_id]
-            acts = encode_z(d.sae, z)  # [b, n_ctx-1, d_sae], sae-lens' own encode
+            x = inputs[d.act]
+            if d.per_head and x.dim() == 3:  # precollected hook_z is flattened: back to [b, p, heads, d_head]
+                x = x.reshape(*x.shape[:2], n_heads, d_head)
+            acts = _encode(d, x)  # [b, n_ctx-1, d_sae]
             b_idx, p_idx, f_idx = torch.nonzero(acts > 0, as_tuple=True)
             vals = acts[b_idx, p_idx, f_idx].numpy().astype(np.float32)
             feat = f_idx.numpy().astype(np.int32)
@@ -231,23 +275,27 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
             top = tops[d.dict_id]
             cand = top.candidates(feat, vals)
             if cand.any():
-                x = flatten_z(z).reshape(-1, z.shape[-2] * z.shape[-1])
-                tok = (b_idx * z.shape[1] + p_idx)[torch.from_numpy(cand)]
-                contrib = head_contributions(d.sae, x[tok], f_idx[torch.from_numpy(cand)], n_heads).numpy()
+                pick = torch.from_numpy(cand)
+                if d.per_head:
+                    flat = flatten_heads(x).reshape(-1, n_heads * d_head)
+                    tok = (b_idx * x.shape[1] + p_idx)[pick]
+                    contrib = head_contributions(d.sae, flat[tok], f_idx[pick], n_heads).numpy()
+                else:
+                    contrib = np.zeros((int(cand.sum()), 0), np.float32)
                 top.merge(feat[cand], vals[cand], ctx_ids[cand], pos[cand], contrib)
         timings["encode_s"] += time.perf_counter() - t1 - staged
         timings["stage_s"] += staged
-    n_scored = n * (n_ctx - 1)
     counts: dict[str, int] = {}
     for d in track(dicts, total=len(dicts), desc="Feature tables", unit="dict"):
         t0 = time.perf_counter()
-        counts[d.dict_id] = _write_dictionary(writer, d, index[d.dict_id], tops[d.dict_id], corpus_id, n_scored)
+        counts[d.dict_id] = _write_dictionary(writer, d, index[d.dict_id], tops[d.dict_id], corpus_id, rows_total)
         t1 = time.perf_counter()
-        writer.insert_df("feature_logits", top_logits(model, d.sae, d.layer).assign(dict_id=d.dict_id))
+        if logits:
+            writer.insert_df("feature_logits", top_logits(model, d.sae, d.layer, kind=d.kind).assign(dict_id=d.dict_id))
         timings["logits_s"] += time.perf_counter() - t1
         timings["write_s"] += t1 - t0
     con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
-    return {"tokens": int(n * n_ctx), "scored_tokens": int(n_scored), "nonzeros": counts,
+    return {"tokens": int(n * n_ctx), "scored_tokens": int(rows_total), "nonzeros": counts,
             **{k: round(v, 2) for k, v in timings.items()}}
 
 
@@ -274,17 +322,8 @@ def _write_dictionary(writer: Any, d: DictEntry, stage_index: int, top: _TopN, c
         FROM _top ORDER BY feature, act DESC""", [d.dict_id, corpus_id])
     con.unregister("_top")
     # DFA by head: mean signed contribution over the top activations; share = |mean| / Σ|mean| (module docstring).
-    dfa = pd.DataFrame(top.contrib, columns=list(range(n_heads)))
-    dfa["feature"] = top.feat
-    mean = dfa.groupby("feature").mean()
-    n_ex = dfa.groupby("feature").size()
-    long = mean.stack().rename("contribution").reset_index().rename(columns={"level_1": "head"})
-    writer.insert_df("feature_head_dfa", long.assign(dict_id=d.dict_id, n_examples=long["feature"].map(n_ex)))
-    con.execute("""
-        UPDATE feature_head_dfa SET share = CASE WHEN s.total > 0 THEN abs(contribution) / s.total ELSE 0 END
-        FROM (SELECT feature AS f, sum(abs(contribution)) AS total FROM feature_head_dfa WHERE dict_id = ?
-              GROUP BY feature) s
-        WHERE dict_id = ? AND feature = s.f""", [d.dict_id, d.dict_id])
+    if n_heads:
+        _write_head_dfa(writer, d.dict_id, top)
     con.execute("""
         INSERT INTO features (dict_id, feature, n_active, density, max_act, mean_act, top_head, top_head_share, stats)
         SELECT ?, r.feature, coalesce(a.n, 0), coalesce(a.n, 0) / ?::DOUBLE, a.mx, a.mean, h.head, h.share,
@@ -309,25 +348,78 @@ def _write_dictionary(writer: Any, d: DictEntry, stage_index: int, top: _TopN, c
     return int(n_rows)
 
 
-def step_features(ctx: Any) -> None:
-    """Precompute step: per-feature data for every attention-SAE dictionary this run wrote (see module docstring)."""
+def _write_head_dfa(writer: Any, dict_id: str, top: _TopN) -> None:
+    """feature_head_dfa rows of one attention SAE from its top activations' per-head contributions."""
+    dfa = pd.DataFrame(top.contrib, columns=list(range(top.contrib.shape[1])))
+    dfa["feature"] = top.feat
+    mean = dfa.groupby("feature").mean()
+    n_ex = dfa.groupby("feature").size()
+    long = mean.stack().rename("contribution").reset_index().rename(columns={"level_1": "head"})
+    writer.insert_df("feature_head_dfa", long.assign(dict_id=dict_id, n_examples=long["feature"].map(n_ex)))
+    writer.con.execute("""
+        UPDATE feature_head_dfa SET share = CASE WHEN s.total > 0 THEN abs(contribution) / s.total ELSE 0 END
+        FROM (SELECT feature AS f, sum(abs(contribution)) AS total FROM feature_head_dfa WHERE dict_id = ?
+              GROUP BY feature) s
+        WHERE dict_id = ? AND feature = s.f""", [dict_id, dict_id])
+
+
+def _run_dictionaries(ctx: Any, kind: str) -> list[DictEntry]:
+    """This run's dictionaries of ``kind``, loaded (layer order)."""
     from backend.dictionaries import load_dictionary
 
-    rows = ctx.con.execute(
-        "SELECT dict_id, layer FROM dictionaries WHERE run_id = ? AND kind = 'attn_sae' ORDER BY layer, dict_id",
-        [ctx.run_id]).fetchall()
-    if not rows:
-        say("No attention SAEs in this run: skipping the feature step.")
-        return
+    rows = ctx.con.execute("SELECT dict_id, layer FROM dictionaries WHERE run_id = ? AND kind = ? "
+                           "ORDER BY layer, dict_id", [ctx.run_id, kind]).fetchall()
+    return [DictEntry(dict_id, int(layer), load_dictionary(ctx.con, dict_id), kind) for dict_id, layer in rows]
+
+
+def _usable(precollected: Mapping[Act, torch.Tensor] | None, dicts: Sequence[DictEntry],
+            rows: int) -> dict[Act, torch.Tensor] | None:
+    """The first ``rows`` rows of every dictionary's input in ``precollected`` (context-major, so the leading
+    contexts), or None if some input is missing or shorter."""
+    if precollected is None or not all(d.act in precollected and precollected[d.act].shape[0] >= rows for d in dicts):
+        return None
+    return {d.act: precollected[d.act][:rows] for d in dicts}
+
+
+def _release(ctx: Any, dicts: Sequence[DictEntry]) -> None:
+    """Drop the dictionaries' inputs from ``ctx.precollected``: no later step reads them (hundreds of MB on the demo)."""
+    if getattr(ctx, "precollected", None):
+        used = {d.act for d in dicts}
+        ctx.precollected = {a: v for a, v in ctx.precollected.items() if a not in used} or None
+
+
+def _step(ctx: Any, kind: str, what: str, n_contexts: int | None, logits: bool = True) -> dict[str, Any] | None:
+    """Per-feature tables for this run's dictionaries of ``kind`` over the first ``n_contexts`` corpus contexts
+    (None: all), reusing and then freeing ``ctx.precollected``; None if the run has no such dictionary."""
+    dicts = _run_dictionaries(ctx, kind)
+    if not dicts:
+        say(f"No {what}s in this run: skipping their feature step.")
+        return None
     if ctx.contexts is None:
-        raise InputError("The features step needs the corpus step to run first.")
-    dicts = [DictEntry(dict_id, int(layer), load_dictionary(ctx.con, dict_id)) for dict_id, layer in rows]
-    # An earlier step may leave hook_z of ALL contexts on the context (collect_z layout) to spare a forward pass.
-    z = getattr(ctx, "z_by_layer", None)
-    n, n_ctx = ctx.contexts.tokens.shape
-    if z is not None and not all(d.layer in z and z[d.layer].shape[0] == n * (n_ctx - 1) for d in dicts):
-        z = None
-    info = build_features(ctx.writer, ctx.model, dicts, ctx.contexts.tokens, ctx.corpus_id, ctx.preset.batch_size,
-                          z_by_layer=z)
-    info["reused_activations"] = z is not None
-    ctx.summary["features"] = info
+        raise InputError(f"The {what} feature step needs the corpus step to run first.")
+    tokens = ctx.contexts.tokens[: n_contexts or None]
+    n, n_ctx = tokens.shape
+    pre = _usable(getattr(ctx, "precollected", None), dicts, n * (n_ctx - 1))
+    info = build_features(ctx.writer, ctx.model, dicts, tokens, ctx.corpus_id, ctx.preset.batch_size,
+                          precollected=pre, logits=logits, desc=f"{what[0].upper()}{what[1:]} feature activations")
+    info["reused_activations"] = pre is not None
+    _release(ctx, dicts)
+    return info
+
+
+def step_features(ctx: Any) -> None:
+    """Precompute step: per-feature data for every attention-SAE dictionary this run wrote, over every corpus context
+    (see module docstring)."""
+    info = _step(ctx, "attn_sae", "attention SAE", None)
+    if info is not None:
+        ctx.summary["features"] = info
+
+
+def step_transcoder_features(ctx: Any) -> None:
+    """Precompute step: per-feature data (examples, statistics, histograms, logit effects if the preset stores them)
+    for every transcoder this run wrote, over the first ``preset.transcoder_feature_contexts`` corpus contexts (30
+    layers x L0 ~30 nonzeros per token add up: the demo scores fewer tokens than for the attention SAEs)."""
+    info = _step(ctx, "transcoder", "transcoder", ctx.preset.transcoder_feature_contexts,
+                 logits=ctx.preset.transcoder_feature_logits)
+    if info is not None:
+        ctx.summary["transcoder_features"] = info

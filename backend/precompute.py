@@ -14,12 +14,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from backend.activations import Precollector
+from backend.attention_saes import precollect_wants as attention_saes_precollect
 from backend.attention_saes import step_attention_saes
 from backend.attribution.compare import step_attributions
 from backend.circuits.step import step_graphs
-from backend.features import step_features
+from backend.features import step_features, step_transcoder_features
 from backend.induction import step_induction
 from backend.polysemanticity import step_head_polysemanticity
+from backend.transcoders import precollect_wants as transcoders_precollect
 from backend.transcoders import step_transcoders
 from backend.errors import InputError
 from backend.progress import say, track
@@ -50,7 +53,7 @@ class Preset:
     # component kinds ("feature" adds the store's attention SAEs), IG's α steps, the induction task's copy length.
     # Activation patching runs one pass per (layer, position) / (layer, head): ~1,000 components for IOI on SmolLM2,
     # ~1,400 for induction with 20-token copies; IG runs `steps` forward+backward passes per (kind, layer). So the demo
-    # uses 2 IOI prompts, 1 greater-than prompt, 1 induction prompt of 10+10 tokens and 2 IG steps (costs measured on
+    # uses 2 IOI prompts, 1 induction prompt of 10+10 tokens and 2 IG steps, no greater-than (costs measured on
     # SmolLM2: README, Attribution section).
     attribution_tasks: tuple[tuple[str, int], ...] = (("ioi", 2), ("greater-than", 1), ("induction", 1))
     attribution_methods: tuple[str, ...] = ("patching", "atp", "relp", "ig")
@@ -83,6 +86,12 @@ class Preset:
     transcoder_eval_contexts: int = 32
     transcoder_ce_contexts: int | None = 4  # None: all held-out contexts
     transcoder_threads: int | None = None
+    # Transcoder feature dashboards (backend.features, step transcoder_features): the first N corpus contexts are
+    # scored (None: all). Every MLP layer x L0 ~30 nonzeros per token is ~10x the attention SAEs' rows per token, so the
+    # demo scores fewer tokens; N <= the transcoder training contexts lets the step reuse their MLP inputs (no forward
+    # pass). feature_logits costs one [d_sae, d_model] @ [d_model, d_vocab] product per layer.
+    transcoder_feature_contexts: int | None = 64
+    transcoder_feature_logits: bool = True
     # Attribution graphs stored for the Circuit Graph page (backend.circuits): (prompt, answer, wrong answer or
     # None); answer None = the model's top prediction. Candidate nodes kept per graph.
     graph_prompts: tuple[tuple[str, str | None, str | None], ...] = (
@@ -95,7 +104,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # demo transcoders (all 30 MLPs; measurements in backend/transcoders.py): 128 training contexts (16k tokens), no
     # Adam pass (prototype encoder + least-squares decoder), 8 held-out contexts (1016 tokens) for L0 / FVE / the
-    # all-replaced row, per-layer CE on 4 of them (508 tokens). Measured on SmolLM2, quiet 2-core machine: the step takes
+    # all-replaced row, per-layer CE on 2 of them (254 tokens; 4 measured below). Measured on SmolLM2, quiet 2-core machine: the step takes
     # 142 s (collect 29, fit 37 = 1.2 s/layer, evaluate 76), peak RSS 4.1 GB; L0 25-34, 0% dead, FVE 0.27-0.48 on most
     # middle layers, 0.55/0.63/0.93 at L0-2, 0.95/0.70 at L28-29; per-layer CE recovered median 0.69 (0.03 at L11 whose
     # FVE is 0.98: the small residual matters there), ΔCE 0.004-1.5 nats against denominators 0.06-6.8. All 30 MLPs
@@ -103,9 +112,15 @@ PRESETS: dict[str, Preset] = {
     # model whose error nodes carry a lot. Trade-off measured: 28k instead of 16k tokens +0.03 FVE for +40 s; an Adam
     # pass +0.01 at this size (+0.03 at 114k tokens) for +2.5x fit time. Per-layer CE recovered on 508 tokens is noisy:
     # two runs with different held-out (and training) contexts gave e.g. L5 0.83 vs 0.28: read ΔCE and FVE beside it.
+    # The demo's 10-minute budget (measured 574 s on an idle machine with 4 per-layer CE contexts and these steps,
+    # before the GGUF conversion a fresh machine adds) is why per-layer CE uses 2 contexts (~30 s less) and the demo
+    # attributions are IOI (2 prompts) and induction (1): greater-than (~35 s of patching + IG) is left to the page
+    # and the CLI. Transcoder features: 64 contexts, no stored logit effects
+    # (30 x [2304, 576] @ [576, 49152] products measured 51 s; the Feature Browser computes one feature's live).
     "demo": Preset("demo", n_contexts=256, n_ctx=128, task_examples=16, batch_size=16, layers="spread:3",
                    sae_epochs=3.0, sae_eval_contexts=32, transcoder_train_contexts=128, transcoder_eval_contexts=8,
-                   transcoder_ce_contexts=4),
+                   transcoder_ce_contexts=2, attribution_tasks=(("ioi", 2), ("induction", 1)),
+                   transcoder_feature_logits=False),
     # full: 2048 training contexts (260k tokens) x 2 passes per layer; measured on L8 with 130k tokens:
     # 1 pass FVE 0.83, 2 passes 0.85, CE-loss recovered 1.07-1.10 (see backend/attention_saes.py).
     "full": Preset("full", n_contexts=4096, n_ctx=128, task_examples=64, batch_size=16, layers="all",
@@ -164,6 +179,9 @@ class RunContext:
     transcoder_layers: list[int] = field(default_factory=list)  # from preset.transcoder_layers / --transcoder-layers
     transcoder_sources: list[str] = field(default_factory=list)  # --transcoders: import these instead of training
     summary: dict[str, Any] = field(default_factory=dict)
+    # Activations an earlier step collected that a later one may reuse instead of a forward pass:
+    # {(hook kind, layer): [n * (n_ctx - 1), d]} over the first n corpus contexts (backend.activations.collect layout).
+    precollected: dict[tuple[str, int], Any] | None = None
 
     @property
     def con(self) -> Any:
@@ -225,13 +243,21 @@ def step_corpus(ctx: RunContext) -> None:
     n, n_ctx = tokens.shape
     losses = np.full((n, n_ctx), np.nan, dtype=np.float32)
     batches = range(0, n, preset.batch_size)
+    # This pass runs the whole model over every context anyway: gather on the way what later steps would otherwise
+    # run it again for (each step's precollect_wants; they reuse ctx.precollected and free it).
+    wants: dict[tuple[str, int], int] = {}
+    for want in PRECOLLECT:
+        for act, count in want(ctx).items():
+            wants[act] = max(wants.get(act, 0), count)
+    gather = Precollector(wants, n_ctx)
     with torch.no_grad():
         for start in track(batches, total=len(batches), desc="Scoring corpus", unit="batch"):
             batch = tokens[start : start + preset.batch_size]
             # loss at position p is the loss of predicting token p+1; the last position has none (NaN).
-            losses[start : start + len(batch), :-1] = (
-                ctx.model(batch, return_type="loss", loss_per_token=True).float().numpy()
-            )
+            losses[start : start + len(batch), :-1] = ctx.model.run_with_hooks(
+                batch, return_type="loss", loss_per_token=True, fwd_hooks=gather.hooks(start, len(batch))
+            ).float().numpy()
+    ctx.precollected = gather.result() or None
     ctx_ids = np.repeat(np.arange(n), n_ctx)
     ctx.writer.insert_df(
         "tokens",
@@ -281,6 +307,13 @@ def step_tasks(ctx: RunContext) -> None:
 
 # Later capabilities append their steps here (in order). Each step must be safe to re-run on a store that
 # already holds its earlier output: it deletes what it replaces first.
+# What the corpus step's scoring pass should also gather for later steps: each returns {(hook kind, layer): number of
+# leading contexts} (empty when its step would not use them, or they would not fit in its memory budget).
+PRECOLLECT: list[Callable[[RunContext], dict[tuple[str, int], int]]] = [
+    attention_saes_precollect,
+    transcoders_precollect,
+]
+
 STEPS: list[tuple[str, Step]] = [
     ("model", step_model),
     ("corpus", step_corpus),
@@ -289,6 +322,7 @@ STEPS: list[tuple[str, Step]] = [
     ("attention_saes", step_attention_saes),
     ("features", step_features),
     ("transcoders", step_transcoders),
+    ("transcoder_features", step_transcoder_features),
     ("attributions", step_attributions),
     ("head_polysemanticity", step_head_polysemanticity),
     ("graphs", step_graphs),

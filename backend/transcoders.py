@@ -61,6 +61,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from backend.activations import capture_batch, collect
 from backend.errors import InputError, ModelUnavailableError
 from backend.hooks import hook_name, parse_hook_name
 from backend.progress import say, track
@@ -206,18 +207,8 @@ def ablate_hooks(layers: Iterable[int], first_pos: int = 1) -> list[tuple[str, A
 def mlp_io_batch(model: Any, batch: "torch.Tensor", layers: Sequence[int]) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
     """One no-grad forward pass of ``batch`` ([b, n_ctx], BOS at 0) up to the highest of ``layers``, returning
     ``{layer: (x, y)}`` = (``ln2.hook_normalized``, ``hook_mlp_out``) ``[b, n_ctx - 1, d]`` without BOS."""
-    import torch
-
-    layers = sorted(set(int(x) for x in layers))
-    got: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor, hook: Any) -> None:
-        got[hook.name] = act[:, 1:]
-
-    hooks = [(hook_name(kind, layer), keep) for layer in layers for kind in ("mlp_in", "mlp_out")]
-    with torch.no_grad():
-        model.run_with_hooks(batch, fwd_hooks=hooks, stop_at_layer=max(layers) + 1)
-    return {layer: (got[hook_name("mlp_in", layer)], got[hook_name("mlp_out", layer)]) for layer in layers}
+    got = capture_batch(model, batch, [(kind, int(l)) for l in layers for kind in ("mlp_in", "mlp_out")])
+    return {layer: (got[("mlp_in", layer)], got[("mlp_out", layer)]) for layer in sorted({int(l) for l in layers})}
 
 
 def collect_mlp_io(
@@ -229,24 +220,9 @@ def collect_mlp_io(
 ) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
     """Run ``tokens`` ([n, n_ctx], BOS at 0) through ``model`` once (in batches) and return, per layer, the MLP's
     normalised input and its output at every non-BOS token: ``{layer: (x [n·(n_ctx−1), d_model], y [same])}``,
-    float32, rows context-major like :func:`backend.activations.collect_z`."""
-    import torch
-
-    layers = sorted(set(int(x) for x in layers))
-    if not layers:
-        return {}
-    n, n_ctx = tokens.shape
-    d = model.cfg.d_model
-    rows_total = n * (n_ctx - 1)
-    out = {layer: (torch.empty(rows_total, d), torch.empty(rows_total, d)) for layer in layers}
-    starts = range(0, n, batch_size)
-    for start in track(starts, total=len(starts), desc=desc, unit="batch"):
-        batch = tokens[start : start + batch_size]
-        rows = slice(start * (n_ctx - 1), (start + len(batch)) * (n_ctx - 1))
-        for layer, (x, y) in mlp_io_batch(model, batch, layers).items():
-            out[layer][0][rows] = x.reshape(-1, d).float()
-            out[layer][1][rows] = y.reshape(-1, d).float()
-    return out
+    float32, rows context-major (:func:`backend.activations.collect`)."""
+    got = collect(model, tokens, [(kind, int(l)) for l in layers for kind in ("mlp_in", "mlp_out")], batch_size, desc)
+    return {layer: (got.pop(("mlp_in", layer)), got.pop(("mlp_out", layer))) for layer in sorted({int(l) for l in layers})}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -590,6 +566,22 @@ def _eval_split(ctx: Any) -> tuple[list[int], list[int]]:
     return list(train_idx)[: ctx.preset.transcoder_train_contexts or None], list(eval_idx)
 
 
+def precollect_wants(ctx: Any) -> dict[tuple[str, int], int]:
+    """What the corpus step should gather for this step during its scoring pass: the MLP input and output of every
+    transcoder layer for the training contexts (site -> number of leading contexts), when this step will train,
+    its training contexts come first and they fit in ACT_MEMORY_BYTES (saves the step's own collection pass)."""
+    preset = ctx.preset
+    layers = list(getattr(ctx, "transcoder_layers", None) or [])
+    if getattr(ctx, "transcoder_sources", None) or not preset.transcoder_train or not layers:
+        return {}
+    train_idx, eval_idx = _eval_split(ctx)
+    n_ctx = ctx.contexts.tokens.shape[1]
+    if (not eval_idx or not train_idx or train_idx != list(range(len(train_idx)))
+            or len(train_idx) * (n_ctx - 1) * ctx.model.cfg.d_model * 4 * 2 * len(layers) > ACT_MEMORY_BYTES):
+        return {}
+    return {(kind, int(layer)): len(train_idx) for layer in layers for kind in ("mlp_in", "mlp_out")}
+
+
 def step_transcoders(ctx: Any) -> None:
     """Train (or, with ``ctx.transcoder_sources``, import) one transcoder per layer of ``ctx.transcoder_layers``,
     evaluate each and all of them together on the held-out contexts, and store them (``dictionaries`` rows of
@@ -622,18 +614,31 @@ def step_transcoders(ctx: Any) -> None:
     timing = {"collect": 0.0, "fit": 0.0}
     transcoders: dict[int, Any] = {}
     infos: dict[int, dict[str, Any]] = {}
+    # The transcoder feature step scores the first transcoder_feature_contexts contexts: when those are training
+    # contexts, keep their MLP inputs (the first rows of each layer's x) so that step needs no forward pass.
+    n_keep = min(preset.transcoder_feature_contexts or len(tokens), len(tokens))
+    keep = list(train_idx[:n_keep]) == list(range(n_keep))
+    kept: dict[tuple[str, int], Any] = {}
+    n_train = len(train_idx) * (n_ctx - 1)
+    # MLP inputs / outputs the corpus step gathered (precollect_wants): their leading rows are the training contexts'.
+    pre = ctx.precollected or {}
+    reuse = all((k, l) in pre and pre[(k, l)].shape[0] >= n_train for l in layers for k in ("mlp_in", "mlp_out"))
     try:
-        n_train = len(train_idx) * (n_ctx - 1)
-        for group in _groups(layers, n_train * d_model * 4 * 2):
+        for group in [sorted(layers)] if reuse else _groups(layers, n_train * d_model * 4 * 2):
             t = time.perf_counter()
-            acts = collect_mlp_io(model, tokens[train_idx], group, batch_size=preset.batch_size,
-                                  desc=f"Collecting MLP in/out L{group[0]}-{group[-1]}")
+            if reuse:
+                acts = {l: (pre.pop(("mlp_in", l))[:n_train], pre.pop(("mlp_out", l))[:n_train]) for l in group}
+            else:
+                acts = collect_mlp_io(model, tokens[train_idx], group, batch_size=preset.batch_size,
+                                      desc=f"Collecting MLP in/out L{group[0]}-{group[-1]}")
+                say(f"Collected {n_train} tokens x {len(group)} MLP layer(s) in {time.perf_counter() - t:.0f} s")
             timing["collect"] += time.perf_counter() - t
-            say(f"Collected {n_train} tokens x {len(group)} MLP layer(s) in {time.perf_counter() - t:.0f} s")
             t = time.perf_counter()
             for layer in track(group, total=len(group), desc="Fitting transcoders", unit="layer"):
                 dict_id = transcoder_dict_id(spec.name, layer, arch, d_sae)
                 x, y = acts.pop(layer)  # free each layer's activations once fitted
+                if keep:
+                    kept[("mlp_in", layer)] = x[: n_keep * (n_ctx - 1)].clone()
                 transcoders[layer], infos[layer] = train_transcoder(
                     x, y, d_sae, architecture=arch, target_l0=preset.transcoder_l0, epochs=preset.transcoder_epochs,
                     lr=preset.transcoder_lr, batch_size=preset.transcoder_batch_size, ridge=preset.transcoder_ridge,
@@ -646,7 +651,9 @@ def step_transcoders(ctx: Any) -> None:
         timing["evaluate"] = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
-    summary.update(train_contexts=len(train_idx), training_tokens=len(train_idx) * (n_ctx - 1),
+    if keep:
+        ctx.precollected = {**(ctx.precollected or {}), **kept}
+    summary.update(reused_activations=reuse, train_contexts=len(train_idx), training_tokens=len(train_idx) * (n_ctx - 1),
                    seconds={k: round(v, 1) for k, v in {**timing, "total": time.perf_counter() - t_start}.items()})
     for layer, info in infos.items():
         summary["layers"][layer]["fit_seconds"] = info["seconds"]

@@ -492,6 +492,18 @@ def get_dictionary(store_path: str, store_key: tuple[int, int, int], dict_id: st
         return load_dictionary(con, dict_id)
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def store_dictionaries(store_path: str, store_key: tuple[int, int, int], model: str,
+                       attn_saes: bool) -> tuple[dict[int, Any], dict[int, Any]]:
+    """The store's transcoders and (if ``attn_saes``) attention SAEs for ``model`` by layer
+    (:func:`backend.circuits.storage.store_dictionaries`), loaded once per server and store version; shared and
+    read-only, like :func:`get_dictionary`."""
+    from backend.circuits.storage import store_dictionaries as load
+
+    with reading(store_path) as con:
+        return load(con, model, attn_saes=attn_saes)
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)  # an entry holds attention patterns: ~30 MB at 512 tokens
 def cached_prompt_features(model_name: str, ids: tuple[int, ...], store_path: str, store_key: tuple[int, int, int],
                            layer_dicts: tuple[tuple[int, str], ...], top_n: int) -> Any:

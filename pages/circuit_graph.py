@@ -30,21 +30,14 @@ _PICK_NEXT = "_cg_pick_next"
 PLOT_KEY = "cg_plot"
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _dictionaries(store_path: str, store_key: tuple[int, int, int], model: str, attn_saes: bool) -> tuple[dict, dict]:
-    """The store's transcoders and attention SAEs, loaded once per server and store version (read-only)."""
-    from backend.circuits.storage import store_dictionaries
-    from backend.store import reading
-
-    del store_key  # part of the cache key only
-    with reading(store_path) as con:
-        return store_dictionaries(con, model, attn_saes=attn_saes)
+def _dictionaries(ctx: ui.PageContext, attn_saes: bool) -> tuple[dict, dict]:
+    return ui.store_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn_saes)
 
 
 def _build(ctx: ui.PageContext, prompt: str, answer: str, wrong: str, max_nodes: int, attn_saes: bool) -> Any:
     from backend.circuits.build import BuildParams, build_graph
 
-    transcoders, saes = _dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn_saes)
+    transcoders, saes = _dictionaries(ctx, attn_saes)
     model = ui.get_model(ctx.model)
     return build_graph(model, prompt, transcoders, saes, answer=answer or None, wrong=wrong or None,
                        params=BuildParams(max_nodes=max_nodes), model_name=ctx.model)
@@ -188,7 +181,7 @@ def _node_panel(ctx: ui.PageContext, graph: Any, view: Any, node: str) -> None:
 def _invariant_panel(ctx: ui.PageContext, layer: int, feature: int) -> None:
     from backend.circuits.invariant import invariant_neighbours
 
-    transcoders, _ = _dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, False)
+    transcoders, _ = _dictionaries(ctx, False)
     st.markdown("**Input-invariant connections** (decoder·encoder only, the same for every prompt)")
     up, down = invariant_neighbours(transcoders, layer, feature, k=10)
     c1, c2 = st.columns(2)
@@ -206,7 +199,7 @@ def _faithfulness(ctx: ui.PageContext, graph: Any, view: Any) -> None:
                     help="zero: set to 0; mean: set to its mean over the store's corpus contexts")
     if c2.button("Check faithfulness of the shown circuit", key="cg_faith"):
         attn = bool(graph.metadata.get("dictionaries", {}).get("attn_sae_layers"))
-        transcoders, saes = _dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn)
+        transcoders, saes = _dictionaries(ctx, attn)
         model = ui.get_model(ctx.model)
         with st.spinner("Running the model with everything outside the circuit ablated…"):
             try:

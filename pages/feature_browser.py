@@ -1,8 +1,10 @@
-"""Feature Browser: the features of the store's attention-output SAEs (Kissane et al. 2024), one dashboard each.
+"""Feature Browser: the features of the store's attention-output SAEs (Kissane et al. 2024) and MLP transcoders
+(Dunefsky et al. 2024), one dashboard each.
 
-Find a feature by id, from a dictionary's list (by layer), by dominant head, or by the text of the tokens it fires on;
-its dashboard shows the top activating contexts (tokens shaded by activation), examples from several activation
-intervals, the activation histogram, the output tokens it promotes / suppresses and its DFA by head.
+Find a feature by id, from a dictionary's list (by layer), by dominant head (attention SAEs), or by the text of the
+tokens it fires on; its dashboard shows the top activating contexts (tokens shaded by activation), examples from
+several activation intervals, the activation histogram, the output tokens it promotes / suppresses, and its DFA by
+head (attention SAEs) or its input-invariant connections to other transcoder features (transcoders).
 Deep link: ``?store=...&dict=<dict_id>&feature=<int>``. A thin view over :mod:`backend.feature_queries`.
 BOS (position 0) is shown in example windows but never scored.
 """
@@ -15,6 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from backend import ui
+from backend.dictionary_kinds import KINDS
 
 DICT_PARAM = "dict"
 FEATURE_PARAM = "feature"
@@ -25,13 +28,15 @@ _MODE_KEY = "fb_mode"
 _KEEP = "_fb_choice"  # plain session key: (dict_id, feature) survives page switches
 _LINK_ERROR = "_fb_link_error"
 MODES = ["Feature id", "List by layer", "By dominant head", "By token text"]
+HEAD_MODE = MODES[2]  # attention SAEs only
 TOP_K = 10
 N_INTERVALS = 5  # activation intervals of the quantile examples
 PER_INTERVAL = 3
 
 
 def _label(row: pd.Series) -> str:
-    return f"L{int(row['layer'])} · {row['architecture']} · {int(row['d_sae']):,} features ({row['dict_id']})"
+    title = KINDS[row["kind"]].title
+    return f"L{int(row['layer'])} {title} · {row['architecture']} · {int(row['d_sae']):,} features ({row['dict_id']})"
 
 
 def _init_state(dicts: pd.DataFrame) -> None:
@@ -63,10 +68,12 @@ def _init_state(dicts: pd.DataFrame) -> None:
     ss[_FEATURE] = feature
 
 
-def _open(feature: int) -> None:
+def _open(feature: int, dict_id: str | None = None) -> None:
     """Button callback (runs before the widgets are drawn, so it may set their state)."""
     st.session_state[_FEATURE] = int(feature)
     st.session_state[_MODE_KEY] = MODES[0]
+    if dict_id is not None:
+        st.session_state[_DICT_KEY] = dict_id
 
 
 def _typed() -> None:
@@ -78,7 +85,7 @@ def _feature_list(df: pd.DataFrame, key: str, empty: str) -> None:
     if df.empty:
         st.info(empty)
         return
-    view = df.copy()
+    view = df.dropna(axis=1, how="all")  # transcoders have no dominant head
     st.dataframe(view, hide_index=True, height=260, column_config={
         "density": st.column_config.NumberColumn("density", format="%.2e",
                                                  help="fraction of non-BOS corpus tokens where the feature fires"),
@@ -93,12 +100,19 @@ def _feature_list(df: pd.DataFrame, key: str, empty: str) -> None:
 
 def _finder(ctx: ui.PageContext, dict_row: pd.Series) -> None:
     dict_id, d_sae = dict_row["dict_id"], int(dict_row["d_sae"])
-    mode = st.radio("Find a feature", MODES, horizontal=True, key=_MODE_KEY)
+    per_head = KINDS[dict_row["kind"]].per_head
+    modes = MODES if per_head else [m for m in MODES if m != HEAD_MODE]
+    if st.session_state.get(_MODE_KEY) not in modes:
+        st.session_state[_MODE_KEY] = MODES[0]
+    mode = st.radio("Find a feature", modes, horizontal=True, key=_MODE_KEY)
     if mode == "Feature id":
         st.session_state[_FEATURE_KEY] = st.session_state[_FEATURE]
         st.number_input(f"Feature id (0–{d_sae - 1})", step=1, key=_FEATURE_KEY, on_change=_typed)
     elif mode == "List by layer":
-        order = st.selectbox("Sort by", ["max_act", "density", "top_head_share", "mean_act"], key="fb_order")
+        orders = ["max_act", "density", "top_head_share", "mean_act"] if per_head else ["max_act", "density", "mean_act"]
+        if st.session_state.get("fb_order") not in orders:
+            st.session_state["fb_order"] = orders[0]
+        order = st.selectbox("Sort by", orders, key="fb_order")
         _feature_list(ctx.store.query("features_by_layer", dict_id, order, 200), "fb_pick_layer",
                       "This dictionary has no live features on the store's corpus.")
     elif mode == "By dominant head":
@@ -152,6 +166,46 @@ def _dfa(dfa: pd.DataFrame) -> None:
     st.plotly_chart(fig, config={"displayModeBar": False})
 
 
+def _invariant(ctx: ui.PageContext, layer: int, feature: int) -> None:
+    """A transcoder feature's top upstream / downstream transcoder features by the input-invariant term alone
+    (decoder·encoder, the same on every prompt; backend.circuits.invariant), each openable here."""
+    from backend.circuits.invariant import invariant_neighbours
+
+    st.markdown("**Input-invariant connections** (decoder · encoder, the same for every prompt)")
+    with st.spinner("Loading the store's transcoders…"):
+        transcoders, _ = ui.store_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, False)
+    if layer not in transcoders:
+        st.caption(f"The store's current transcoder for layer {layer} is another one: no connections to show.")
+        return
+    up, down = invariant_neighbours(transcoders, layer, feature, k=8)
+    ids = {l: getattr(tc.cfg.metadata, "dict_id", None) for l, tc in transcoders.items()}
+    options: dict[str, tuple[str, int]] = {}
+    for side, part in (("upstream", up), ("downstream", down)):
+        st.caption("Earlier features writing into its encoder" if side == "upstream"
+                   else "Later features it writes into")
+        st.dataframe(part, hide_index=True, width="stretch", height=160)
+        for r in part.itertuples():
+            if ids.get(int(r.layer)):
+                options[f"{side}: L{int(r.layer)} #{int(r.feature)} ({r.invariant:+.3f})"] = (ids[int(r.layer)], int(r.feature))
+    pick = st.selectbox("Open a connected feature", list(options), index=None, key="fb_inv_pick",
+                        placeholder="choose a connection")
+    if pick is not None:
+        st.button("Open", key="fb_inv_open", on_click=_open, args=(options[pick][1], options[pick][0]))
+
+
+def _live_logits(ctx: ui.PageContext, dict_id: str, layer: int, kind: str, feature: int) -> pd.DataFrame:
+    """The feature's logit effects computed now (the store has none for this dictionary): the same function the
+    precompute uses, on the shared model and the store's dictionary."""
+    from backend.features import top_logits
+    from backend.prompts import token_strings
+
+    model = ui.get_model(ctx.model)
+    sae = ui.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
+    df = top_logits(model, sae, layer, kind=kind, features=[feature])  # weights only: no hooks, no lock needed
+    df["token_str"] = token_strings(model.tokenizer, [int(t) for t in df["token_id"]])
+    return df
+
+
 def _logits(logits: pd.DataFrame) -> None:
     cols = st.columns(2)
     for col, kind, title in ((cols[0], "promoted", "Promoted tokens"), (cols[1], "suppressed", "Suppressed tokens")):
@@ -164,15 +218,19 @@ def _logits(logits: pd.DataFrame) -> None:
 def dashboard(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
     """The feature's dashboard (the caller has checked that it exists)."""
     s = ctx.store.query("feature_summary", dict_id, feature)
-    st.subheader(f"Feature {feature} · layer {int(s['layer'])} attention output")
+    per_head = KINDS[s["kind"]].per_head
+    st.subheader(f"Feature {feature} · layer {int(s['layer'])} {KINDS[s['kind']].title}")
     m = st.columns(4)
     m[0].metric("Density", f"{s['density']:.2e}" if s["density"] else "0 (dead)",
-                help="fraction of non-BOS corpus tokens where it fires")
+                help=f"fraction of the {int(s['scored_tokens']):,} non-BOS corpus tokens scored where it fires")
     m[1].metric("Max activation", f"{s['max_act']:.3f}" if pd.notna(s["max_act"]) else "—")
     m[2].metric("Mean activation", f"{s['mean_act']:.3f}" if pd.notna(s["mean_act"]) else "—",
                 help="over the tokens where it fires")
-    m[3].metric("Top head (DFA share)",
-                f"H{int(s['top_head'])} · {s['top_head_share']:.0%}" if pd.notna(s["top_head"]) else "—")
+    if per_head:
+        m[3].metric("Top head (DFA share)",
+                    f"H{int(s['top_head'])} · {s['top_head_share']:.0%}" if pd.notna(s["top_head"]) else "—")
+    else:
+        m[3].metric("Reads / writes", f"MLP {int(s['layer'])}", help="normalised MLP input → MLP output")
     if not s["n_active"]:
         st.info("This feature never fires on the store's corpus (a dead feature): there are no examples to show.")
     else:
@@ -181,7 +239,10 @@ def dashboard(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
         with left:
             _histogram(ctx.store.query("feature_histogram", dict_id, feature))
         with right:
-            _dfa(ctx.store.query("feature_head_dfa", dict_id, feature))
+            if per_head:
+                _dfa(ctx.store.query("feature_head_dfa", dict_id, feature))
+            else:
+                _invariant(ctx, int(s["layer"]), feature)
         st.markdown(f"#### Top {TOP_K} activations")
         _examples(ctx.store.query("feature_top_examples", dict_id, feature, TOP_K), vmax)
         with st.expander("Examples from each activation interval"):
@@ -191,8 +252,12 @@ def dashboard(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
                 st.markdown(f"**Interval {int(interval) + 1} of {N_INTERVALS}** (activation {lo:.3f} – {hi:.3f})")
                 _examples(part, vmax)
     st.markdown("#### Direct logit effects")
-    st.caption("The feature's decoder direction through each head's W_O, the final norm as a constant scale, and W_U.")
-    _logits(ctx.store.query("feature_logits", dict_id, feature))
+    logits = ctx.store.query("feature_logits", dict_id, feature)
+    if logits.empty:  # presets may skip storing them (30 transcoder layers cost ~50 s): one feature's is instant
+        logits = _live_logits(ctx, dict_id, int(s["layer"]), s["kind"], feature)
+    st.caption(("The feature's decoder direction through each head's W_O" if per_head else "The feature's decoder "
+                "direction (what it adds to the MLP output)") + ", the final norm as a constant scale, and W_U.")
+    _logits(logits)
 
 
 def body(ctx: ui.PageContext) -> None:
@@ -202,8 +267,8 @@ def body(ctx: ui.PageContext) -> None:
     if ctx.model is not None and (dicts["model"] == ctx.model).any():
         dicts = dicts[dicts["model"] == ctx.model]
     if dicts.empty:
-        st.info(f"This store has no attention-SAE features yet: run `{ui.build_hint(ctx)}` to train the attention "
-                "SAEs and precompute their features (`make demo` rebuilds the demo store).")
+        st.info(f"This store has no dictionary features yet: run `{ui.build_hint(ctx)}` to train the attention "
+                "SAEs and transcoders and precompute their features (`make demo` rebuilds the demo store).")
         return
     dicts = dicts.reset_index(drop=True)
     _init_state(dicts)
@@ -229,4 +294,5 @@ def body(ctx: ui.PageContext) -> None:
 
 
 ui.run_page("Feature Browser", body,
-            caption="Attention-output SAE features: top activations, activation histogram, logit effects, DFA by head.")
+            caption="Attention-output SAE and MLP transcoder features: top activations, activation histogram, logit "
+                    "effects, DFA by head or input-invariant connections.")

@@ -39,7 +39,7 @@ def test_page_shows_the_precomputed_comparisons(app_stores_dir: Path) -> None:
     _clean(at)
     picker = at.selectbox(key="af_comparison")
     labels = " ".join(picker.options)  # formatted labels; each ends with "(comparison id)"
-    assert len(picker.options) == 3 and all(f"(tiny-llama/{t})" in labels for t in ("ioi", "greater-than", "induction"))
+    assert len(picker.options) == 2 and all(f"(tiny-llama/{t})" in labels for t in ("ioi", "induction"))
     cid = picker.value
     assert at.query_params["comparison"] == cid
     table = _method_table(at).set_index("method")

@@ -121,4 +121,4 @@ def test_store_without_features_says_how_to_get_them(app_stores_dir: Path) -> No
     at = AppTest.from_file(PAGE, default_timeout=120).run()
     _clean(at)
     info = " ".join(str(i.value) for i in at.info)
-    assert "has no attention-SAE features" in info and "python -m backend precompute" in info
+    assert "has no dictionary features" in info and "python -m backend precompute" in info

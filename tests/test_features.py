@@ -333,7 +333,8 @@ def test_precollected_activations_give_the_same_tables(tmp_path: Path, tiny_stor
         w.con.execute("INSERT INTO dictionaries (dict_id, model, kind, layer, d_in, d_sae) "
                       "VALUES (?, 'tiny-llama', 'attn_sae', ?, 64, ?)", [DICT_ID, LAYER, D_SAE])
         features.build_features(w, tiny_model, [features.DictEntry(DICT_ID, LAYER, feature_sae)], tokens,
-                                feature_store["corpus_id"], batch_size=3, z_by_layer=z)
+                                feature_store["corpus_id"], batch_size=3,
+                                precollected={("z", LAYER): z[LAYER]})
     sql = {"feature_activations": "SELECT feature, context_id, pos, act FROM feature_activations",
            "features": "SELECT feature, n_active, max_act, top_head FROM features",
            "feature_head_dfa": "SELECT feature, head, contribution FROM feature_head_dfa"}

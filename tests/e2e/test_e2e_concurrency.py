@@ -27,7 +27,7 @@ def _saes(store: Path) -> dict[int, Any]:
     from backend.dictionaries import load_dictionary
 
     with reading(store) as con:
-        dicts = feature_queries.feature_dictionaries(con)
+        dicts = feature_queries.feature_dictionaries(con, kind="attn_sae")
         assert dicts["layer"].is_unique  # one SAE per layer: the page's overview shows exactly these
         return {int(row.layer): load_dictionary(con, row.dict_id) for row in dicts.itertuples()}
 

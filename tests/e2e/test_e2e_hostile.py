@@ -120,7 +120,7 @@ def test_a_bad_store_gets_a_message_saying_what_to_do(tab: Tab, name: str, what:
 
 def _live_feature(tiny_store: Path) -> tuple[str, int]:
     with reading(tiny_store) as con:
-        dicts = feature_queries.feature_dictionaries(con)
+        dicts = feature_queries.feature_dictionaries(con, kind="attn_sae")
         dict_id = str(dicts[dicts["n_features"] > 0]["dict_id"].iloc[0])
         return dict_id, int(dicts[dicts["dict_id"] == dict_id]["d_sae"].iloc[0])
 

@@ -117,7 +117,7 @@ def test_prompt_explorer_journey(tab: Tab, tiny_model: Any) -> None:
 def test_feature_dashboard_by_deep_link(tab: Tab, tiny_store: Path) -> None:
     """A shared link opens the feature's dashboard: its numbers are the store's."""
     with reading(tiny_store) as con:
-        dicts = feature_queries.feature_dictionaries(con)
+        dicts = feature_queries.feature_dictionaries(con, kind="attn_sae")
         dict_id = str(dicts[dicts["n_features"] > 0]["dict_id"].iloc[-1])
         feature = int(feature_queries.features_by_layer(con, dict_id, "max_act", 1)["feature"].iloc[0])
         summary = feature_queries.feature_summary(con, dict_id, feature)

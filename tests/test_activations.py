@@ -1,0 +1,93 @@
+"""Activation collection (backend.activations) and its reuse across precompute steps: what the corpus step gathers
+during its scoring pass must be exactly what the dictionary steps would have collected themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from backend.activations import Precollector, collect
+from backend.store import reading
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SITES = [("z", 0), ("mlp_in", 1), ("mlp_out", 0)]
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_model: Any) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(1, tiny_model.cfg.d_vocab, (5, 12), generator=gen)
+    t[:, 0] = 0  # a BOS-like first token (dropped by collection)
+    return t
+
+
+def test_collect_matches_the_transformer_lens_cache(tiny_model: Any, tokens: torch.Tensor) -> None:
+    got = collect(tiny_model, tokens, SITES, batch_size=2)
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens)
+    for kind, name in (("z", "blocks.0.attn.hook_z"), ("mlp_in", "blocks.1.ln2.hook_normalized"),
+                       ("mlp_out", "blocks.0.hook_mlp_out")):
+        layer = int(name.split(".")[1])
+        want = cache[name][:, 1:].reshape(tokens.shape[0] * (tokens.shape[1] - 1), -1)  # heads flattened head-major
+        torch.testing.assert_close(got[(kind, layer)], want, rtol=1e-5, atol=1e-6)
+
+
+def test_precollector_in_a_loss_pass_keeps_only_wanted_leading_contexts(tiny_model: Any, tokens: torch.Tensor) -> None:
+    """Hooks that copy must not change the loss, and each site gets exactly its leading contexts' rows."""
+    wants = {("z", 0): 5, ("mlp_in", 1): 3, ("mlp_out", 0): 1}
+    gather = Precollector(wants, tokens.shape[1])
+    losses = []
+    with torch.no_grad():
+        for start in range(0, 5, 2):
+            batch = tokens[start : start + 2]
+            losses.append(tiny_model.run_with_hooks(batch, return_type="loss", loss_per_token=True,
+                                                    fwd_hooks=gather.hooks(start, len(batch))))
+        plain = tiny_model(tokens, return_type="loss", loss_per_token=True)
+    torch.testing.assert_close(torch.cat(losses), plain, rtol=1e-5, atol=1e-6)
+    full = collect(tiny_model, tokens, SITES, batch_size=5)
+    rows = tokens.shape[1] - 1
+    for site, n in wants.items():
+        assert gather.result()[site].shape[0] == n * rows
+        torch.testing.assert_close(gather.result()[site], full[site][: n * rows], rtol=1e-5, atol=1e-6)
+
+
+def _run(path: Path, model: Any, monkeypatch: pytest.MonkeyPatch, precollect: bool) -> dict[str, Any]:
+    from backend import precompute as pc
+
+    if not precollect:
+        monkeypatch.setattr(pc, "PRECOLLECT", [])
+    try:
+        pc.precompute("tiny-llama", path, preset="demo", n_contexts=8, model=model)
+    finally:
+        monkeypatch.undo()
+    with reading(path) as con:
+        return json.loads(con.execute("SELECT summary FROM runs").fetchall()[0][0])
+
+
+def test_reusing_the_scoring_pass_changes_no_result(tmp_path: Path, tiny_model: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo preset with and without the corpus step's gathering: same dictionaries, same feature rows."""
+    fast = _run(tmp_path / "reuse.duckdb", tiny_model, monkeypatch, precollect=True)
+    slow = _run(tmp_path / "plain.duckdb", tiny_model, monkeypatch, precollect=False)
+    assert fast["attention_saes"]["reused_activations"] and fast["transcoders"]["reused_activations"]
+    assert fast["features"]["reused_activations"] and fast["features"]["forward_s"] == 0.0
+    assert not slow["attention_saes"]["reused_activations"] and not slow["transcoders"]["reused_activations"]
+    assert not slow["features"]["reused_activations"]
+    queries = {
+        "dictionaries": "SELECT dict_id, l0, fve, ce_loss_recovered, dead_fraction FROM dictionaries",
+        "feature_activations": "SELECT dict_id, feature, context_id, pos, act FROM feature_activations",
+        "features": "SELECT dict_id, feature, n_active, max_act, top_head FROM features",
+    }
+    with reading(tmp_path / "reuse.duckdb") as a, reading(tmp_path / "plain.duckdb") as b:
+        for table, q in queries.items():
+            got, want = a.execute(f"{q} ORDER BY ALL").df(), b.execute(f"{q} ORDER BY ALL").df()
+            assert len(got) == len(want) > 0, table
+            assert got["dict_id"].tolist() == want["dict_id"].tolist(), table
+            num = got.drop(columns="dict_id").to_numpy(float)
+            np.testing.assert_allclose(num, want.drop(columns="dict_id").to_numpy(float), rtol=1e-4, atol=1e-5,
+                                       err_msg=table)
