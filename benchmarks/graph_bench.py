@@ -21,7 +21,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO_STORE = Path(__file__).resolve().parent.parent / "data" / "stores" / "demo.duckdb"
 # 20 tokens with BOS on SmolLM2's tokenizer (checked by the run: the result records the count).
-PROMPT = "When Mary and John went to the store after work, John gave a cold drink to"
+PROMPT = "When Mary and John went to the store after work on Friday, John gave a cold drink to"
 
 
 def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: int = 3) -> dict[str, Any]:

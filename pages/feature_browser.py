@@ -183,6 +183,9 @@ def _invariant(ctx: ui.PageContext, layer: int, feature: int) -> None:
     for side, part in (("upstream", up), ("downstream", down)):
         st.caption("Earlier features writing into its encoder" if side == "upstream"
                    else "Later features it writes into")
+        if part.empty:
+            st.caption("None: no transcoder layer " + ("before" if side == "upstream" else "after") + " this one.")
+            continue
         st.dataframe(part, hide_index=True, width="stretch", height=160)
         for r in part.itertuples():
             if ids.get(int(r.layer)):

@@ -193,7 +193,8 @@ def test_feature_browser_shows_a_transcoder_dashboard_with_invariant_connections
     want = _independent_logit_effect(tiny_model, tc, f).topk(len(promoted)).values.numpy()
     np.testing.assert_allclose(promoted["logit effect"], want.round(4), atol=1e-4)
     invariant = [t for t in tables if "invariant" in t.columns]
-    assert len(invariant) == 2 and len(invariant[0]) > 0  # upstream (the earlier layer) and downstream (none later)
+    assert len(invariant) == 1 and len(invariant[0]) > 0  # upstream: the earlier layer; downstream: none (last layer)
+    assert any("no transcoder layer after this one" in str(c.value) for c in at.caption)
     # open the strongest upstream connection: the dashboard and the link follow it
     pick = at.selectbox(key="fb_inv_pick")
     first = pick.options[0]

@@ -129,15 +129,36 @@ def check(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict
         raise ValueError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
     if mode == "mean" and means is None:
         raise ValueError("mean ablation needs reference means (reference_means)")
-    full = _metric(model, graph, transcoders, attn_saes or {}, mode, means, "all")
-    circuit = _metric(model, graph, transcoders, attn_saes or {}, mode, means, "circuit")
-    empty = _metric(model, graph, transcoders, attn_saes or {}, mode, means, "none")
+    clean = _clean_state(model, graph, transcoders, attn_saes or {})  # shared by the three runs
+    full, circuit, empty = (_metric(model, graph, transcoders, attn_saes or {}, mode, means, which, clean)
+                            for which in ("all", "circuit", "none"))
     return Faithfulness(mode=mode, metric_full=full, metric_circuit=circuit, metric_empty=empty,
                         n_nodes=len(graph.nodes))
 
 
+def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any]) -> dict[str, Any]:
+    """The clean run's MLP outputs and z, and each dictionary's error on it (the error nodes' values)."""
+    import torch
+
+    from backend.dictionaries import encode_z
+
+    tokens = torch.tensor(graph.metadata["token_ids"])
+    n_layers, P = model.cfg.n_layers, len(tokens)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None], names_filter=[hook_name(k, l) for l in range(n_layers)
+                                                                    for k in ("mlp_in", "mlp_out", "z")])
+        mlp_out = {l: cache[hook_name("mlp_out", l)][0] for l in range(n_layers)}
+        mlp_err = {l: mlp_out[l] - tc.decode(tc.encode(cache[hook_name("mlp_in", l)][0]))
+                   for l, tc in transcoders.items()}
+        z_err = {}
+        for l, sae in attn_saes.items():
+            zc = cache[hook_name("z", l)][0].reshape(P, -1)
+            z_err[l] = zc - sae.decode(encode_z(sae, zc))
+    return {"mlp_out": mlp_out, "mlp_error": mlp_err, "z_error": z_err}
+
+
 def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any], mode: str,
-            means: Means | None, which: str) -> float:
+            means: Means | None, which: str, clean: dict[str, Any]) -> float:
     import torch
 
     from backend.dictionaries import encode_z
@@ -159,9 +180,6 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
     for group in ("tc", "sae"):
         for l in keep[group]:
             keep[group][l][0] = True
-    with torch.no_grad():
-        _, clean = model.run_with_cache(tokens[None], names_filter=[hook_name(k, l) for l in range(cfg.n_layers)
-                                                                    for k in ("mlp_in", "mlp_out", "z")])
     live: dict[str, torch.Tensor] = {}
 
     def save_in(act: torch.Tensor, hook: Any) -> None:
@@ -169,7 +187,7 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
 
     def mlp_hook(layer: int) -> Any:
         def hook(out: torch.Tensor, hook: Any) -> torch.Tensor:
-            y_clean = clean[hook_name("mlp_out", layer)][0]
+            y_clean = clean["mlp_out"][layer]
             tc = transcoders.get(layer)
             if tc is None:
                 err = y_clean
@@ -179,8 +197,7 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
             f = tc.encode(x)
             fill = torch.zeros_like(f) if mode == "zero" else means.tc_acts[layer].expand_as(f)  # type: ignore[union-attr]
             f = torch.where(keep["tc"][layer], f, fill)
-            x_clean = clean[hook_name("mlp_in", layer)][0]
-            err = y_clean - tc.decode(tc.encode(x_clean))
+            err = clean["mlp_error"][layer]
             err_fill = torch.zeros_like(err) if mode == "zero" else means.mlp_error[layer].expand_as(err)  # type: ignore[union-attr]
             err = torch.where(keep["mlp_error"][layer][:, None], err, err_fill)
             y = tc.decode(f) + err
@@ -197,8 +214,7 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
                 f = encode_z(sae, flat)
                 fill = torch.zeros_like(f) if mode == "zero" else means.sae_acts[layer].expand_as(f)  # type: ignore[union-attr]
                 f = torch.where(keep["sae"][layer], f, fill)
-                zc = clean[hook_name("z", layer)][0].reshape(P, -1)
-                err = zc - sae.decode(encode_z(sae, zc))
+                err = clean["z_error"][layer]
                 e_fill = torch.zeros_like(err) if mode == "zero" else means.z_error[layer].reshape(-1).expand_as(err)  # type: ignore[union-attr]
                 err = torch.where(keep["attn_error"][layer][:, None], err, e_fill)
                 new = (sae.decode(f) + err).reshape(z0.shape)

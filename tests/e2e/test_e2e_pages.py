@@ -114,25 +114,32 @@ def test_prompt_explorer_journey(tab: Tab, tiny_model: Any) -> None:
     assert tab.problems() == []
 
 
-def test_feature_dashboard_by_deep_link(tab: Tab, tiny_store: Path) -> None:
-    """A shared link opens the feature's dashboard: its numbers are the store's."""
+@pytest.mark.parametrize("kind", ["attn_sae", "transcoder"])
+def test_feature_dashboard_by_deep_link(tab: Tab, tiny_store: Path, kind: str) -> None:
+    """A shared link opens the feature's dashboard (an attention-SAE or a transcoder feature): its numbers are the
+    store's, and its second panel is DFA by head / the input-invariant connections."""
     with reading(tiny_store) as con:
-        dicts = feature_queries.feature_dictionaries(con, kind="attn_sae")
+        dicts = feature_queries.feature_dictionaries(con, kind=kind)
         dict_id = str(dicts[dicts["n_features"] > 0]["dict_id"].iloc[-1])
         feature = int(feature_queries.features_by_layer(con, dict_id, "max_act", 1)["feature"].iloc[0])
         summary = feature_queries.feature_summary(con, dict_id, feature)
     assert summary is not None
     tab.open("feature_browser", store="test.duckdb", dict=dict_id, feature=str(feature))
-    heading = f"Feature {feature} · layer {int(summary['layer'])} attention output"
+    title = "attention output" if kind == "attn_sae" else "MLP transcoder"
+    heading = f"Feature {feature} · layer {int(summary['layer'])} {title}"
     tab.page.get_by_role("heading", name=heading).wait_for(state="visible")
     tab.page.get_by_role("heading", name="Top 10 activations").wait_for(state="visible")
     tab.wait_idle()
     assert tab.metric("Max activation") == f"{summary['max_act']:.3f}"
     assert tab.page.locator('[data-testid="stMain"] [data-testid="stHtml"]').count() >= 1  # highlighted examples
-    tab.page.locator('[data-testid="stMain"] .js-plotly-plot').nth(1).wait_for(state="visible")  # histogram, DFA
+    if kind == "attn_sae":
+        tab.page.locator('[data-testid="stMain"] .js-plotly-plot').nth(1).wait_for(state="visible")  # histogram, DFA
+    else:
+        tab.page.get_by_text("Input-invariant connections").first.wait_for(state="visible")
+        tab.page.get_by_text("Promoted tokens").first.wait_for(state="visible")  # logit effects, computed live
     assert (query_param(tab.page.url, "dict"), query_param(tab.page.url, "feature")) == (dict_id, str(feature))
     assert tab.problems() == []
-    tab.screenshot("journey-feature-deep-link")
+    tab.screenshot(f"journey-feature-deep-link-{kind}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
