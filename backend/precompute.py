@@ -113,7 +113,8 @@ PRESETS: dict[str, Preset] = {
     # pass +0.01 at this size (+0.03 at 114k tokens) for +2.5x fit time. Per-layer CE recovered on 508 tokens is noisy:
     # two runs with different held-out (and training) contexts gave e.g. L5 0.83 vs 0.28: read ΔCE and FVE beside it.
     # The demo's 10-minute budget (measured 574 s on an idle machine with 4 per-layer CE contexts and these steps,
-    # before the GGUF conversion a fresh machine adds) is why per-layer CE uses 2 contexts (~30 s less) and the demo
+    # before the GGUF conversion a fresh machine adds; 476 s with 2 in a later run, `time make demo` 8.1 min; runs here
+    # vary by ±15%) is why per-layer CE uses 2 contexts (~30 s less) and the demo
     # attributions are IOI (2 prompts) and induction (1): greater-than (~35 s of patching + IG) is left to the page
     # and the CLI. Transcoder features: 64 contexts, no stored logit effects
     # (30 x [2304, 576] @ [576, 49152] products measured 51 s; the Feature Browser computes one feature's live).
@@ -131,7 +132,9 @@ PRESETS: dict[str, Preset] = {
                    # transcoders: 260k tokens + 1 Adam pass (at 114k tokens L8 FVE 0.53 -> 0.56 with the pass, ~40 s per
                    # layer), 64 held-out contexts, per-layer CE on 16 of them (~4.5 min for 30 layers). Not run end to end.
                    transcoder_train_contexts=2048, transcoder_epochs=1.0, transcoder_eval_contexts=64,
-                   transcoder_ce_contexts=16),
+                   transcoder_ce_contexts=16,
+                   # transcoder dashboards on 256 contexts (~29M nonzeros over 30 layers), logit effects stored (~50 s)
+                   transcoder_feature_contexts=256),
 }
 
 

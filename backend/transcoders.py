@@ -18,7 +18,8 @@ Conventions every engineer codes against:
 
 **Training is hand-written**: sae-lens 6.54.12 has inference classes for transcoders but no training class
 (METHODS.md §2, STACK.md), so :func:`train_transcoder` is written here, over activations collected in memory
-(:func:`collect_mlp_io`: one no-grad forward pass per batch captures both hooks of every layer of a group).
+(:func:`collect_mlp_io`: one no-grad forward pass per batch captures both hooks of every layer of a group — or
+none: when they fit, the corpus step's scoring pass gathers them, see :func:`precollect_wants`).
 
 Recipe (the why is in the measurements below): (1) inputs and targets are scaled to unit mean square (folded
 back after), so one setting fits every layer whatever its output norm; (2) **prototype encoder**: feature i's
