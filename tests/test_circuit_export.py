@@ -21,7 +21,7 @@ from circuit_fixtures import HOSTILE_HTML, QUOTES_TOKEN, TOKENS, make_graph
 from backend.circuits import export as ex
 from backend.circuits.figure import KIND_STYLE, escape_text, figure
 from backend.circuits.graph import NODE_KINDS
-from backend.circuits.layout import layout, row_labels, row_of
+from backend.circuits.layout import columns, layout, row_labels, row_of
 from backend.errors import CircuitscopeError, InputError
 
 HAS_CHROMIUM = os.access(ex.CHROMIUM, os.X_OK)
@@ -63,11 +63,33 @@ def test_fixture_is_realistic(graph):
 
 def test_layout_rows_and_columns(graph):
     pos = layout(graph)
+    cols = columns(graph)
     assert set(pos) == set(graph.nodes["node_id"])
     for row in graph.nodes.to_dict("records"):
         x, y = pos[row["node_id"]]
-        assert abs(x - row["pos"]) <= 0.41  # inside its token column
+        centre, width = cols[int(row["pos"])]
+        assert abs(x - centre) <= 0.41 * width  # inside its token column
         assert y == row_of(row["kind"], row["layer"], 3)
+    # columns tile the axis left to right without overlapping, each at least one unit wide
+    lefts = [c - w / 2 for c, w in cols]
+    assert lefts[0] == -0.5 and all(w >= 1.0 for _, w in cols)
+    assert all(abs(lefts[i + 1] - (lefts[i] + cols[i][1])) < 1e-12 for i in range(len(cols) - 1))
+
+
+def test_a_crowded_column_widens_so_its_nodes_keep_their_spacing():
+    import pandas as pd
+
+    from backend.circuits.layout import MAX_SPACING
+
+    g = make_graph()
+    extra = [dict(node_id=f"T1_5_{900 + i}", kind="transcoder", layer=1, pos=5, feature=900 + i, activation=0.1,
+                  influence=0.001 * i, label=f"T1#{900 + i}", dict_id="tc/L1", is_target=False) for i in range(12)]
+    g.nodes = pd.concat([g.nodes, pd.DataFrame(extra)], ignore_index=True)
+    pos, cols = layout(g), columns(g)
+    cell = sorted(x for nid, (x, y) in pos.items() if nid.startswith("T1_5_") or nid == "M1_5")
+    gaps = [b - a for a, b in zip(cell, cell[1:])]
+    assert min(gaps) == pytest.approx(MAX_SPACING)  # not squeezed: the column grew instead
+    assert cols[5][1] > 1.0 and all(w == 1.0 for x, (_, w) in enumerate(cols) if x != 5)
     y = {nid: xy[1] for nid, xy in pos.items()}
     assert y["E_0"] < y["H0.1_5"] < y["T0_5_17"] < y["H1.3_5"] < y["T1_5_1034"] < y["A2_5_42"] < y["T2_5_77"]
     assert y["L_651"] == max(y.values())

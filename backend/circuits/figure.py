@@ -18,7 +18,7 @@ import unicodedata
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from .graph import NODE_KINDS, finite
-from .layout import has_influence, layout, n_layers, row_labels
+from .layout import columns, has_influence, layout, n_layers, row_labels
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -120,8 +120,10 @@ def figure(graph: "Graph", positions: Mapping[str, tuple[float, float]] | None =
 
     n = n_layers(graph)
     rows = row_labels(n)
-    n_pos = max([len(tokens)] + [int(p) + 1 for p in graph.nodes["pos"] if finite(p)])
+    cols = columns(graph, len(tokens))
+    n_pos = len(cols)
     ticktext = [f"{escape_text(tokens[i]) if i < len(tokens) else ''}<br>{i}" for i in range(n_pos)]
+    span = sum(w for _, w in cols)
     fig.update_layout(
         title=dict(text=escape_text(title)) if title else None,
         template="plotly_white",
@@ -129,10 +131,10 @@ def figure(graph: "Graph", positions: Mapping[str, tuple[float, float]] | None =
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0),
         hovermode="closest",
         clickmode="event+select",
-        width=max(640, 160 + 110 * n_pos),
+        width=max(640, 160 + 110 * span),
         height=max(360, 140 + 48 * len(rows)),
         margin=dict(l=70, r=20, t=80 if title else 50, b=70),
-        xaxis=dict(tickmode="array", tickvals=list(range(n_pos)), ticktext=ticktext, range=[-0.6, n_pos - 0.4],
+        xaxis=dict(tickmode="array", tickvals=[c for c, _ in cols], ticktext=ticktext, range=[-0.6, span - 0.4],
                    showgrid=True, zeroline=False, title=None),
         yaxis=dict(tickmode="array", tickvals=list(range(len(rows))), ticktext=rows, range=[-0.6, len(rows) - 0.4],
                    showgrid=True, zeroline=False, title=None),

@@ -3,7 +3,10 @@
 Rows from bottom to top: the embeddings, then for each layer its attention nodes (``head`` / ``attn_feature`` /
 ``attn_error``) and above them its MLP nodes (``transcoder`` / ``mlp_error``), and the logit target on top — the
 order in which the residual stream is written. Nodes that share a (row, position) cell are spread horizontally
-inside the cell, the most important (largest |influence|, else |activation|) first.
+inside the cell (spacing up to :data:`MAX_SPACING` per unit of column width), the most important (largest
+|influence|, else |activation|) first. A token's column is as wide
+as its most crowded cell needs (at least one unit, at most :data:`MAX_COLUMN`): graphs put most nodes at the last
+positions, which equal-width columns squeezed into a sliver while the early columns stayed empty.
 
 This is hand-written rather than built on networkx: ``nx.multipartite_layout`` places nodes by one ``subset`` key
 only (one column per subset) and has no notion of a second, token-position axis, so a layer x position grid is
@@ -23,6 +26,7 @@ ATTN_KINDS: frozenset[str] = frozenset({"head", "attn_feature", "attn_error"})
 MLP_KINDS: frozenset[str] = frozenset({"transcoder", "mlp_error"})
 CELL_WIDTH = 0.8  # fraction of one token column that the nodes of a cell may spread over
 MAX_SPACING = 0.2  # a few nodes in a cell stay close together around the column centre
+MAX_COLUMN = 8.0  # widest token column, in units of a one-token column
 
 
 def n_layers(graph: "Graph") -> int:
@@ -70,9 +74,8 @@ def has_influence(graph: "Graph") -> bool:
     return any(finite(v) for v in graph.nodes["influence"])
 
 
-def layout(graph: "Graph") -> dict[str, tuple[float, float]]:
-    """Positions ``{node_id: (x, y)}``: x is the token position (plus an offset inside the cell), y the row
-    (see :func:`row_of`). Deterministic: equal inputs give equal outputs."""
+def _cells(graph: "Graph") -> dict[tuple[int, int], list[tuple[float, str]]]:
+    """Nodes by (row, position) cell, most important first (ties by id)."""
     n = n_layers(graph)
     use_influence = has_influence(graph)
     cells: dict[tuple[int, int], list[tuple[float, str]]] = {}
@@ -80,11 +83,36 @@ def layout(graph: "Graph") -> dict[str, tuple[float, float]]:
         y = row_of(str(row["kind"]), int(row["layer"]) if finite(row["layer"]) else 0, n)
         x = int(row["pos"]) if finite(row["pos"]) else 0
         cells.setdefault((y, x), []).append((importance(row, use_influence), str(row["node_id"])))
+    for members in cells.values():
+        members.sort(key=lambda m: (-m[0], m[1]))
+    return cells
+
+
+def columns(graph: "Graph", n_pos: int | None = None) -> list[tuple[float, float]]:
+    """``(centre, width)`` of each token column 0..n_pos-1 (default: up to the last position with a node): a column
+    is wide enough to space its most crowded cell's nodes :data:`MAX_SPACING` apart, within [1, MAX_COLUMN]."""
+    crowd: dict[int, int] = {}
+    for (_, x), members in _cells(graph).items():
+        crowd[x] = max(crowd.get(x, 0), len(members))
+    n_pos = max([n_pos or 0] + [x + 1 for x in crowd])
+    out, left = [], -0.5
+    for x in range(n_pos):
+        width = min(MAX_COLUMN, max(1.0, (crowd.get(x, 1) - 1) * MAX_SPACING / CELL_WIDTH))
+        out.append((left + width / 2, width))
+        left += width
+    return out
+
+
+def layout(graph: "Graph") -> dict[str, tuple[float, float]]:
+    """Positions ``{node_id: (x, y)}``: x is inside the token position's column (:func:`columns`), spread over the
+    cell, y the row (see :func:`row_of`). Deterministic: equal inputs give equal outputs."""
+    cols = columns(graph)
     positions: dict[str, tuple[float, float]] = {}
-    for (y, x), members in cells.items():
-        members.sort(key=lambda m: (-m[0], m[1]))  # most important first (left), ties by id
+    for (y, x), members in _cells(graph).items():
+        centre, width = cols[x]
         k = len(members)
-        spacing = min(CELL_WIDTH / (k - 1), MAX_SPACING) if k > 1 else 0.0
+        # spacing scales with the column: a wide column's sparse cells spread out instead of clumping in its middle
+        spacing = min(CELL_WIDTH * width / (k - 1), MAX_SPACING * width) if k > 1 else 0.0
         for i, (_, nid) in enumerate(members):
-            positions[nid] = (x + (i - (k - 1) / 2) * spacing, float(y))
+            positions[nid] = (centre + (i - (k - 1) / 2) * spacing, float(y))
     return positions
