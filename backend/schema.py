@@ -69,8 +69,9 @@ DDL: list[str] = [
         ce_clean DOUBLE, ce_spliced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, dead_fraction DOUBLE,
         eval_tokens BIGINT, source VARCHAR, cfg JSON, run_id VARCHAR)""",
     "CREATE TABLE IF NOT EXISTS dictionary_weights (dict_id VARCHAR PRIMARY KEY, format VARCHAR, data BLOB)",
-    # Feature tables (attention-SAE features, backend/features.py). BOS (position 0) is never scored: density is
-    # over non-BOS tokens, and no activation, example or histogram count comes from a BOS position.
+    # Feature tables (attention-SAE and transcoder features, backend/features.py; top_head is NULL and
+    # feature_head_dfa empty for transcoders; stats.scored_tokens says how many tokens were scored). BOS (position 0)
+    # is never scored: density is over non-BOS tokens, and no activation, example or histogram count comes from it.
     """CREATE TABLE IF NOT EXISTS features (
         dict_id VARCHAR, feature INTEGER, n_active BIGINT, density DOUBLE, max_act REAL, mean_act REAL,
         top_head INTEGER, top_head_share REAL, stats JSON, PRIMARY KEY (dict_id, feature))""",
