@@ -91,3 +91,26 @@ def test_reusing_the_scoring_pass_changes_no_result(tmp_path: Path, tiny_model: 
             num = got.drop(columns="dict_id").to_numpy(float)
             np.testing.assert_allclose(num, want.drop(columns="dict_id").to_numpy(float), rtol=1e-4, atol=1e-5,
                                        err_msg=table)
+
+
+def test_steps_ask_for_nothing_beyond_their_memory_budget(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """precollect_wants gives the scoring pass a list only when it fits the step's memory budget."""
+    from types import SimpleNamespace
+
+    from backend import attention_saes, transcoders
+    from backend.precompute import PRESETS
+
+    gen = torch.Generator().manual_seed(1)
+    ctx = SimpleNamespace(preset=PRESETS["demo"], model=tiny_model, layers=[0, 1], transcoder_layers=[0, 1],
+                          sae_sources=[], transcoder_sources=[],
+                          contexts=SimpleNamespace(tokens=torch.randint(1, 100, (40, 16), generator=gen)))
+    sae_wants, tc_wants = attention_saes.precollect_wants(ctx), transcoders.precollect_wants(ctx)
+    assert sae_wants == {("z", 0): 40, ("z", 1): 40}  # every context: the features step scores them all
+    n_train = len(transcoders._eval_split(ctx)[0])
+    assert tc_wants == {(k, l): n_train for l in (0, 1) for k in ("mlp_in", "mlp_out")} and n_train < 40
+    monkeypatch.setattr(attention_saes, "ACT_MEMORY_BYTES", 1000)
+    monkeypatch.setattr(transcoders, "ACT_MEMORY_BYTES", 1000)
+    assert attention_saes.precollect_wants(ctx) == {} and transcoders.precollect_wants(ctx) == {}
+    ctx.sae_sources, ctx.transcoder_sources = ["some/release"], ["some/release"]  # importing: nothing to train on
+    monkeypatch.undo()
+    assert attention_saes.precollect_wants(ctx) == {} and transcoders.precollect_wants(ctx) == {}
