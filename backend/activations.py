@@ -120,11 +120,6 @@ def collect_z(
     return {layer: z for (_, layer), z in collect(model, tokens, [("z", l) for l in layers], batch_size, desc).items()}
 
 
-def z_batch(model: Any, batch: "torch.Tensor", layers: Sequence[int]) -> dict[int, "torch.Tensor"]:
-    """:func:`capture_batch` of ``hook_z`` at ``layers``: ``{layer: z [b, n_ctx - 1, n_heads, d_head]}``."""
-    return {layer: z for (_, layer), z in capture_batch(model, batch, [("z", l) for l in layers]).items()}
-
-
 def shuffled_batches(
     acts: "torch.Tensor",
     batch_size: int,

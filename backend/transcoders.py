@@ -62,7 +62,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from backend.activations import capture_batch, collect
+from backend.activations import collect
 from backend.errors import InputError, ModelUnavailableError
 from backend.hooks import hook_name, parse_hook_name
 from backend.progress import say, track
@@ -203,13 +203,6 @@ def ablate_hooks(layers: Iterable[int], first_pos: int = 1) -> list[tuple[str, A
 
 # ------------------------------------------------------------------------------------------------------------
 # Activations
-
-
-def mlp_io_batch(model: Any, batch: "torch.Tensor", layers: Sequence[int]) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
-    """One no-grad forward pass of ``batch`` ([b, n_ctx], BOS at 0) up to the highest of ``layers``, returning
-    ``{layer: (x, y)}`` = (``ln2.hook_normalized``, ``hook_mlp_out``) ``[b, n_ctx - 1, d]`` without BOS."""
-    got = capture_batch(model, batch, [(kind, int(l)) for l in layers for kind in ("mlp_in", "mlp_out")])
-    return {layer: (got[("mlp_in", layer)], got[("mlp_out", layer)]) for layer in sorted({int(l) for l in layers})}
 
 
 def collect_mlp_io(
@@ -773,7 +766,7 @@ def import_transcoder_sources(ctx: Any, sources: Sequence[str]) -> list[str]:
 
 __all__ = [
     "KIND", "DEFAULT_ARCHITECTURE", "transcoder_dict_id", "new_transcoder", "make_random_transcoder", "encode",
-    "transcode", "layer_of", "splice_hooks", "ablate_hooks", "mlp_io_batch", "collect_mlp_io", "train_transcoder",
+    "transcode", "layer_of", "splice_hooks", "ablate_hooks", "collect_mlp_io", "train_transcoder",
     "load_transcoders", "transcoder_ids", "load_local_transcoder", "release_ids", "load_pretrained_transcoder",
     "step_transcoders", "import_transcoder_sources", "check_transcoder_sources",
 ]
