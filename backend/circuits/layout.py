@@ -91,8 +91,12 @@ def _cells(graph: "Graph") -> dict[tuple[int, int], list[tuple[float, str]]]:
 def columns(graph: "Graph", n_pos: int | None = None) -> list[tuple[float, float]]:
     """``(centre, width)`` of each token column 0..n_pos-1 (default: up to the last position with a node): a column
     is wide enough to space its most crowded cell's nodes :data:`MAX_SPACING` apart, within [1, MAX_COLUMN]."""
+    return _columns(_cells(graph), n_pos)
+
+
+def _columns(cells: dict[tuple[int, int], list[tuple[float, str]]], n_pos: int | None) -> list[tuple[float, float]]:
     crowd: dict[int, int] = {}
-    for (_, x), members in _cells(graph).items():
+    for (_, x), members in cells.items():
         crowd[x] = max(crowd.get(x, 0), len(members))
     n_pos = max([n_pos or 0] + [x + 1 for x in crowd])
     out, left = [], -0.5
@@ -106,9 +110,10 @@ def columns(graph: "Graph", n_pos: int | None = None) -> list[tuple[float, float
 def layout(graph: "Graph") -> dict[str, tuple[float, float]]:
     """Positions ``{node_id: (x, y)}``: x is inside the token position's column (:func:`columns`), spread over the
     cell, y the row (see :func:`row_of`). Deterministic: equal inputs give equal outputs."""
-    cols = columns(graph)
+    cells = _cells(graph)
+    cols = _columns(cells, None)
     positions: dict[str, tuple[float, float]] = {}
-    for (y, x), members in _cells(graph).items():
+    for (y, x), members in cells.items():
         centre, width = cols[x]
         k = len(members)
         # spacing scales with the column: a wide column's sparse cells spread out instead of clumping in its middle
