@@ -444,17 +444,11 @@ def load_transcoders(con: Any, model_name: str) -> dict[int, "Transcoder"]:
     """
     from backend.dictionaries import load_dictionary
 
-    rows = con.execute(
-        "SELECT d.layer, d.dict_id FROM dictionaries d LEFT JOIN runs r USING (run_id) "
-        "WHERE d.model = ? AND d.kind = ? ORDER BY d.layer, r.started_at DESC NULLS LAST, d.dict_id",
-        [model_name, KIND]).fetchall()
     out: dict[int, Transcoder] = {}
-    for layer, dict_id in rows:
-        if int(layer) in out:
-            continue
+    for layer, dict_id in transcoder_ids(con, model_name).items():
         tc = load_dictionary(con, dict_id)
         tc.cfg.metadata.dict_id = dict_id
-        out[int(layer)] = tc
+        out[layer] = tc
     return out
 
 
