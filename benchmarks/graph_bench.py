@@ -4,7 +4,8 @@ Uses the transcoders and attention SAEs of a store (``--store``, default the dem
 transcoders in the store every MLP is an error node, which builds fewer nodes, so the result records how many
 transcoder layers took part. Times, in one run: graph building (median of ``repeats``), pruning, the zero-ablation
 faithfulness check, a GraphML + JSON export, and a bare no-grad forward pass of the same 20 tokens, so the ratios
-say what a graph costs beyond the forward pass it cannot avoid. ``python -m benchmarks.graph_bench`` writes
+say what a graph costs beyond the forward pass it cannot avoid; then the fraction of the IOI logit difference kept
+under zero and mean ablation at node thresholds 0.8 / 0.9 / 0.95 / 1.0. ``python -m benchmarks.graph_bench`` writes
 ``benchmarks/results/graph-latest.json``.
 """
 
@@ -67,6 +68,22 @@ def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: in
             model(tokens)
             fwd.append(time.perf_counter() - t0)
     forward_s = statistics.median(fwd)
+    # Faithfulness of the IOI logit difference (' Mary' − ' John') under zero vs mean ablation, at several node
+    # thresholds (1.0 keeps every selected node: what is left ablated is the candidates max_nodes did not select).
+    ioi = build_graph(model, PROMPT, transcoders, saes, answer=" Mary", wrong=" John", params=BuildParams(),
+                      model_name=spec.name)
+    means = None
+    if store is not None:
+        with reading(store) as con:
+            means = faith.reference_means(model, transcoders, saes, faith.reference_tokens(con, spec.name))
+    ablation = []
+    for node_t in (0.8, 0.9, 0.95, 1.0):
+        view = prune(ioi, node_t, 0.98 if node_t < 1 else 1.0)
+        row = {"node_threshold": node_t, "nodes": len(view.nodes),
+               "zero": round(faith.check(model, view, transcoders, saes).fraction, 4)}
+        if means is not None:
+            row["mean"] = round(faith.check(model, view, transcoders, saes, mode="mean", means=means).fraction, 4)
+        ablation.append(row)
     return {
         "store": str(store) if store else None, "prompt_tokens": len(graph.metadata["token_ids"]),
         "transcoder_layers": sorted(transcoders), "attn_sae_layers": sorted(saes),
@@ -76,6 +93,7 @@ def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: in
         "build_s": round(build_s, 3), "prune_s": round(prune_s, 3), "faithfulness_s": round(faith_s, 3),
         "export_graphml_json_s": round(export_s, 3), "bare_forward_s": round(forward_s, 4),
         "build_over_forward": round(build_s / forward_s, 1), "torch_threads": torch.get_num_threads(),
+        "ioi_logit_diff_faithfulness": ablation,
     }
 
 
