@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from backend import ui
+from backend.ui import shell as ui
 
 
 def _fmt_int(value: object) -> str:

@@ -15,7 +15,7 @@ from backend.errors import CircuitscopeError
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from backend.models import DEFAULT_MODEL
+    from backend.model.registry import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="python -m backend", description="circuitscope backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
-    from backend.precompute import precompute
+    from backend.pipeline.run import precompute
 
     precompute(args.model, args.store, preset=args.preset, layers=args.layers, corpus_source=args.corpus,
                n_contexts=args.contexts, saes=args.saes, transcoders=args.transcoders,
@@ -104,10 +104,10 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     )
     from backend.attribution.components import check_kinds
     from backend.errors import InputError
-    from backend.models import get_spec, load_model
+    from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store import StoreWriter, reading
-    from backend.tasks import build_task, custom_pair
+    from backend.store.access import StoreWriter, reading
+    from backend.inputs.tasks import build_task, custom_pair
 
     pair = [args.clean, args.corrupt, args.answer, args.wrong]
     if (args.task is None) == all(v is None for v in pair):
@@ -153,9 +153,9 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     from backend.circuits.prune import prune
     from backend.circuits.storage import read_graph, store_dictionaries, write_graph
     from backend.errors import InputError
-    from backend.models import get_spec, load_model
+    from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store import StoreWriter, reading
+    from backend.store.access import StoreWriter, reading
 
     if (args.prompt is None) == (args.graph_id is None):
         raise InputError("Give either --prompt TEXT or --graph-id ID, not both and not neither.")
@@ -207,7 +207,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 def _reference_tokens(store: str, model_name: str) -> Any:
     """A few corpus contexts of the store (for mean ablation)."""
     from backend.circuits.faithfulness import reference_tokens
-    from backend.store import reading
+    from backend.store.access import reading
 
     with reading(store) as con:
         return reference_tokens(con, model_name)
@@ -216,8 +216,8 @@ def _reference_tokens(store: str, model_name: str) -> Any:
 def _cmd_info(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from backend import queries
-    from backend.store import reading
+    from backend.store import queries
+    from backend.store.access import reading
 
     with reading(args.store) as con:
         s = queries.summary(con)

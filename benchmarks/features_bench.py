@@ -28,7 +28,7 @@ DASHBOARD = ["feature_summary", "feature_top_examples", "feature_quantile_exampl
 def _random_sae(d_in: int, d_sae: int, k: int, seed: int = 0) -> Any:
     """A random sae-lens TopK SAE (engineer A's make_random_sae when available)."""
     try:
-        from backend.dictionaries import make_random_sae
+        from backend.dictionaries.attention_sae import make_random_sae
     except ImportError:
         import torch
         from sae_lens import TopKSAE, TopKSAEConfig
@@ -44,9 +44,9 @@ def bench_precompute_throughput(model_name: str = "smollm2-135m", n_contexts: in
     """Features-step tokens/s vs bare forward tokens/s (same tokens, same stop layer, same process)."""
     import torch
 
-    from backend import features
-    from backend.models import load_model
-    from backend.store import StoreWriter
+    from backend.features import step as features
+    from backend.model.registry import load_model
+    from backend.store.access import StoreWriter
 
     model = load_model(model_name)
     cfg = model.cfg
@@ -97,8 +97,8 @@ def build_synthetic_store(path: Path, n_contexts: int = 512, n_ctx: int = 128, d
                           n_heads: int = 9, d_vocab: int = 49_152, seed: int = 0) -> dict[str, Any]:
     """A store with one synthetic attention-SAE dictionary written through the same code as the real step
     (``features._write_dictionary``): n_contexts x (n_ctx - 1) scored tokens x ``l0`` nonzeros each."""
-    from backend import features
-    from backend.store import StoreWriter
+    from backend.features import step as features
+    from backend.store.access import StoreWriter
 
     rng = np.random.default_rng(seed)
     model, corpus_id, dict_id = "synthetic", "synthetic:corpus", "synthetic/L8/attn_z/topk-2304"
@@ -150,8 +150,8 @@ def build_synthetic_store(path: Path, n_contexts: int = 512, n_ctx: int = 128, d
 def bench_query_latency(n_contexts: int = 512, n_features: int = 40, seed: int = 1) -> dict[str, Any]:
     """p50 / p95 (ms) of each Feature Browser query on a fresh read-only connection, over random features plus the
     densest one (whose quantile query scans the most rows)."""
-    from backend import queries
-    from backend.store import reading
+    from backend.store import queries
+    from backend.store.access import reading
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:

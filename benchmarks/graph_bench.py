@@ -34,8 +34,8 @@ def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: in
     from backend.circuits.export import export
     from backend.circuits.prune import prune
     from backend.circuits.storage import store_dictionaries
-    from backend.models import get_spec, load_model
-    from backend.store import reading
+    from backend.model.registry import get_spec, load_model
+    from backend.store.access import reading
 
     model, spec = load_model(model_name), get_spec(model_name)
     store = store or (DEMO_STORE if DEMO_STORE.exists() else None)

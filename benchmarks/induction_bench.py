@@ -25,12 +25,12 @@ def run(model_name: str = "smollm2-135m", preset_name: str = "demo") -> dict[str
     """Step seconds, bare-forward seconds over the same shapes, their ratio and the number of probe tokens."""
     import torch
 
-    from backend import induction as ind
-    from backend.models import get_spec, load_model
-    from backend.precompute import PRESETS, RunContext
-    from backend.prompts import model_bos_id
-    from backend.store import StoreWriter
-    from backend.tasks import word_token_pool
+    from backend.heads import induction as ind
+    from backend.model.registry import get_spec, load_model
+    from backend.pipeline.run import PRESETS, RunContext
+    from backend.inputs.prompts import model_bos_id
+    from backend.store.access import StoreWriter
+    from backend.inputs.tasks import word_token_pool
 
     model, spec, preset = load_model(model_name), get_spec(model_name), PRESETS[preset_name]
     bos = model_bos_id(model)

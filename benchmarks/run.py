@@ -38,7 +38,7 @@ _LOAD_SNIPPET = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch, transformer_lens, transformers  # heavy imports timed apart from the load itself
-from backend.models import load_model
+from backend.model.registry import load_model
 t_import = time.perf_counter() - t0
 t1 = time.perf_counter()
 load_model(sys.argv[1])
@@ -69,7 +69,7 @@ def bench_forward(model_name: str, batch_sizes: list[int], seq_len: int, repeats
     """Tokens per second of a no-grad forward pass, per batch size and torch thread count."""
     import torch
 
-    from backend.models import load_model
+    from backend.model.registry import load_model
 
     model = load_model(model_name)
     gen = torch.Generator().manual_seed(0)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from backend import ui
+from backend.ui import shell as ui
 from backend.attribution import GROUND_TRUTH, METHODS
 from backend.attribution.components import DEFAULT_KINDS, KINDS
 from backend.errors import CircuitscopeError
@@ -269,7 +269,7 @@ def _run_live(ctx: ui.PageContext, clean: str, corrupt: str, answer: str, wrong:
               kinds: list[str], steps: int) -> None:
     from backend.attribution.compare import run_comparison
     from backend.progress import using_sink
-    from backend.tasks import custom_pair
+    from backend.inputs.tasks import custom_pair
 
     st.session_state.pop(_LIVE, None)
     with st.spinner(f"Loading {ctx.model} (once per server)…"):
@@ -295,8 +295,8 @@ def _save(ctx: ui.PageContext, live: Any) -> None:
                "it takes about as long as copying the file; other readers keep working meanwhile.")
     if st.button("Save into the store", key="af_save"):
         from backend.attribution.compare import ensure_model_recorded, write_comparison
-        from backend.models import get_spec
-        from backend.store import StoreWriter
+        from backend.model.registry import get_spec
+        from backend.store.access import StoreWriter
 
         try:
             with StoreWriter(ctx.store.path, kind="attribution", model=ctx.model,

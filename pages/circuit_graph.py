@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from backend import ui
+from backend.ui import shell as ui
 from backend.errors import CircuitscopeError
 
 GRAPH_PARAM = "graph"
@@ -205,7 +205,7 @@ def _faithfulness(ctx: ui.PageContext, graph: Any, view: Any) -> None:
             try:
                 means = None
                 if mode == "mean":
-                    from backend.store import reading
+                    from backend.store.access import reading
 
                     with reading(ctx.store.path) as con:
                         tokens = faith.reference_tokens(con, ctx.model)
@@ -250,7 +250,7 @@ def _downloads(view: Any, stem: str) -> None:
 
 def _save(ctx: ui.PageContext, graph: Any) -> None:
     from backend.circuits.storage import write_graph
-    from backend.store import StoreWriter
+    from backend.store.access import StoreWriter
 
     if st.button("Save this graph into the store", key="cg_save"):
         try:

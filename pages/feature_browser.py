@@ -16,8 +16,8 @@ import math
 import pandas as pd
 import streamlit as st
 
-from backend import ui
-from backend.dictionary_kinds import KINDS
+from backend.ui import shell as ui
+from backend.dictionaries.kinds import KINDS
 
 DICT_PARAM = "dict"
 FEATURE_PARAM = "feature"
@@ -199,8 +199,8 @@ def _invariant(ctx: ui.PageContext, layer: int, feature: int) -> None:
 def _live_logits(ctx: ui.PageContext, dict_id: str, layer: int, kind: str, feature: int) -> pd.DataFrame:
     """The feature's logit effects computed now (the store has none for this dictionary): the same function the
     precompute uses, on the shared model and the store's dictionary."""
-    from backend.features import top_logits
-    from backend.prompts import token_strings
+    from backend.features.step import top_logits
+    from backend.inputs.prompts import token_strings
 
     model = ui.get_model(ctx.model)
     sae = ui.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)

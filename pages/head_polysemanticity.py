@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from backend import ui
+from backend.ui import shell as ui
 
 HEAD_PARAM = "head"
 DICT_PARAM = "dict"  # the Feature Browser's parameter names, so links carry over

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from backend import ui
+from backend.ui import shell as ui
 from backend.errors import InputError
 
 HEAD_PARAM = "head"
@@ -225,14 +225,14 @@ def _competition(curves: pd.DataFrame, chosen: str) -> None:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _head_view(model_name: str, ids: tuple[int, ...], layer: int, head: int) -> Any:
-    from backend.induction import prompt_head_view
+    from backend.heads.induction import prompt_head_view
 
     return prompt_head_view(ui.get_model(model_name), ids, layer, head)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _example(model_name: str, kind: str, max_prefix: int, seq_len: int, repeat_len: int) -> Any:
-    from backend.induction import example_ids
+    from backend.heads.induction import example_ids
 
     return example_ids(ui.get_model(model_name), kind, max_prefix, seq_len, repeat_len)
 
@@ -313,7 +313,7 @@ def _prompt_section(ctx: ui.PageContext, head: str) -> None:
     with st.spinner(f"Loading {ctx.model} (once per server)…"):
         model = ui.get_model(ctx.model)
     try:
-        from backend.prompts import encode_prompt
+        from backend.inputs.prompts import encode_prompt
 
         enc = encode_prompt(model, text, max_tokens=min(int(model.cfg.n_ctx), ui.EXPLORER_MAX_TOKENS))
     except InputError as exc:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from backend import ui
+from backend.ui import shell as ui
 from backend.errors import InputError
 
 PROMPT_PARAM = "prompt"
@@ -247,7 +247,7 @@ def _dfa_charts(ctx: ui.PageContext, res: Any, sae: Any, tokens: list[str], laye
                 dict_id: str) -> None:
     import plotly.graph_objects as go
 
-    from backend import feature_analysis as fa
+    from backend.features import live as fa
 
     model = ui.get_model(ctx.model)
     acts = fa.feature_activations(sae, res.cache, layer, feature)
@@ -327,7 +327,7 @@ def body(ctx: ui.PageContext) -> None:
     with st.spinner(f"Loading {ctx.model} (once per server)…"):
         model = ui.get_model(ctx.model)
     try:
-        from backend.prompts import encode_prompt
+        from backend.inputs.prompts import encode_prompt
 
         limit = min(int(model.cfg.n_ctx), ui.EXPLORER_MAX_TOKENS)
         enc = encode_prompt(model, source, max_tokens=limit)

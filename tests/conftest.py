@@ -20,7 +20,7 @@ from tiny_stores import TEST_MODEL, TEST_STORE_NAME, build_tiny_store  # shared 
 @pytest.fixture(scope="session")
 def tiny_model() -> Any:
     """The tiny random Llama-like test model (loads in about a second once transformer_lens is imported)."""
-    from backend.models import load_model
+    from backend.model.registry import load_model
 
     return load_model(TEST_MODEL)
 

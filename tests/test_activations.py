@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.activations import Precollector, collect
-from backend.store import reading
+from backend.model.activations import Precollector, collect
+from backend.store.access import reading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SITES = [("z", 0), ("mlp_in", 1), ("mlp_out", 0)]
@@ -57,7 +57,7 @@ def test_precollector_in_a_loss_pass_keeps_only_wanted_leading_contexts(tiny_mod
 
 
 def _run(path: Path, model: Any, monkeypatch: pytest.MonkeyPatch, precollect: bool) -> dict[str, Any]:
-    from backend import precompute as pc
+    from backend.pipeline import run as pc
 
     if not precollect:
         monkeypatch.setattr(pc, "PRECOLLECT", [])
@@ -97,8 +97,9 @@ def test_steps_ask_for_nothing_beyond_their_memory_budget(tiny_model: Any, monke
     """precollect_wants gives the scoring pass a list only when it fits the step's memory budget."""
     from types import SimpleNamespace
 
-    from backend import attention_saes, transcoders
-    from backend.precompute import PRESETS
+    from backend.dictionaries import steps as attention_saes
+    from backend.dictionaries import transcoder as transcoders
+    from backend.pipeline.run import PRESETS
 
     gen = torch.Generator().manual_seed(1)
     ctx = SimpleNamespace(preset=PRESETS["demo"], model=tiny_model, layers=[0, 1], transcoder_layers=[0, 1],

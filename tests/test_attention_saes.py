@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from backend.dictionaries import dict_id_for, encode_z, load_dictionary
+from backend.dictionaries.attention_sae import dict_id_for, encode_z, load_dictionary
 from backend.errors import InputError, ModelUnavailableError
-from backend.hooks import hook_name
+from backend.model.hooks import hook_name
 
 
 @pytest.fixture(scope="module")
 def sae_store(tmp_path_factory, tiny_model):
-    from backend.precompute import precompute
+    from backend.pipeline.run import precompute
 
     path = tmp_path_factory.mktemp("sae_store") / "s.duckdb"
     precompute("tiny-llama", path, preset="demo", n_contexts=8, layers="0,1", model=tiny_model)
@@ -22,7 +22,7 @@ def sae_store(tmp_path_factory, tiny_model):
 
 
 def test_step_writes_one_valid_row_per_layer(sae_store):
-    from backend.store import reading
+    from backend.store.access import reading
 
     with reading(sae_store) as con:
         df = con.execute("SELECT * FROM dictionaries WHERE kind = 'attn_sae' ORDER BY layer").df()
@@ -52,8 +52,8 @@ def test_step_writes_one_valid_row_per_layer(sae_store):
 def test_rerun_replaces_dictionaries(sae_store, tmp_path, tiny_model):
     import shutil
 
-    from backend.precompute import precompute
-    from backend.store import reading
+    from backend.pipeline.run import precompute
+    from backend.store.access import reading
 
     path = tmp_path / "again.duckdb"
     shutil.copy(sae_store, path)
@@ -68,10 +68,10 @@ def test_rerun_replaces_dictionaries(sae_store, tmp_path, tiny_model):
 
 def test_trained_sae_reconstructs_better_than_random(sae_store, tiny_model):
     """The stored SAE was trained: its FVE on the held-out tokens beats a random SAE of the same shape."""
-    from backend.activations import collect_z
-    from backend.dictionaries import make_random_sae
-    from backend.dictionary_eval import reconstruction_stats
-    from backend.store import reading
+    from backend.model.activations import collect_z
+    from backend.dictionaries.attention_sae import make_random_sae
+    from backend.dictionaries.eval import reconstruction_stats
+    from backend.store.access import reading
 
     with reading(sae_store) as con:
         sae = load_dictionary(con, dict_id_for("tiny-llama", 1, "topk", 256))
@@ -85,9 +85,9 @@ def test_trained_sae_reconstructs_better_than_random(sae_store, tiny_model):
 
 
 def test_import_pretrained_offline_is_one_sentence(tiny_model, monkeypatch, tmp_path):
-    from backend.attention_saes import import_pretrained
-    from backend.models import get_spec, hub_reachable
-    from backend.precompute import PRESETS, RunContext
+    from backend.dictionaries.steps import import_pretrained
+    from backend.model.registry import get_spec, hub_reachable
+    from backend.pipeline.run import PRESETS, RunContext
 
     if hub_reachable():
         pytest.skip("the hub is reachable here; this test checks the offline failure")
@@ -104,13 +104,13 @@ def test_import_pretrained_offline_is_one_sentence(tiny_model, monkeypatch, tmp_
 
 def test_import_local_sae_directory_into_a_store(tmp_path, tiny_model):
     """A sae-lens directory (here a random hook_z SAE for layer 1) is evaluated and stored like a trained one."""
-    from backend import corpus
-    from backend.attention_saes import import_local
-    from backend.dictionaries import make_random_sae
-    from backend.models import get_spec
-    from backend.precompute import PRESETS, RunContext
-    from backend.prompts import model_bos_id
-    from backend.store import StoreWriter, reading
+    from backend.inputs import corpus
+    from backend.dictionaries.steps import import_local
+    from backend.dictionaries.attention_sae import make_random_sae
+    from backend.model.registry import get_spec
+    from backend.pipeline.run import PRESETS, RunContext
+    from backend.inputs.prompts import model_bos_id
+    from backend.store.access import StoreWriter, reading
 
     sae = make_random_sae(64, 128, k=4, seed=0)
     sae.cfg.metadata.hook_name = hook_name("z", 1)

@@ -25,9 +25,9 @@ from backend.attribution.components import Scores, build_sites
 from backend.attribution.ig import integrated_gradients
 from backend.attribution.patching import activation_patching
 from backend.errors import InputError
-from backend.hooks import hook_name
-from backend.models import load_model
-from backend.tasks import build_task
+from backend.model.hooks import hook_name
+from backend.model.registry import load_model
+from backend.inputs.tasks import build_task
 
 KINDS = ["resid", "mlp", "head"]
 
@@ -130,7 +130,7 @@ def test_sign_convention_noising(linear_model: Any) -> None:
 
 def test_features_on_linear_model(linear_model: Any) -> None:
     """SAE latents spliced in on hook_z (error held fixed) are linear too: AtP and IG equal patching."""
-    from backend.dictionaries import make_random_sae
+    from backend.dictionaries.attention_sae import make_random_sae
 
     cfg = linear_model.cfg
     sae = make_random_sae(cfg.n_heads * cfg.d_head, 48, k=6, seed=0)
@@ -185,7 +185,7 @@ def test_patching_skips_unchanged_components(tiny_model: Any, ioi: Any) -> None:
 
 
 def test_feature_patching_equals_a_hand_written_splice(tiny_model: Any, ioi: Any) -> None:
-    from backend.dictionaries import encode_z, make_random_sae
+    from backend.dictionaries.attention_sae import encode_z, make_random_sae
 
     cfg = tiny_model.cfg
     sae = make_random_sae(cfg.n_heads * cfg.d_head, 32, k=4, seed=1)
@@ -348,8 +348,8 @@ def test_store_round_trip_and_sql_pearson(tmp_path: Path, tiny_store: Path, tiny
 
     from backend.attribution import queries as q
     from backend.attribution.compare import write_comparison
-    from backend.prompts import token_strings
-    from backend.store import StoreWriter, reading
+    from backend.inputs.prompts import token_strings
+    from backend.store.access import StoreWriter, reading
 
     path = tmp_path / "s.duckdb"
     shutil.copy(tiny_store, path)
@@ -417,7 +417,7 @@ def _cli(*args: str) -> Any:
 
 def test_cli_attribute_writes_a_comparison(tmp_path: Path) -> None:
     from backend.attribution import queries as q
-    from backend.store import reading
+    from backend.store.access import reading
 
     store = tmp_path / "cli.duckdb"
     out = _cli("--store", str(store), "--model", "tiny-llama", "--clean", "When Mary and John met, John thanked",

@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from backend.attribution import queries as aq
-from backend.store import StoreWriter, reading
+from backend.store.access import StoreWriter, reading
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/attribution_faithfulness.py"
@@ -88,7 +88,7 @@ def test_store_without_comparisons_says_how_to_add_them(app_stores_dir: Path, ti
 
 def test_token_text_is_escaped_in_plots(app_stores_dir: Path, tiny_model: Any) -> None:
     from backend.attribution.compare import run_comparison, write_comparison
-    from backend.tasks import custom_pair
+    from backend.inputs.tasks import custom_pair
 
     batch = custom_pair(tiny_model, "When <b>Mary</b> met John, John gave it to",
                         "When <b>Alice</b> met Bob, Carol gave it to", " Mary", " John")

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from backend.circuits.prune import prune
 from backend.circuits.storage import list_graphs, read_graph
-from backend.store import reading
+from backend.store.access import reading
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/circuit_graph.py"

@@ -22,9 +22,9 @@ import torch
 from backend.circuits.build import BuildParams, build_graph
 from backend.circuits.faithfulness import check, reference_means
 from backend.circuits.prune import influence, prune, strongest_paths
-from backend.dictionaries import encode_z, make_random_sae, preactivation
-from backend.hooks import EMBED, FINAL_SCALE, hook_name
-from backend.models import load_model
+from backend.dictionaries.attention_sae import encode_z, make_random_sae, preactivation
+from backend.model.hooks import EMBED, FINAL_SCALE, hook_name
+from backend.model.registry import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -429,7 +429,7 @@ def test_store_round_trip_keeps_every_node_edge_and_fact(setup: dict[str, Any], 
     import pandas as pd
 
     from backend.circuits.storage import list_graphs, read_graph, write_graph
-    from backend.store import StoreWriter, reading
+    from backend.store.access import StoreWriter, reading
 
     graph = setup["graph"]
     store = tmp_path / "g.duckdb"
@@ -457,7 +457,7 @@ def json_round(value: Any) -> Any:
 def test_store_without_the_graph_says_what_to_do(tmp_path: Any) -> None:
     from backend.circuits.storage import read_graph
     from backend.errors import StoreError
-    from backend.store import StoreWriter, reading
+    from backend.store.access import StoreWriter, reading
 
     store = tmp_path / "g.duckdb"
     with StoreWriter(store, kind="graph", model="m", params={}):

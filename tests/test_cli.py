@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend import queries
-from backend.store import reading
+from backend.store import queries
+from backend.store.access import reading
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -109,8 +109,8 @@ def test_kill_9_during_precompute_keeps_earlier_runs(built_store: Path, tmp_path
 
 def test_precompute_imports_a_local_sae_directory(tmp_path: Path) -> None:
     # A sae-lens-format directory instead of training: the dictionary is evaluated, stored and gets features.
-    from backend.dictionaries import make_random_sae
-    from backend.hooks import hook_name
+    from backend.dictionaries.attention_sae import make_random_sae
+    from backend.model.hooks import hook_name
 
     sae = make_random_sae(d_in=64, d_sae=128, k=8, seed=3)  # tiny-llama: 4 heads x 16 = 64
     sae.cfg.metadata.hook_name = hook_name("z", 1)
@@ -131,7 +131,7 @@ def test_precompute_imports_a_local_sae_directory(tmp_path: Path) -> None:
 
 
 def test_offline_sae_release_is_one_sentence(tmp_path: Path) -> None:
-    from backend.models import hub_reachable
+    from backend.model.registry import hub_reachable
 
     if hub_reachable():
         pytest.skip("the hub is reachable here, so the release may really load")

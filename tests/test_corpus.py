@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.corpus import (
+from backend.inputs.corpus import (
     BUILTIN,
     Contexts,
     Document,
@@ -22,8 +22,8 @@ from backend.corpus import (
     tokenize_contexts,
 )
 from backend.errors import InputError
-from backend.models import hub_reachable, load_tokenizer
-from backend.prompts import bos_id
+from backend.model.registry import hub_reachable, load_tokenizer
+from backend.inputs.prompts import bos_id
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.activations import collect_z, shuffled_batches
-from backend.dictionaries import (
+from backend.model.activations import collect_z, shuffled_batches
+from backend.dictionaries.attention_sae import (
     dict_id_for, encode_z, init_training_sae, to_inference, flatten_z, load_dictionary, load_local, load_pretrained, make_random_sae, preactivation,
     reconstruct, save_dictionary, train_attention_sae,
 )
 from backend.errors import InputError, ModelUnavailableError, StoreError
-from backend.hooks import hook_name
+from backend.model.hooks import hook_name
 
 
 @pytest.fixture(scope="module")
 def tiny_tokens(tiny_model):
-    from backend import corpus
-    from backend.prompts import model_bos_id
+    from backend.inputs import corpus
+    from backend.inputs.prompts import model_bos_id
 
     docs = corpus.load_documents(corpus.BUILTIN)
     return corpus.tokenize_contexts(docs, tiny_model.tokenizer, n_ctx=32, bos=model_bos_id(tiny_model),
@@ -103,13 +103,13 @@ def test_dict_id_format():
 
 
 def _writer(path: Path):
-    from backend.store import StoreWriter
+    from backend.store.access import StoreWriter
 
     return StoreWriter(path, kind="test", model="tiny-llama")
 
 
 def test_save_load_round_trip_identical_outputs(tmp_path, tiny_acts):
-    from backend.store import reading
+    from backend.store.access import reading
 
     sae = make_random_sae(64, 256, k=8, seed=5)
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_local_directory_round_trip_and_bad_path(tmp_path, tiny_acts):
 
 
 def test_pretrained_release_offline_is_one_fast_sentence(monkeypatch, tmp_path):
-    from backend.models import hub_reachable
+    from backend.model.registry import hub_reachable
 
     if hub_reachable():
         pytest.skip("the hub is reachable here; this test checks the offline failure")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.activations import collect_z
-from backend.dictionaries import make_random_sae
-from backend.dictionary_eval import evaluate_dictionaries, evaluate_dictionary, reconstruction_stats, split_contexts
-from backend.hooks import hook_name
+from backend.model.activations import collect_z
+from backend.dictionaries.attention_sae import make_random_sae
+from backend.dictionaries.eval import evaluate_dictionaries, evaluate_dictionary, reconstruction_stats, split_contexts
+from backend.model.hooks import hook_name
 
 
 @pytest.fixture(scope="module")
 def tokens(tiny_model):
-    from backend import corpus
-    from backend.prompts import model_bos_id
+    from backend.inputs import corpus
+    from backend.inputs.prompts import model_bos_id
 
     docs = corpus.load_documents(corpus.BUILTIN)
     return corpus.tokenize_contexts(docs, tiny_model.tokenizer, n_ctx=32, bos=model_bos_id(tiny_model),
@@ -61,7 +61,7 @@ def test_identity_sae_recovers_all_and_zero_sae_nothing(tiny_model, tokens):
 
 def test_ce_losses_match_full_forward_splicing(tiny_model, tokens):
     """The shared clean pass + start_at_layer shortcut equals full hooked forward passes computed here."""
-    from backend.dictionaries import reconstruct
+    from backend.dictionaries.attention_sae import reconstruct
 
     sae = make_random_sae(64, 256, k=8, seed=1)
     layer = 1
@@ -122,9 +122,9 @@ def test_split_contexts_holds_out_the_last_ones():
 @pytest.mark.slow
 def test_identity_and_zero_on_the_real_model():
     """On SmolLM2 (no b_O: zeroed z = zeroed attention output) the identity SAE recovers 1, the zero SAE 0."""
-    from backend import corpus
-    from backend.models import load_model
-    from backend.prompts import model_bos_id
+    from backend.inputs import corpus
+    from backend.model.registry import load_model
+    from backend.inputs.prompts import model_bos_id
 
     model = load_model("smollm2-135m")
     assert float(model.blocks[8].attn.b_O.detach().abs().max()) == 0.0

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from backend import feature_analysis as fa
-from backend.hooks import hook_name
-from backend.prompts import encode_prompt
+from backend.features import live as fa
+from backend.model.hooks import hook_name
+from backend.inputs.prompts import encode_prompt
 
 PROMPT = "When Mary and John went to the store, John gave a drink to Mary because"
 
 
 @pytest.fixture(scope="module")
 def tiny_gpt2() -> Any:
-    from backend.models import load_model
+    from backend.model.registry import load_model
 
     return load_model("tiny-gpt2")
 
@@ -34,7 +34,7 @@ def _sae(d_in: int, d_sae: int = 96, k: int = 8, seed: int = 0, **cfg: Any) -> A
     b_enc terms are exercised; ``cfg`` overrides sae-lens config fields (input conventions)."""
     from sae_lens import TopKSAE, TopKSAEConfig
 
-    from backend.dictionaries import make_random_sae
+    from backend.dictionaries.attention_sae import make_random_sae
 
     base = make_random_sae(d_in, d_sae, k, seed)
     sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, **cfg))
@@ -96,7 +96,7 @@ def test_head_dfa_matches_sae_lens_preactivation(model: Any) -> None:
 @pytest.mark.parametrize("cfg", [{"apply_b_dec_to_input": False}, {"normalize_activations": "constant_norm_rescale"},
                                  {"rescale_acts_by_decoder_norm": True}])
 def test_head_dfa_follows_the_saes_input_conventions(tiny_model: Any, cfg: dict[str, Any]) -> None:
-    from backend.dictionaries import preactivation
+    from backend.dictionaries.attention_sae import preactivation
 
     sae = _sae(_d_in(tiny_model), **cfg)
     ids = _ids(tiny_model)
@@ -204,8 +204,8 @@ def test_dfa_identities_on_the_real_model() -> None:
     and a 64-token prompt with three 2304-feature SAEs analysed in a few seconds."""
     import time
 
-    from backend.dictionaries import make_random_sae
-    from backend.models import load_model
+    from backend.dictionaries.attention_sae import make_random_sae
+    from backend.model.registry import load_model
 
     model = load_model("smollm2-135m")
     assert model.cfg.n_key_value_heads == 3 and model.cfg.n_heads == 9

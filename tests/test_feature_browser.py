@@ -11,8 +11,8 @@ import duckdb
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from backend import queries
-from backend.store import reading
+from backend.store import queries
+from backend.store.access import reading
 from test_features import D_SAE, DICT_ID, feature_sae, feature_store  # noqa: F401  (fixtures used via pytest)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from backend import features, queries
-from backend.hooks import hook_name
-from backend.store import StoreWriter, reading
+from backend.features import step as features
+from backend.store import queries
+from backend.model.hooks import hook_name
+from backend.store.access import StoreWriter, reading
 
 LAYER = 1
 D_SAE = 96
@@ -111,7 +112,7 @@ def test_dfa_by_head_sums_to_sae_lens_preactivation(tiny_model: Any, apply_b_dec
 
 @pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-gpt2"])
 def test_logit_effects_match_the_models_own_modules(model_name: str, tiny_model: Any) -> None:
-    from backend.models import load_model
+    from backend.model.registry import load_model
 
     model = tiny_model if model_name == "tiny-llama" else load_model(model_name)
     cfg = model.cfg
@@ -273,8 +274,8 @@ def test_feature_lists_by_head_and_token(feature_store: dict[str, Any]) -> None:
 
 
 def test_step_features_runs_after_the_sae_step(tmp_path: Path, tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from backend import precompute as pc
-    from backend.dictionaries import encode_z, load_dictionary
+    from backend.pipeline import run as pc
+    from backend.dictionaries.attention_sae import encode_z, load_dictionary
 
     if not any(fn is features.step_features for _, fn in pc.STEPS):
         monkeypatch.setattr(pc, "STEPS", [*pc.STEPS, ("features", features.step_features)])
@@ -309,7 +310,7 @@ def test_step_features_runs_after_the_sae_step(tmp_path: Path, tiny_model: Any, 
 def test_sparse_dfa_agrees_with_the_live_per_prompt_dfa(tiny_model: Any, feature_sae: Any) -> None:
     """Two implementations of METHODS.md §1 DFA by head (batched here for the precompute, per position in
     backend/feature_analysis.py for the live pages) must give the same numbers."""
-    from backend.feature_analysis import dfa_by_head
+    from backend.features.live import dfa_by_head
 
     tokens = torch.randint(10, 1000, (1, 9), generator=torch.Generator().manual_seed(3))
     _, cache = tiny_model.run_with_cache(tokens, names_filter=hook_name("z", LAYER))
@@ -323,7 +324,7 @@ def test_sparse_dfa_agrees_with_the_live_per_prompt_dfa(tiny_model: Any, feature
 def test_precollected_activations_give_the_same_tables(tmp_path: Path, tiny_store: Path, tiny_model: Any,
                                                       feature_sae: Any, feature_store: dict[str, Any]) -> None:
     """Feeding collect_z's activations instead of running the model must write exactly the same rows."""
-    from backend.activations import collect_z
+    from backend.model.activations import collect_z
 
     path = tmp_path / "reuse.duckdb"
     shutil.copy(tiny_store, path)

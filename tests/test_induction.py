@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from backend import induction as ind
-from backend import queries
+from backend.heads import induction as ind
+from backend.store import queries
 from backend.errors import InputError
-from backend.prompts import model_bos_id
-from backend.store import StoreWriter, reading
-from backend.tasks import word_token_pool
+from backend.inputs.prompts import model_bos_id
+from backend.store.access import StoreWriter, reading
+from backend.inputs.tasks import word_token_pool
 
 POOL = list(range(1000, 1400))  # distinct stand-in token ids for the builder tests (no tokenizer needed)
 BOS = 7
@@ -215,7 +215,7 @@ def _tl_direct_effects(model: Any, cache: Any, dest: int, tok: torch.Tensor) -> 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_probe_heads_agree_with_a_full_cache(name: str, tiny_model: Any) -> None:
-    from backend.models import load_model
+    from backend.model.registry import load_model
 
     model = tiny_model if name == "tiny-llama" else load_model(name)  # tiny-llama has GQA (4 query / 2 kv heads)
     bos = model_bos_id(model)
@@ -265,7 +265,7 @@ def test_prefix_curves_come_from_the_model(tiny_model: Any) -> None:
 
 
 def test_prompt_head_view_on_a_repeated_phrase(tiny_model: Any) -> None:
-    from backend.prompts import encode_prompt
+    from backend.inputs.prompts import encode_prompt
 
     enc = encode_prompt(tiny_model, "red fox jumps. blue fox jumps.")
     view = ind.prompt_head_view(tiny_model, enc.ids, 1, 2)
@@ -304,7 +304,7 @@ def _stored(path: Path) -> dict[str, Any]:
 
 
 def test_step_writes_the_tables(tiny_store: Path, tiny_model: Any) -> None:
-    from backend.precompute import PRESETS
+    from backend.pipeline.run import PRESETS
 
     s = _stored(tiny_store)
     cfg, preset = tiny_model.cfg, PRESETS["demo"]
@@ -352,8 +352,8 @@ def test_step_writes_the_tables(tiny_store: Path, tiny_model: Any) -> None:
 
 
 def test_step_is_rerunnable(tiny_store: Path, tiny_model: Any, tmp_path: Path) -> None:
-    from backend.models import get_spec
-    from backend.precompute import PRESETS, RunContext
+    from backend.model.registry import get_spec
+    from backend.pipeline.run import PRESETS, RunContext
 
     path = tmp_path / "rerun.duckdb"
     shutil.copy(tiny_store, path)
@@ -373,7 +373,7 @@ def test_step_is_rerunnable(tiny_store: Path, tiny_model: Any, tmp_path: Path) -
 
 
 def test_probe_sizes_fit_the_context() -> None:
-    from backend.precompute import PRESETS
+    from backend.pipeline.run import PRESETS
 
     sizes = ind.probe_sizes(PRESETS["demo"], 24, BOS)
     assert sizes.repeat_len == 11 and sizes.seq_len == 24 and 3 * sizes.max_prefix + 8 <= 24
@@ -390,8 +390,8 @@ def test_probe_sizes_fit_the_context() -> None:
 def test_smollm2_top_induction_heads_stand_out(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from backend.models import get_spec, load_model
-    from backend.precompute import PRESETS, RunContext
+    from backend.model.registry import get_spec, load_model
+    from backend.pipeline.run import PRESETS, RunContext
 
     name = "smollm2-135m"
     model = load_model(name)

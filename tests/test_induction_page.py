@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from backend import induction as ind
-from backend import queries
-from backend.prompts import encode_prompt
-from backend.store import StoreWriter, reading
+from backend.heads import induction as ind
+from backend.store import queries
+from backend.inputs.prompts import encode_prompt
+from backend.store.access import StoreWriter, reading
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/induction_heads.py"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from backend.errors import ModelUnavailableError
-from backend.models import REGISTRY, get_spec, is_cached, load_hf_from_gguf, load_model
-from backend.prompts import model_bos_id
+from backend.model.registry import REGISTRY, get_spec, is_cached, load_hf_from_gguf, load_model
+from backend.inputs.prompts import model_bos_id
 
 
 def test_unknown_model_is_one_clear_sentence() -> None:
@@ -19,7 +19,7 @@ def test_unknown_model_is_one_clear_sentence() -> None:
 
 def test_offline_official_model_fails_fast_with_one_sentence(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     # An empty HF cache and no hub: gpt2 cannot load, and must say so in one line instead of a traceback.
-    import backend.models as models
+    import backend.model.registry as models
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     if models.hub_reachable():
@@ -81,7 +81,7 @@ def test_corrupt_weight_cache_is_rebuilt(tmp_path, monkeypatch: pytest.MonkeyPat
     # A truncated safetensors file (e.g. disk full during the first conversion) must not make the model unloadable.
     import shutil
 
-    import backend.models as models
+    import backend.model.registry as models
 
     src = models._cache_paths(REGISTRY["smollm2-135m"])[0].parent
     copy = tmp_path / "models" / src.name

@@ -15,10 +15,11 @@ import duckdb
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from backend import queries, ui
+from backend.store import queries
+from backend.ui import shell as ui
 from backend.errors import InputError, StoreError
-from backend.prompts import encode_prompt
-from backend.store import reading
+from backend.inputs.prompts import encode_prompt
+from backend.store.access import reading
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 120  # the first Prompt Explorer run imports transformer_lens (~10 s cold on 2 cores)
@@ -79,7 +80,7 @@ def test_every_page_is_reachable_from_the_router(app_stores_dir: Path) -> None:
 
 
 def test_home_shows_dictionary_quality(app_stores_dir: Path, tiny_store: Path) -> None:
-    from backend.store import StoreWriter
+    from backend.store.access import StoreWriter
 
     path = app_stores_dir / "dicts.duckdb"
     shutil.copy(tiny_store, path)
@@ -180,7 +181,7 @@ def test_store_picker_lists_and_switches_stores(app_stores_dir: Path, tiny_store
 
 
 def test_a_store_swapped_in_while_serving_is_picked_up(app_stores_dir: Path) -> None:
-    from backend.store import StoreWriter
+    from backend.store.access import StoreWriter
 
     at = _app().run()
     before = {m.label: m.value for m in at.metric}["Contexts"]
@@ -300,7 +301,7 @@ def test_token_strip_without_values() -> None:
 def test_progress_sink_shows_count_and_eta() -> None:
     def script() -> None:
         from backend.progress import say, track, using_sink
-        from backend.ui import st_progress_sink
+        from backend.ui.shell import st_progress_sink
 
         with using_sink(st_progress_sink()):
             for _ in track(range(4), total=4, desc="Scoring"):
@@ -329,7 +330,7 @@ def test_input_error_is_a_sentence(tiny_model: Any) -> None:
 
 def test_unexpected_error_is_one_sentence(app_stores_dir: Path) -> None:
     def script() -> None:
-        from backend import ui
+        from backend.ui import shell as ui
 
         def body(ctx: object) -> None:
             raise RuntimeError("internal detail that must not reach the page")

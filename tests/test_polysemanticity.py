@@ -28,9 +28,10 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from backend import polysemanticity as poly
-from backend import queries, schema
-from backend.store import StoreWriter, reading
+from backend.heads import polysemanticity as poly
+from backend.store import queries
+from backend.store import schema
+from backend.store.access import StoreWriter, reading
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = str(ROOT / "pages" / "head_polysemanticity.py")
@@ -207,7 +208,7 @@ def test_dominance_threshold_and_top_k_are_applied_as_documented() -> None:
 
 
 def test_min_active_is_the_feature_steps_top_n() -> None:
-    from backend.features import TOP_N
+    from backend.features.step import TOP_N
 
     assert poly.MIN_ACTIVE == TOP_N
 
@@ -239,7 +240,7 @@ def _check_store(path: Path) -> dict[str, Any]:
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from backend.dictionaries import load_dictionary
+    from backend.dictionaries.attention_sae import load_dictionary
 
     with reading(path) as con:
         hf, hp = _raw(con, "head_features"), _raw(con, "head_polysemanticity")
@@ -331,9 +332,9 @@ def planted_store(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path, ti
     import torch
     from sae_lens import TopKSAE, TopKSAEConfig
 
-    from backend import features
-    from backend.dictionaries import KIND, save_dictionary
-    from backend.hooks import hook_name
+    from backend.features import step as features
+    from backend.dictionaries.attention_sae import KIND, save_dictionary
+    from backend.model.hooks import hook_name
 
     cfg = tiny_model.cfg
     w, labels = _planted_rows(PLAN, cfg.n_heads, cfg.d_head, noise=0.12, seed=0)

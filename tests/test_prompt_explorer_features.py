@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from backend import feature_analysis as fa
-from backend import ui
-from backend.hooks import hook_name
-from backend.prompts import encode_prompt
-from backend.store import StoreWriter
+from backend.features import live as fa
+from backend.ui import shell as ui
+from backend.model.hooks import hook_name
+from backend.inputs.prompts import encode_prompt
+from backend.store.access import StoreWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = str(ROOT / "pages/prompt_explorer.py")
@@ -28,14 +28,14 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
 def _dict_id(model: Any, layer: int) -> str:
-    from backend.dictionaries import dict_id_for
+    from backend.dictionaries.attention_sae import dict_id_for
 
     return dict_id_for("tiny-llama", layer, "topk", D_SAE)
 
 
 @pytest.fixture(scope="module")
 def saes(tiny_model: Any) -> dict[int, Any]:
-    from backend.dictionaries import make_random_sae
+    from backend.dictionaries.attention_sae import make_random_sae
 
     d_in = tiny_model.cfg.n_heads * tiny_model.cfg.d_head
     return {layer: make_random_sae(d_in, D_SAE, 8, seed=layer) for layer in (0, 1)}
@@ -45,7 +45,7 @@ def saes(tiny_model: Any) -> dict[int, Any]:
 def sae_store(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path, tiny_model: Any,
               saes: dict[int, Any]) -> Path:
     """The tiny test store plus one attention SAE per layer, saved with engineer A's save function."""
-    from backend.dictionaries import KIND, save_dictionary
+    from backend.dictionaries.attention_sae import KIND, save_dictionary
 
     path = tmp_path_factory.mktemp("sae_store") / STORE
     shutil.copy(tiny_store, path)
@@ -59,7 +59,7 @@ def sae_store(tmp_path_factory: pytest.TempPathFactory, tiny_store: Path, tiny_m
 
 
 def _drop_attention_saes(writer: StoreWriter) -> None:
-    from backend.dictionaries import KIND
+    from backend.dictionaries.attention_sae import KIND
 
     writer.con.execute("DELETE FROM dictionary_weights WHERE dict_id IN "
                        "(SELECT dict_id FROM dictionaries WHERE kind = ?)", [KIND])
@@ -224,8 +224,8 @@ def test_store_without_saes_says_so_and_the_loss_table_still_works(app_stores_di
 
 def test_the_precomputes_own_saes_are_shown(app_stores_dir: Path, tiny_model: Any) -> None:
     """End to end on the store the real precompute built (its attention_saes step trained the SAEs)."""
-    from backend.dictionaries import KIND
-    from backend.store import reading
+    from backend.dictionaries.attention_sae import KIND
+    from backend.store.access import reading
 
     with reading(app_stores_dir / "test.duckdb") as con:
         layers = [int(r[0]) for r in con.execute(

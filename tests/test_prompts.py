@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from backend.errors import InputError
-from backend.models import load_model
-from backend.prompts import MAX_PROMPT_CHARS, decode_text, encode_prompt, model_bos_id
+from backend.model.registry import load_model
+from backend.inputs.prompts import MAX_PROMPT_CHARS, decode_text, encode_prompt, model_bos_id
 
 
 @pytest.fixture(scope="module")

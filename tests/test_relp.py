@@ -18,9 +18,9 @@ import torch
 from backend.attribution.atp import atp
 from backend.attribution.patching import activation_patching
 from backend.attribution.relp import DEFAULT_RULES, GRADIENT_RULES, RelPRules, relp, rule_hooks
-from backend.hooks import hook_name
-from backend.models import load_model
-from backend.tasks import build_task
+from backend.model.hooks import hook_name
+from backend.model.registry import load_model
+from backend.inputs.tasks import build_task
 
 KINDS = ("resid", "mlp", "head")
 

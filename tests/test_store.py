@@ -14,9 +14,9 @@ import duckdb
 import pandas as pd
 import pytest
 
-from backend import schema
+from backend.store import schema
 from backend.errors import StoreError
-from backend.store import StoreWriter, fingerprint, open_store
+from backend.store.access import StoreWriter, fingerprint, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ _SLOW_WRITER = textwrap.dedent(
     """
     import sys, time
     import pandas as pd
-    from backend.store import StoreWriter
+    from backend.store.access import StoreWriter
     with StoreWriter(sys.argv[1], kind="test", model="killed") as w:
         w.insert_df("models", pd.DataFrame({"model": ["killed"], "run_id": [w.run_id]}))
         print("writing", flush=True)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from backend.errors import InputError
-from backend.models import load_model, load_tokenizer
-from backend.prompts import model_bos_id
-from backend.tasks import IOI_NAMES, IOI_TEMPLATES, TASKS, TaskBatch, build_task, custom_pair
+from backend.model.registry import load_model, load_tokenizer
+from backend.inputs.prompts import model_bos_id
+from backend.inputs.tasks import IOI_NAMES, IOI_TEMPLATES, TASKS, TaskBatch, build_task, custom_pair
 
 N = 12
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from backend import feature_queries, features
-from backend.dictionaries import load_dictionary
-from backend.store import StoreWriter, reading
+from backend.features import queries as feature_queries
+from backend.features import step as features
+from backend.dictionaries.attention_sae import load_dictionary
+from backend.store.access import StoreWriter, reading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +103,7 @@ def test_transcoder_logit_effects_are_the_decoder_row_through_the_final_norm_and
 
 def test_precollected_mlp_inputs_give_the_same_tables(tmp_path: Path, tiny_store: Path, tiny_model: Any) -> None:
     """Reusing the transcoder step's MLP inputs (no forward pass) must write exactly the rows a fresh pass writes."""
-    from backend.activations import collect
+    from backend.model.activations import collect
 
     dicts = _transcoders(tiny_store)
     corpus_id, tokens = _scored_tokens(tiny_store, int(dicts["scored_tokens"].iloc[0]))
@@ -139,7 +140,7 @@ def test_mismatched_precollected_activations_are_refused(tiny_store: Path, tiny_
 
 def test_transcoder_step_leaves_training_inputs_for_the_feature_step(tmp_path: Path, tiny_model: Any) -> None:
     """With the feature contexts inside the training contexts, the feature step runs no forward pass and frees them."""
-    from backend import precompute as pc
+    from backend.pipeline import run as pc
 
     demo = pc.PRESETS["demo"]
     small = pc.Preset(**{**pc.asdict(demo), "name": "reuse", "n_contexts": 8, "transcoder_eval_contexts": 2,

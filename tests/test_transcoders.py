@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from backend.errors import InputError, ModelUnavailableError
-from backend.hooks import hook_name
-from backend.transcoders import (
+from backend.model.hooks import hook_name
+from backend.dictionaries.transcoder import (
     encode, load_transcoders, make_random_transcoder, splice_hooks, train_transcoder, transcode, transcoder_dict_id,
 )
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tokens(tiny_model):
-    from backend import corpus
-    from backend.prompts import model_bos_id
+    from backend.inputs import corpus
+    from backend.inputs.prompts import model_bos_id
 
     docs = corpus.load_documents(corpus.BUILTIN)
     return corpus.tokenize_contexts(docs, tiny_model.tokenizer, n_ctx=32, bos=model_bos_id(tiny_model),
@@ -155,7 +155,7 @@ def _independent_ce(model, tokens, layers, transcoders=None):
 
 
 def test_fve_and_ce_recovered_match_independent_computation(tiny_model, tokens):
-    from backend.transcoder_eval import evaluate_transcoders
+    from backend.dictionaries.transcoder_eval import evaluate_transcoders
 
     x, y = _mlp_io(tiny_model, tokens[:30], 0)
     tc0, _ = train_transcoder(x, y, 256, target_l0=16, seed=0)
@@ -191,7 +191,7 @@ def test_fve_and_ce_recovered_match_independent_computation(tiny_model, tokens):
 
 
 def test_ce_on_a_subset_and_dead_fraction(tiny_model, tokens):
-    from backend.transcoder_eval import evaluate_transcoders
+    from backend.dictionaries.transcoder_eval import evaluate_transcoders
 
     tc = make_random_transcoder(64, 256, 64, seed=3, l0=8)
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_ce_on_a_subset_and_dead_fraction(tiny_model, tokens):
 
 
 def test_step_writes_transcoders_and_the_replacement_row(tiny_store):
-    from backend.store import reading
+    from backend.store.access import reading
 
     with reading(tiny_store) as con:
         df = con.execute("SELECT * FROM dictionaries WHERE kind = 'transcoder' ORDER BY layer").df()
@@ -241,8 +241,8 @@ def test_step_writes_transcoders_and_the_replacement_row(tiny_store):
 
 
 def test_store_round_trip_gives_identical_outputs(tiny_store, tiny_model, tokens, tmp_path):
-    from backend.dictionaries import load_dictionary
-    from backend.store import StoreWriter, reading
+    from backend.dictionaries.attention_sae import load_dictionary
+    from backend.store.access import StoreWriter, reading
 
     with reading(tiny_store) as con:
         loaded = load_transcoders(con, "tiny-llama")
@@ -252,7 +252,7 @@ def test_store_round_trip_gives_identical_outputs(tiny_store, tiny_model, tokens
     x, _ = _mlp_io(tiny_model, tokens[:2], 1)
     assert torch.equal(encode(loaded[1], x), encode(again, x))
     # save -> load of a transcoder built here gives bit-identical outputs (skip transcoder: every weight matters).
-    from backend.dictionaries import save_dictionary
+    from backend.dictionaries.attention_sae import save_dictionary
 
     xs, ys = _mlp_io(tiny_model, tokens[:10], 0)
     tc, _ = train_transcoder(xs, ys, 128, architecture="skip_transcoder", target_l0=8)
@@ -270,8 +270,8 @@ def test_store_round_trip_gives_identical_outputs(tiny_store, tiny_model, tokens
 def test_load_transcoders_prefers_the_newest_run(tiny_store, tmp_path, tiny_model):
     import shutil
 
-    from backend.dictionaries import save_dictionary
-    from backend.store import StoreWriter, reading
+    from backend.dictionaries.attention_sae import save_dictionary
+    from backend.store.access import StoreWriter, reading
 
     path = tmp_path / "two.duckdb"
     shutil.copy(tiny_store, path)
@@ -287,10 +287,10 @@ def test_load_transcoders_prefers_the_newest_run(tiny_store, tmp_path, tiny_mode
 
 
 def _ctx(tiny_model, writer, layers, tokens=None):
-    from backend import corpus
-    from backend.models import get_spec
-    from backend.precompute import PRESETS, RunContext
-    from backend.prompts import model_bos_id
+    from backend.inputs import corpus
+    from backend.model.registry import get_spec
+    from backend.pipeline.run import PRESETS, RunContext
+    from backend.inputs.prompts import model_bos_id
 
     contexts = corpus.tokenize_contexts(corpus.load_documents(corpus.BUILTIN), tiny_model.tokenizer, n_ctx=32,
                                         bos=model_bos_id(tiny_model), max_contexts=8)
@@ -299,8 +299,8 @@ def _ctx(tiny_model, writer, layers, tokens=None):
 
 
 def test_import_a_sae_lens_transcoder_directory(tmp_path, tiny_model):
-    from backend.store import StoreWriter, reading
-    from backend.transcoders import import_transcoder_sources
+    from backend.store.access import StoreWriter, reading
+    from backend.dictionaries.transcoder import import_transcoder_sources
 
     tc = make_random_transcoder(64, 128, 64, seed=5, l0=6)
     tc.cfg.metadata.hook_name = hook_name("mlp_in", 1)
@@ -314,7 +314,7 @@ def test_import_a_sae_lens_transcoder_directory(tmp_path, tiny_model):
         with pytest.raises(InputError) as err:
             import_transcoder_sources(_ctx(tiny_model, w, [1]), [str(tmp_path / "wrong_dir")])
         assert "\n" not in str(err.value)
-        from backend.dictionaries import make_random_sae
+        from backend.dictionaries.attention_sae import make_random_sae
 
         make_random_sae(64, 128).save_model(tmp_path / "sae_dir")  # an SAE is not a transcoder
         with pytest.raises(InputError):
@@ -332,8 +332,8 @@ def test_import_a_sae_lens_transcoder_directory(tmp_path, tiny_model):
 
 
 def test_release_import_errors_are_one_sentence(tiny_model, monkeypatch, tmp_path):
-    from backend.models import hub_reachable
-    from backend.transcoders import import_transcoder_sources, release_ids
+    from backend.model.registry import hub_reachable
+    from backend.dictionaries.transcoder import import_transcoder_sources, release_ids
 
     with pytest.raises(InputError) as err:
         release_ids("no-such-transcoder-release", [0])
@@ -356,7 +356,7 @@ def test_release_import_errors_are_one_sentence(tiny_model, monkeypatch, tmp_pat
 
 def test_cli_transcoder_layers_are_separate_from_layers(tmp_path):
     from backend.cli import main
-    from backend.store import reading
+    from backend.store.access import reading
 
     store = tmp_path / "cli.duckdb"
     assert main(["precompute", "--model", "tiny-llama", "--store", str(store), "--contexts", "8", "--layers", "1",
@@ -369,7 +369,7 @@ def test_cli_transcoder_layers_are_separate_from_layers(tmp_path):
 
 def test_cli_imports_a_transcoder_directory_and_rejects_unknown_releases(tmp_path, capsys):
     from backend.cli import main
-    from backend.store import reading
+    from backend.store.access import reading
 
     tc = make_random_transcoder(64, 96, 64, seed=7, l0=6)
     tc.cfg.metadata.hook_name = hook_name("mlp_in", 0)
@@ -396,8 +396,8 @@ def test_home_page_lists_transcoders_and_the_all_replaced_row(app_stores_dir):
 
     from streamlit.testing.v1 import AppTest
 
-    from backend import queries
-    from backend.store import reading
+    from backend.store import queries
+    from backend.store.access import reading
 
     root = Path(__file__).resolve().parent.parent
     at = AppTest.from_file(str(root / "app.py"), default_timeout=120).run()

@@ -15,7 +15,7 @@ def build_tiny_store(path: Path, model: Any = None) -> Path:
 
     ``model`` may pass an already-loaded tiny-llama so the caller's process loads it only once.
     """
-    from backend.precompute import precompute
+    from backend.pipeline.run import precompute
 
     precompute(TEST_MODEL, path, preset="demo", n_contexts=8, model=model)
     return path

@@ -16,7 +16,7 @@ from backend.attribution.passes import Hook, capture
 if TYPE_CHECKING:
     import torch
 
-    from backend.tasks import TaskBatch
+    from backend.inputs.tasks import TaskBatch
 
 
 def gradient_estimate(model: Any, batch: "TaskBatch", kinds: Sequence[str], fwd_hooks: Sequence[Hook] = (),

@@ -27,7 +27,7 @@ from backend.progress import say
 if TYPE_CHECKING:
     import duckdb
 
-    from backend.tasks import TaskBatch
+    from backend.inputs.tasks import TaskBatch
 
 
 @dataclass
@@ -178,7 +178,7 @@ def comparison_db(comparison: Comparison, tokenizer: Any = None) -> "duckdb.Duck
     import duckdb
     import pandas as pd
 
-    from backend import schema
+    from backend.store import schema
 
     con = duckdb.connect(":memory:")
     for stmt in schema.DDL:
@@ -186,7 +186,7 @@ def comparison_db(comparison: Comparison, tokenizer: Any = None) -> "duckdb.Duck
     con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(schema.SCHEMA_VERSION)])
     write_comparison(con, comparison, run_id="live")
     if tokenizer is not None:
-        from backend.prompts import token_strings
+        from backend.inputs.prompts import token_strings
 
         ids = sorted({int(t) for t in comparison.batch.clean.flatten().tolist()}
                      | {int(t) for t in comparison.batch.corrupt.flatten().tolist()})
@@ -203,7 +203,7 @@ def comparison_db(comparison: Comparison, tokenizer: Any = None) -> "duckdb.Duck
 
 def store_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str) -> tuple[dict[int, Any], dict[int, str]]:
     """The store's attention SAEs for ``model_name``, one per layer (the widest): ``({layer: sae}, {layer: id})``."""
-    from backend.dictionaries import KIND, load_dictionary
+    from backend.dictionaries.attention_sae import KIND, load_dictionary
 
     rows = con.execute("SELECT dict_id, layer FROM dictionaries WHERE model = ? AND kind = ? "
                        "ORDER BY layer, d_sae DESC, dict_id", [model_name, KIND]).fetchall()
@@ -218,7 +218,7 @@ def store_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str) -> tup
 
 def ensure_model_recorded(writer: Any, model: Any, spec: Any) -> None:
     """Record the model and its vocabulary (pages label tokens from ``vocab``) if the store lacks them."""
-    from backend.precompute import PRESETS, RunContext, step_model
+    from backend.pipeline.run import PRESETS, RunContext, step_model
 
     have = writer.con.execute("SELECT count(*) FROM vocab WHERE model = ?", [spec.name]).fetchall()[0][0]
     if have != int(model.cfg.d_vocab):
@@ -230,8 +230,8 @@ def step_attributions(ctx: Any) -> None:
     """Precompute step: compare the preset's attribution methods on the built-in tasks and store each comparison
     (replacing this model's earlier precomputed comparisons; saved custom pairs stay)."""
     from backend.progress import track
-    from backend.prompts import model_bos_id
-    from backend.tasks import build_task
+    from backend.inputs.prompts import model_bos_id
+    from backend.inputs.tasks import build_task
 
     preset = ctx.preset
     tasks = list(preset.attribution_tasks)

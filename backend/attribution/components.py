@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from backend.errors import InputError
-from backend.hooks import hook_name
+from backend.model.hooks import hook_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,7 +88,7 @@ class Site:
             return act
         import torch
 
-        from backend.dictionaries import encode_z
+        from backend.dictionaries.attention_sae import encode_z
 
         with torch.no_grad():
             return encode_z(self.sae, act).to(act.dtype)
@@ -99,7 +99,7 @@ class Site:
             return a_new
         # Error term held at its value: z + decode(f') − decode(f). Only a difference of two decodes, so the
         # decoder bias cancels and the splice is exact (z unchanged) when f' = f.
-        from backend.dictionaries import _flat_mode
+        from backend.dictionaries.attention_sae import _flat_mode
 
         with _flat_mode(self.sae):
             delta = self.sae.decode(a_new.float()) - self.sae.decode(a.float())

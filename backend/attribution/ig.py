@@ -23,7 +23,7 @@ from backend.progress import track
 if TYPE_CHECKING:
     import torch
 
-    from backend.tasks import TaskBatch
+    from backend.inputs.tasks import TaskBatch
 
 DEFAULT_STEPS = 8
 MAX_TOKENS = 512  # tokens per forward + backward pass (activations for the backward dominate memory)

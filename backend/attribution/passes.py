@@ -14,12 +14,12 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from backend.attribution.components import Site
-from backend.hooks import hook_name
+from backend.model.hooks import hook_name
 
 if TYPE_CHECKING:
     import torch
 
-    from backend.tasks import TaskBatch
+    from backend.inputs.tasks import TaskBatch
 
 Hook = tuple[Any, Callable[..., Any]]
 

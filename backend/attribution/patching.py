@@ -20,7 +20,7 @@ from backend.progress import track
 if TYPE_CHECKING:
     import torch
 
-    from backend.tasks import TaskBatch
+    from backend.inputs.tasks import TaskBatch
 
 MAX_TOKENS = 2048  # tokens per forward pass (only the positions the metric reads are unembedded)
 

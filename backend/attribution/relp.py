@@ -70,7 +70,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from backend.hooks import FINAL_SCALE, hook_name
+from backend.model.hooks import FINAL_SCALE, hook_name
 
 Hook = tuple[str, Callable[..., Any]]
 

@@ -101,7 +101,7 @@ def build_graph(
     one become error nodes) and ``attn_saes`` ``{layer: hook_z SAE}`` replacing those layers' heads."""
     import torch
 
-    from backend.prompts import encode_prompt, token_strings
+    from backend.inputs.prompts import encode_prompt, token_strings
 
     params = params or BuildParams()
     if params.method not in EDGE_METHODS:
@@ -193,7 +193,7 @@ def _edge_frame(model: Any, c: Candidates, keep: "torch.Tensor", W: "torch.Tenso
     import torch
 
     from backend.circuits.replacement import center
-    from backend.hooks import hook_name
+    from backend.model.hooks import hook_name
 
     t_idx, s_idx = torch.nonzero(W, as_tuple=True)
     weight = W[t_idx, s_idx]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from backend.circuits.graph import Graph
-from backend.hooks import hook_name
+from backend.model.hooks import hook_name
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ def reference_means(model: Any, transcoders: dict[int, Any], attn_saes: dict[int
     """Means over the non-BOS positions of ``tokens`` ``[n, ctx]`` (BOS first) for mean ablation."""
     import torch
 
-    from backend.dictionaries import encode_z
+    from backend.dictionaries.attention_sae import encode_z
 
     attn_saes = attn_saes or {}
     names = [hook_name(k, l) for l in range(model.cfg.n_layers) for k in ("z", "mlp_in", "mlp_out")]
@@ -140,7 +140,7 @@ def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_sae
     """The clean run's MLP outputs and z, and each dictionary's error on it (the error nodes' values)."""
     import torch
 
-    from backend.dictionaries import encode_z
+    from backend.dictionaries.attention_sae import encode_z
 
     tokens = torch.tensor(graph.metadata["token_ids"])
     n_layers, P = model.cfg.n_layers, len(tokens)
@@ -161,7 +161,7 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
             means: Means | None, which: str, clean: dict[str, Any]) -> float:
     import torch
 
-    from backend.dictionaries import encode_z
+    from backend.dictionaries.attention_sae import encode_z
 
     tokens = torch.tensor(graph.metadata["token_ids"])
     target = graph.metadata["target"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from backend.circuits.replacement import Candidates, Recording, Target
-from backend.hooks import EMBED, hook_name
+from backend.model.hooks import EMBED, hook_name
 
 if TYPE_CHECKING:
     import torch

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from backend.hooks import EMBED, FINAL_SCALE, hook_name
+from backend.model.hooks import EMBED, FINAL_SCALE, hook_name
 
 if TYPE_CHECKING:
     import torch
@@ -169,7 +169,7 @@ def candidates(model: Any, rec: Recording, target: Target, transcoders: dict[int
     """Every candidate node of the recorded prompt (see the module docstring), with its readers."""
     import torch
 
-    from backend.dictionaries import encode_z, preactivation
+    from backend.dictionaries.attention_sae import encode_z, preactivation
 
     attn_saes = attn_saes or {}
     cfg = model.cfg

@@ -104,8 +104,8 @@ def store_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str, attn_s
                        ) -> tuple[dict[int, Any], dict[int, Any]]:
     """The store's transcoders and (if ``attn_saes``) attention SAEs for ``model_name``: ``({layer: transcoder},
     {layer: sae})``. A store without transcoders still builds graphs: every MLP is then one error node."""
-    from backend.dictionaries import KIND, load_dictionary
-    from backend.transcoders import load_transcoders
+    from backend.dictionaries.attention_sae import KIND, load_dictionary
+    from backend.dictionaries.transcoder import load_transcoders
 
     transcoders = load_transcoders(con, model_name)
     saes: dict[int, Any] = {}

@@ -13,8 +13,8 @@ import pytest
 from e2e_harness import SessionResult, StreamlitServer, chromium_problem, distinct_prompts, run_prompt_sessions
 from tiny_stores import TEST_MODEL
 
-from backend import feature_queries
-from backend.store import reading
+from backend.features import queries as feature_queries
+from backend.store.access import reading
 
 pytestmark = pytest.mark.e2e
 N_SESSIONS = 10
@@ -24,7 +24,7 @@ TOP_N = 5  # pages/prompt_explorer.py FEATURE_TOP_N
 @functools.cache
 def _saes(store: Path) -> dict[int, Any]:
     """The store's attention SAEs by layer."""
-    from backend.dictionaries import load_dictionary
+    from backend.dictionaries.attention_sae import load_dictionary
 
     with reading(store) as con:
         dicts = feature_queries.feature_dictionaries(con, kind="attn_sae")
@@ -35,8 +35,8 @@ def _saes(store: Path) -> dict[int, Any]:
 def _expected_features(model: Any, store: Path, prompt: str) -> dict[str, list[tuple[list[int], list[float]]]]:
     """Per SAE layer ("L1") and token (BOS first): the top feature ids and activations, one more than the page
     shows (to see ties at the cut), computed here, independently of the server."""
-    from backend.feature_analysis import analyze_prompt
-    from backend.prompts import encode_prompt
+    from backend.features.live import analyze_prompt
+    from backend.inputs.prompts import encode_prompt
 
     res = analyze_prompt(model, _saes(store), encode_prompt(model, prompt).ids, top_n=TOP_N + 1)
     return {f"L{layer}": [([int(f) for f in lf.features[p]], [float(a) for a in lf.acts[p]])

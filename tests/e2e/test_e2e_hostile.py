@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from e2e_harness import BOS, CORRUPT_STORE, ESCAPING_LINK, STRIP_JS, Tab, query_param, submit_prompt, wait_for_strip
 
-from backend import feature_queries
-from backend.prompts import MAX_PROMPT_CHARS
-from backend.store import reading
-from backend.ui import visible_token
+from backend.features import queries as feature_queries
+from backend.inputs.prompts import MAX_PROMPT_CHARS
+from backend.store.access import reading
+from backend.ui.shell import visible_token
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,9 @@ from urllib.parse import urlparse
 import pytest
 from e2e_harness import BOS, Tab, feature_rows, prompt_features, query_param, submit_prompt, wait_for_strip
 
-from backend import feature_queries
-from backend.store import reading
-from backend.ui import visible_token
+from backend.features import queries as feature_queries
+from backend.store.access import reading
+from backend.ui.shell import visible_token
 
 pytestmark = pytest.mark.e2e
 

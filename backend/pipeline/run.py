@@ -14,16 +14,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from backend.activations import Precollector
-from backend.attention_saes import precollect_wants as attention_saes_precollect
-from backend.attention_saes import step_attention_saes
+from backend.model.activations import Precollector
+from backend.dictionaries.steps import precollect_wants as attention_saes_precollect
+from backend.dictionaries.steps import step_attention_saes
 from backend.attribution.compare import step_attributions
 from backend.circuits.step import step_graphs
-from backend.features import step_features, step_transcoder_features
-from backend.induction import step_induction
-from backend.polysemanticity import step_head_polysemanticity
-from backend.transcoders import precollect_wants as transcoders_precollect
-from backend.transcoders import step_transcoders
+from backend.features.step import step_features, step_transcoder_features
+from backend.heads.induction import step_induction
+from backend.heads.polysemanticity import step_head_polysemanticity
+from backend.dictionaries.transcoder import precollect_wants as transcoders_precollect
+from backend.dictionaries.transcoder import step_transcoders
 from backend.errors import InputError
 from backend.progress import say, track
 
@@ -202,7 +202,7 @@ def step_model(ctx: RunContext) -> None:
     """Record the model's spec and its vocabulary (pages decode token ids without loading a tokenizer)."""
     import pandas as pd
 
-    from backend.prompts import token_strings
+    from backend.inputs.prompts import token_strings
 
     spec, cfg = ctx.spec, ctx.model.cfg
     ctx.con.execute("DELETE FROM models WHERE model = ?", [spec.name])
@@ -225,8 +225,8 @@ def step_corpus(ctx: RunContext) -> None:
     import pandas as pd
     import torch
 
-    from backend import corpus
-    from backend.prompts import model_bos_id
+    from backend.inputs import corpus
+    from backend.inputs.prompts import model_bos_id
 
     preset = ctx.preset
     say(f"Reading corpus {ctx.corpus_source!r}")
@@ -290,8 +290,8 @@ def step_tasks(ctx: RunContext) -> None:
     """Run every built-in task on clean and corrupted prompts and store the metric of each."""
     import torch
 
-    from backend import tasks
-    from backend.prompts import model_bos_id
+    from backend.inputs import tasks
+    from backend.inputs.prompts import model_bos_id
 
     ctx.con.execute("DELETE FROM task_baselines WHERE model = ?", [ctx.spec.name])
     names = list(tasks.TASKS)
@@ -352,8 +352,8 @@ def precompute(
     training them (sae-lens releases, ``RELEASE:SAE_ID``, or directories); ``transcoder_layers`` overrides the preset's
     transcoder layer selection (same syntax as ``layers``, which does not affect transcoders).
     """
-    from backend.models import get_spec, load_model
-    from backend.store import StoreWriter
+    from backend.model.registry import get_spec, load_model
+    from backend.store.access import StoreWriter
 
     if preset not in PRESETS:
         raise InputError(f"Unknown preset {preset!r}: use one of {', '.join(PRESETS)}.")
@@ -364,7 +364,7 @@ def precompute(
     layer_list = parse_layers(layers, spec.n_layers, chosen.layers)
     tc_layers = parse_layers(transcoder_layers, spec.n_layers, chosen.transcoder_layers)
     if transcoders:
-        from backend.transcoders import check_transcoder_sources
+        from backend.dictionaries.transcoder import check_transcoder_sources
 
         check_transcoder_sources(transcoders, tc_layers)  # an unknown release fails now, not after minutes
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from backend.activations import flatten_heads
+from backend.model.activations import flatten_heads
 from backend.errors import InputError, ModelUnavailableError, StoreError
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ def train_attention_sae(
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from backend.activations import shuffled_batches
+    from backend.model.activations import shuffled_batches
     from backend.progress import track
 
     n, d_in = acts.shape
@@ -352,7 +352,7 @@ def load_pretrained(release: str, sae_id: str) -> "SAE":
     Offline with nothing cached -> one :class:`ModelUnavailableError` sentence, quickly (the hub is probed once
     and Hugging Face is switched to offline mode, so nothing retries).
     """
-    from backend.models import configure_hf_cache
+    from backend.model.registry import configure_hf_cache
 
     configure_hf_cache()
     from sae_lens import SAE
@@ -392,7 +392,7 @@ def load_local(path: str | Path, what: str = "SAE") -> "SAE":
 
 def layer_of(sae: "SAE") -> int | None:
     """The layer a (pretrained) SAE reads from, from its metadata hook name, if it is a hook_z name."""
-    from backend.hooks import parse_hook_name
+    from backend.model.hooks import parse_hook_name
 
     name = getattr(sae.cfg.metadata, "hook_name", None)
     try:

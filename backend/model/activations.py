@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from backend.hooks import hook_name
+from backend.model.hooks import hook_name
 from backend.progress import track
 
 if TYPE_CHECKING:

@@ -121,7 +121,7 @@ def mlp_replacement_evals(con: duckdb.DuckDBPyConnection, model: str | None = No
 
 
 # Feature Browser queries live in their own module (engineer B); re-exported so StoreRef.query finds them here.
-from backend.feature_queries import (  # noqa: E402,F401
+from backend.features.queries import (  # noqa: E402,F401
     feature_dictionaries, feature_head_dfa, feature_histogram, feature_logits, feature_quantile_examples,
     feature_summary, feature_top_examples, features_by_head, features_by_layer, features_by_token,
 )
@@ -133,12 +133,12 @@ from backend.attribution.queries import (  # noqa: E402,F401
 )
 
 # Head Polysemanticity queries (backend/head_queries.py); re-exported for StoreRef.query.
-from backend.head_queries import (  # noqa: E402,F401
+from backend.heads.polysemanticity_queries import (  # noqa: E402,F401
     head_feature_tokens, head_features, head_polysemanticity_heads, polysemanticity_headline, token_profiles,
 )
 
 # Induction Heads queries (backend/induction_queries.py); re-exported for StoreRef.query.
-from backend.induction_queries import (  # noqa: E402,F401
+from backend.heads.induction_queries import (  # noqa: E402,F401
     head_scores, induction_classes, induction_counts, induction_prefix_curves, induction_rule,
 )
 

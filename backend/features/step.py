@@ -50,10 +50,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from backend import dfa
-from backend.activations import Act, capture_batch, flatten_heads
-from backend.dictionaries import encode_z
-from backend.dictionary_kinds import KINDS
+from backend.features import dfa
+from backend.model.activations import Act, capture_batch, flatten_heads
+from backend.dictionaries.attention_sae import encode_z
+from backend.dictionaries.kinds import KINDS
 from backend.errors import InputError
 from backend.progress import say, track
 
@@ -209,7 +209,7 @@ def _encode(d: DictEntry, x: torch.Tensor) -> torch.Tensor:
     """Feature activations ``[b, p, d_sae]`` of one batch of the dictionary's inputs (sae-lens' own encode)."""
     if d.per_head:
         return encode_z(d.sae, x)
-    from backend.transcoders import encode
+    from backend.dictionaries.transcoder import encode
 
     return encode(d.sae, x)
 
@@ -365,7 +365,7 @@ def _write_head_dfa(writer: Any, dict_id: str, top: _TopN) -> None:
 
 def _run_dictionaries(ctx: Any, kind: str) -> list[DictEntry]:
     """This run's dictionaries of ``kind``, loaded (layer order)."""
-    from backend.dictionaries import load_dictionary
+    from backend.dictionaries.attention_sae import load_dictionary
 
     rows = ctx.con.execute("SELECT dict_id, layer FROM dictionaries WHERE run_id = ? AND kind = ? "
                            "ORDER BY layer, dict_id", [ctx.run_id, kind]).fetchall()

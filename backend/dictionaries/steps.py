@@ -31,13 +31,13 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from backend.activations import collect_z
-from backend.dictionaries import (
+from backend.model.activations import collect_z
+from backend.dictionaries.attention_sae import (
     KIND, dict_id_for, layer_of, load_local, load_pretrained, save_dictionary, train_attention_sae,
 )
-from backend.dictionary_eval import DictionaryMetrics, evaluate_dictionaries, fired_features, split_contexts
+from backend.dictionaries.eval import DictionaryMetrics, evaluate_dictionaries, fired_features, split_contexts
 from backend.errors import InputError
-from backend.hooks import hook_name
+from backend.model.hooks import hook_name
 from backend.progress import say
 
 # Activation matrices of one collection group must fit in this many bytes (float32): the full preset's
@@ -170,7 +170,7 @@ def import_sources(ctx: Any, sources: Sequence[str]) -> list[str]:
     are imported. Returns the dict_ids written."""
     from pathlib import Path
 
-    from backend.hooks import hook_name
+    from backend.model.hooks import hook_name
 
     ids: list[str] = []
     for source in sources:

@@ -28,11 +28,11 @@ from typing import Any, Callable, Iterator, Sequence
 import pandas as pd
 import streamlit as st
 
-from backend import queries
+from backend.store import queries
 from backend.errors import CircuitscopeError, StoreError
 from backend.paths import stores_dir
 from backend.progress import ProgressSink
-from backend.store import fingerprint, open_store, reading
+from backend.store.access import fingerprint, open_store, reading
 
 log = logging.getLogger("circuitscope.ui")
 if not logging.getLogger("circuitscope").handlers:
@@ -203,7 +203,7 @@ def store_picker() -> StoreRef | None:
 
 
 def _pickable_models(models_df: pd.DataFrame) -> list[str]:
-    from backend.models import REGISTRY  # cheap: backend.models imports torch lazily
+    from backend.model.registry import REGISTRY  # cheap: backend.models imports torch lazily
 
     names = [str(m) for m in models_df["model"]] if len(models_df) else []
     real = [n for n in names if not (n in REGISTRY and REGISTRY[n].testing)]
@@ -384,7 +384,7 @@ class SharedModel:
 def get_model(name: str) -> SharedModel:
     """Load a model once per server process, shared by all sessions (see :class:`SharedModel`); heavy imports
     happen only here."""
-    from backend.models import load_model
+    from backend.model.registry import load_model
 
     t0 = time.perf_counter()
     model = load_model(name)
@@ -486,7 +486,7 @@ def get_dictionary(store_path: str, store_key: tuple[int, int, int], dict_id: st
 
     The SAE is shared by all sessions: callers must not modify it.
     """
-    from backend.dictionaries import load_dictionary  # imports sae_lens: only pages that need an SAE pay for it
+    from backend.dictionaries.attention_sae import load_dictionary  # imports sae_lens: only pages that need an SAE pay for it
 
     with reading(store_path) as con:
         return load_dictionary(con, dict_id)
@@ -509,7 +509,7 @@ def cached_prompt_features(model_name: str, ids: tuple[int, ...], store_path: st
                            layer_dicts: tuple[tuple[int, str], ...], top_n: int) -> Any:
     """:func:`backend.feature_analysis.analyze_prompt` for the cached model and the store's SAEs, memoised per
     (model, token ids, store version, (layer, dict_id) pairs). Shared and read-only, like the SAEs."""
-    from backend.feature_analysis import analyze_prompt
+    from backend.features.live import analyze_prompt
 
     saes = {layer: get_dictionary(store_path, store_key, dict_id) for layer, dict_id in layer_dicts}
     return analyze_prompt(get_model(model_name), saes, ids, top_n=top_n)

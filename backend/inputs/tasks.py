@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from backend.errors import InputError
-from backend.prompts import bos_id as tokenizer_bos_id
-from backend.prompts import decode_text, model_bos_id
+from backend.inputs.prompts import bos_id as tokenizer_bos_id
+from backend.inputs.prompts import decode_text, model_bos_id
 
 if TYPE_CHECKING:
     import torch
@@ -398,7 +398,7 @@ def build_induction(
 
 @functools.lru_cache(maxsize=1)
 def _corpus_sentences() -> tuple[str, ...]:
-    from backend.corpus import load_documents
+    from backend.inputs.corpus import load_documents
 
     sentences = []
     for doc in load_documents("builtin"):

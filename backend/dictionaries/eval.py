@@ -30,8 +30,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from backend.activations import flatten_heads
-from backend.hooks import hook_name
+from backend.model.activations import flatten_heads
+from backend.model.hooks import hook_name
 from backend.progress import track
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def reconstruction_stats(sae: "SAE", acts: "torch.Tensor", batch_size: int = 409
     """L0, FVE and the per-feature fired mask of ``sae`` on flat activations ``acts`` ``[n, d_in]``."""
     import torch
 
-    from backend.dictionaries import encode_z
+    from backend.dictionaries.attention_sae import encode_z
 
     n = acts.shape[0]
     mean = acts.mean(0)
@@ -98,7 +98,7 @@ def fired_features(sae: "SAE", acts: "torch.Tensor", batch_size: int = 4096) -> 
 def _splice_hook(sae: "SAE") -> Any:
     import torch
 
-    from backend.dictionaries import reconstruct
+    from backend.dictionaries.attention_sae import reconstruct
 
     def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
         z = z.clone()

@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from backend.dictionary_eval import DictionaryMetrics
-from backend.hooks import hook_name
+from backend.dictionaries.eval import DictionaryMetrics
+from backend.model.hooks import hook_name
 from backend.progress import track
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def _spliced_and_ablated(model: Any, tc: "Transcoder", layer: int, resid_pre: "t
     measured faster for the small batches per-layer CE uses."""
     import torch
 
-    from backend.transcoders import transcode
+    from backend.dictionaries.transcoder import transcode
 
     b = tokens.shape[0]
     stash: dict[str, torch.Tensor] = {}
@@ -132,7 +132,7 @@ class _ReconstructionStats:
     def add(self, tc: "Transcoder", x: "torch.Tensor", y: "torch.Tensor") -> None:
         import torch
 
-        from backend.transcoders import encode, transcode
+        from backend.dictionaries.transcoder import encode, transcode
 
         x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
         f = encode(tc, x)
@@ -186,7 +186,7 @@ def evaluate_transcoders(
     ce = {layer: {"clean": 0.0, "spliced": 0.0, "ablated": 0.0} for layer in layers}
     rep = {"clean": 0.0, "replaced": 0.0, "ablated": 0.0}
     n_pred_ce = n_pred_all = 0
-    from backend.transcoders import ablate_hooks, splice_hooks
+    from backend.dictionaries.transcoder import ablate_hooks, splice_hooks
 
     all_splice, all_ablate = splice_hooks(transcoders), ablate_hooks(layers)
     # Batches never straddle the CE subset's boundary, so each batch either does per-layer CE or not.
@@ -251,7 +251,7 @@ def fired_features(tc: "Transcoder", x: "torch.Tensor", batch_size: int = 4096) 
     """Boolean ``[d_sae]``: which features are nonzero on at least one row of ``x``."""
     import torch
 
-    from backend.transcoders import encode
+    from backend.dictionaries.transcoder import encode
 
     fired = torch.zeros(tc.cfg.d_sae, dtype=torch.bool)
     for start in range(0, x.shape[0], batch_size):

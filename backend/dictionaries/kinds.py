@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backend import dictionaries, transcoders
+from backend.dictionaries import attention_sae as dictionaries
+from backend.dictionaries import transcoder as transcoders
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-from backend import schema
+from backend.store import schema
 from backend.errors import StoreError
 
 BUILD_HINT = "build one with `python -m backend precompute --model smollm2-135m --store {path}` (or `make demo`)"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from backend.errors import InputError
 from backend.paths import CORPUS_DIR
-from backend.prompts import decode_text
+from backend.inputs.prompts import decode_text
 
 if TYPE_CHECKING:  # torch costs seconds to import; pages that only list corpora must not pay for it
     import torch
@@ -253,7 +253,7 @@ def _read_parquet(path: Path, limit: int | None) -> list[Document]:
 
 def _load_hf(source: str, limit: int | None) -> list[Document]:
     """``hf:NAME[:SPLIT[:COLUMN[:CONFIG]]]`` through ``datasets.load_dataset``; offline fails in about a second."""
-    from backend.models import configure_hf_cache
+    from backend.model.registry import configure_hf_cache
 
     parts = source[3:].split(":")
     if not parts[0] or len(parts) > 4:

@@ -64,7 +64,7 @@ import pandas as pd
 import torch
 
 from backend.errors import InputError
-from backend.hooks import FINAL_SCALE, hook_name
+from backend.model.hooks import FINAL_SCALE, hook_name
 
 SCORES = ("induction", "prev_token", "duplicate_token")
 CONDITIONS = ("prefix", "competition_long", "competition_short")
@@ -285,7 +285,7 @@ def head_direct_effects(model: Any, cache: Any, rows: torch.Tensor, dest: torch.
     (module docstring): ``[m, len(layers), H]``. ``cache`` must hold those layers' ``hook_z`` and
     ``ln_final.hook_scale``.
     """
-    from backend.features import final_norm_as_scale
+    from backend.features.step import final_norm_as_scale
 
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     z = torch.stack([cache[hook_name("z", layer)][rows, dest] for layer in layers], dim=1)
@@ -341,7 +341,7 @@ def prompt_head_view(model: Any, ids: Sequence[int], layer: int, head: int) -> P
     NaN / -1 / "" where the token has not occurred before. Also attention_prev (to position − 1) and top_src (the
     source the head attends to most).
     """
-    from backend.prompts import model_bos_id, token_strings
+    from backend.inputs.prompts import model_bos_id, token_strings
 
     ids = [int(i) for i in ids]
     bos = model_bos_id(model)
@@ -386,8 +386,8 @@ def example_ids(model: Any, kind: str, max_prefix: int, seq_len: int, repeat_len
                 seed: int = 0) -> tuple[list[int], int | None, dict[str, int]]:
     """First row of one probe kind (``"repeat"``, ``"prefix:k"`` or ``"competition"``) as the precompute builds it:
     ``(ids, destination, {target name: position})`` (destination None for repeats: every second-copy position)."""
-    from backend.prompts import model_bos_id
-    from backend.tasks import word_token_pool
+    from backend.inputs.prompts import model_bos_id
+    from backend.inputs.tasks import word_token_pool
 
     bos = model_bos_id(model)
     pool = word_token_pool(model.tokenizer)
@@ -515,8 +515,8 @@ def step_induction(ctx: Any) -> None:
     import json
 
     from backend.progress import say, track
-    from backend.prompts import model_bos_id
-    from backend.tasks import word_token_pool
+    from backend.inputs.prompts import model_bos_id
+    from backend.inputs.tasks import word_token_pool
 
     model, name, preset = ctx.model, ctx.spec.name, ctx.preset
     bos = model_bos_id(model)

@@ -57,7 +57,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
-from backend.head_queries import polysemanticity_headline, token_profiles
+from backend.heads.polysemanticity_queries import polysemanticity_headline, token_profiles
 from backend.progress import say, track
 
 SHARE_THRESHOLD = 0.5  # the head supplies at least half of the feature's DFA
@@ -228,7 +228,7 @@ def analyse_dictionary(con: Any, dict_id: str, layer: int, w_dec: np.ndarray,
 def step_head_polysemanticity(ctx: Any) -> None:
     """Precompute step: dominant features, families and the polysemanticity verdict of every head of every
     attention-SAE dictionary this run wrote feature data for (reads the features step's tables)."""
-    from backend.dictionaries import load_dictionary
+    from backend.dictionaries.attention_sae import load_dictionary
 
     rows = ctx.con.execute("""
         SELECT d.dict_id, d.layer FROM dictionaries d

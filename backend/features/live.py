@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from backend import dfa
-from backend.dictionaries import encode_z, flatten_z
-from backend.hooks import hook_name
+from backend.features import dfa
+from backend.dictionaries.attention_sae import encode_z, flatten_z
+from backend.model.hooks import hook_name
 
 if TYPE_CHECKING:  # heavy imports stay lazy: pages that only read the store must start fast
     import torch

@@ -52,7 +52,7 @@ def bos_id(tokenizer: Any, bos_token: str | None = None) -> int | None:
 
 def model_bos_id(model: Any) -> int | None:
     """BOS id for a loaded HookedTransformer, from its registry spec."""
-    from backend.models import REGISTRY
+    from backend.model.registry import REGISTRY
 
     spec = REGISTRY.get(getattr(model.cfg, "model_name", ""), None)
     return bos_id(model.tokenizer, spec.bos_token if spec else None)

@@ -62,9 +62,9 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from backend.activations import collect
+from backend.model.activations import collect
 from backend.errors import InputError, ModelUnavailableError
-from backend.hooks import hook_name, parse_hook_name
+from backend.model.hooks import hook_name, parse_hook_name
 from backend.progress import say, track
 
 if TYPE_CHECKING:
@@ -324,7 +324,7 @@ def train_transcoder(
     """
     import torch
 
-    from backend.activations import shuffled_batches
+    from backend.model.activations import shuffled_batches
 
     if architecture not in TRAINABLE_ARCHITECTURES:
         raise InputError(f"Transcoder architecture {architecture!r} cannot be trained here: use one of "
@@ -442,7 +442,7 @@ def load_transcoders(con: Any, model_name: str) -> dict[int, "Transcoder"]:
     Where a layer has several (different widths or sources), the one written by the most recent run wins (ties:
     smallest dict_id). Each transcoder's ``cfg.metadata.dict_id`` is set to its store dict_id (graph nodes cite it).
     """
-    from backend.dictionaries import load_dictionary
+    from backend.dictionaries.attention_sae import load_dictionary
 
     out: dict[int, Transcoder] = {}
     for layer, dict_id in transcoder_ids(con, model_name).items():
@@ -473,7 +473,7 @@ def load_local_transcoder(path: str) -> "Transcoder":
     sae-lens' ``save_model`` / ``save_inference_model``)."""
     from sae_lens import Transcoder
 
-    from backend.dictionaries import load_local
+    from backend.dictionaries.attention_sae import load_local
 
     tc = load_local(path, what="transcoder")
     if not isinstance(tc, Transcoder):
@@ -515,7 +515,7 @@ def load_pretrained_transcoder(release: str, sae_id: str) -> "Transcoder":
     ModelUnavailableError sentence (backend.dictionaries.load_pretrained does the probing)."""
     from sae_lens import Transcoder
 
-    from backend.dictionaries import load_pretrained
+    from backend.dictionaries.attention_sae import load_pretrained
 
     try:
         tc = load_pretrained(release, sae_id)
@@ -547,7 +547,7 @@ def _metadata(ctx: Any, layer: int, dict_id: str, n_ctx: int) -> dict[str, Any]:
 
 
 def _eval_split(ctx: Any) -> tuple[list[int], list[int]]:
-    from backend.dictionary_eval import split_contexts
+    from backend.dictionaries.eval import split_contexts
 
     n = ctx.contexts.tokens.shape[0]
     train_idx, eval_idx = split_contexts(n, ctx.preset.transcoder_eval_contexts)
@@ -657,8 +657,8 @@ def _evaluate_and_save(ctx: Any, transcoders: Mapping[int, Any], eval_idx: Seque
 
     import pandas as pd
 
-    from backend.dictionaries import save_dictionary
-    from backend.transcoder_eval import evaluate_transcoders
+    from backend.dictionaries.attention_sae import save_dictionary
+    from backend.dictionaries.transcoder_eval import evaluate_transcoders
 
     preset, spec = ctx.preset, ctx.spec
     tokens = ctx.contexts.tokens
