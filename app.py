@@ -1,7 +1,7 @@
 """circuitscope — Streamlit entry point: page navigation and the home page (what the open store holds).
 
 Run with ``streamlit run app.py``. Deep links: ``/?store=demo.duckdb&model=smollm2-135m`` opens the home page on that
-store; every page accepts ``store`` and ``model`` plus its own parameters (see backend/ui.py).
+store; every page accepts ``store`` and ``model`` plus its own parameters (see backend/ui/shell.py).
 """
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from backend.ui import shell as ui
+from backend.store import queries as store_queries
+from backend.ui import shell
 
 
 def _fmt_int(value: object) -> str:
     return "–" if value is None or pd.isna(value) else f"{int(value):,}"  # type: ignore[arg-type]
 
 
-def _model_section(ctx: ui.PageContext) -> None:
+def _model_section(ctx: shell.PageContext) -> None:
     info = ctx.model_info
     st.subheader(f"Model · {ctx.model}")
     cols = st.columns(5)
@@ -31,12 +32,12 @@ def _model_section(ctx: ui.PageContext) -> None:
         st.caption(str(info["description"]))
 
 
-def _corpus_section(ctx: ui.PageContext) -> None:
+def _corpus_section(ctx: shell.PageContext) -> None:
     st.subheader("Corpus")
     corpora: pd.DataFrame = ctx.summary["corpora"]
     corpora = corpora[corpora["model"] == ctx.model]
     if corpora.empty:
-        st.info(f"This store has no tokenized corpus for {ctx.model}: run `{ui.build_hint(ctx)}`.")
+        st.info(f"This store has no tokenized corpus for {ctx.model}: run `{shell.build_hint(ctx)}`.")
         return
     for _, row in corpora.iterrows():
         cols = st.columns(4)
@@ -47,13 +48,13 @@ def _corpus_section(ctx: ui.PageContext) -> None:
         st.caption(f"`{row['corpus_id']}` — {row['description'] or row['source']} (licence: {row['licence'] or 'unknown'})")
 
 
-def _dictionary_section(ctx: ui.PageContext) -> None:
+def _dictionary_section(ctx: shell.PageContext) -> None:
     st.subheader("Dictionaries")
-    dicts: pd.DataFrame = ctx.store.query("dictionary_quality", ctx.model)
+    dicts: pd.DataFrame = ctx.store.query(store_queries.dictionary_quality, ctx.model)
     if dicts.empty:
         st.info(
             f"This store has no SAEs or transcoders for {ctx.model} yet: they arrive with the dictionary-training "
-            f"precompute steps; once those land, run `{ui.build_hint(ctx)}` to add them."
+            f"precompute steps; once those land, run `{shell.build_hint(ctx)}` to add them."
         )
         return
     others = dicts[dicts["kind"] != "transcoder"]
@@ -78,9 +79,9 @@ def _dictionary_section(ctx: ui.PageContext) -> None:
         _transcoder_section(ctx)
 
 
-def _transcoder_section(ctx: ui.PageContext) -> None:
+def _transcoder_section(ctx: shell.PageContext) -> None:
     st.markdown("**MLP transcoders** — each replaces one MLP: features read the MLP's normalised input and predict its output")
-    reps: pd.DataFrame = ctx.store.query("mlp_replacement_evals", ctx.model)
+    reps: pd.DataFrame = ctx.store.query(store_queries.mlp_replacement_evals, ctx.model)
     if not reps.empty:
         r = reps.iloc[0]
         cols = st.columns(4)
@@ -93,7 +94,7 @@ def _transcoder_section(ctx: ui.PageContext) -> None:
         cols[3].metric("all zeroed − clean (nats)", "–" if pd.isna(r["ablation_gap"]) else f"{r['ablation_gap']:.3f}",
                        help="the denominator of the ratio")
         st.caption(f"Clean CE {r['ce_clean']:.3f} nats over {_fmt_int(r['ce_tokens'])} held-out tokens.")
-    tcs: pd.DataFrame = ctx.store.query("transcoder_quality", ctx.model)
+    tcs: pd.DataFrame = ctx.store.query(store_queries.transcoder_quality, ctx.model)
     st.dataframe(
         tcs.drop(columns=["model"]),
         hide_index=True,
@@ -112,12 +113,12 @@ def _transcoder_section(ctx: ui.PageContext) -> None:
     )
 
 
-def _tasks_section(ctx: ui.PageContext) -> None:
+def _tasks_section(ctx: shell.PageContext) -> None:
     st.subheader("Task baselines")
     tasks: pd.DataFrame = ctx.summary["task_baselines"]
     tasks = tasks[tasks["model"] == ctx.model]
     if tasks.empty:
-        st.info(f"This store has no task baselines for {ctx.model}: run `{ui.build_hint(ctx)}`.")
+        st.info(f"This store has no task baselines for {ctx.model}: run `{shell.build_hint(ctx)}`.")
         return
     st.dataframe(
         tasks.drop(columns=["model"]),
@@ -129,7 +130,7 @@ def _tasks_section(ctx: ui.PageContext) -> None:
     )
 
 
-def _runs_section(ctx: ui.PageContext) -> None:
+def _runs_section(ctx: shell.PageContext) -> None:
     st.subheader("Runs")
     runs: pd.DataFrame = ctx.summary["runs"]
     st.dataframe(runs[["run_id", "kind", "model", "preset", "status", "started_at", "seconds"]], hide_index=True,
@@ -139,17 +140,17 @@ def _runs_section(ctx: ui.PageContext) -> None:
         st.dataframe(pd.DataFrame({"table": list(counts), "rows": list(counts.values())}), hide_index=True)
 
 
-def _views_section(ctx: ui.PageContext) -> None:
+def _views_section(ctx: shell.PageContext) -> None:
     st.subheader("Views")
-    params = {ui.STORE_PARAM: ctx.store.name, **({ui.MODEL_PARAM: ctx.model} if ctx.model else {})}
+    params = {shell.STORE_PARAM: ctx.store.name, **({shell.MODEL_PARAM: ctx.model} if ctx.model else {})}
     cols = st.columns(3)
     for i, (path, title, icon) in enumerate(VIEWS):
         cols[i % 3].page_link(path, label=title, icon=icon, query_params=params)
 
 
-def _home_body(ctx: ui.PageContext) -> None:
+def _home_body(ctx: shell.PageContext) -> None:
     if ctx.model is None:
-        st.warning(f"This store records no model yet (an empty or interrupted store): run `{ui.build_hint(ctx)}`.")
+        st.warning(f"This store records no model yet (an empty or interrupted store): run `{shell.build_hint(ctx)}`.")
     else:
         _model_section(ctx)
         _corpus_section(ctx)
@@ -161,7 +162,7 @@ def _home_body(ctx: ui.PageContext) -> None:
 
 def home() -> None:
     """The home page: what the chosen store holds."""
-    ui.run_page("circuitscope", _home_body,
+    shell.run_page("circuitscope", _home_body,
                 caption="Explore mechanistic-interpretability artifacts precomputed into a DuckDB store.")
 
 

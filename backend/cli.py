@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from backend.errors import CircuitscopeError
 
@@ -99,15 +99,13 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from backend.attribution import queries as aq
-    from backend.attribution.compare import (
-        check_methods, ensure_model_recorded, run_comparison, store_dictionaries, write_comparison,
-    )
+    from backend.attribution.compare import check_methods, feature_dictionaries, run_comparison, save_comparison
     from backend.attribution.components import check_kinds
     from backend.errors import InputError
+    from backend.inputs.tasks import build_task, custom_pair
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store.access import StoreWriter, reading
-    from backend.inputs.tasks import build_task, custom_pair
+    from backend.store.access import reading
 
     pair = [args.clean, args.corrupt, args.answer, args.wrong]
     if (args.task is None) == all(v is None for v in pair):
@@ -121,7 +119,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     dictionaries = dict_ids = None
     if "feature" in kinds:
         with reading(args.store) as con:
-            dictionaries, dict_ids = store_dictionaries(con, args.model)
+            dictionaries, dict_ids = feature_dictionaries(con, args.model)
     kinds = check_kinds(kinds, dictionaries)
     spec = get_spec(args.model)
     model = load_model(args.model, progress=say)
@@ -130,10 +128,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     comparison = run_comparison(model, batch, spec.name, methods, kinds, ig_steps=args.ig_steps,
                                 per_position_heads=args.per_position_heads, dictionaries=dictionaries,
                                 dictionary_ids=dict_ids, source="cli")
-    params = {"comparison_id": comparison.comparison_id, "task": batch.name, "methods": methods, "kinds": kinds}
-    with StoreWriter(args.store, kind="attribution", model=spec.name, params=params) as writer:
-        ensure_model_recorded(writer, model, spec)
-        write_comparison(writer.con, comparison, writer.run_id)
+    save_comparison(args.store, comparison, model, spec)
     with reading(Path(args.store)) as con:
         timing = aq.attribution_methods(con, comparison.comparison_id)
         pearson = aq.attribution_pearson(con, comparison.comparison_id)
@@ -151,11 +146,12 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     from backend.circuits import faithfulness as faith
     from backend.circuits.build import BuildParams, build_graph
     from backend.circuits.prune import prune
-    from backend.circuits.storage import read_graph, store_dictionaries, write_graph
+    from backend.circuits.storage import read_graph, save_graph
+    from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store.access import StoreWriter, reading
+    from backend.store.access import reading
 
     if (args.prompt is None) == (args.graph_id is None):
         raise InputError("Give either --prompt TEXT or --graph-id ID, not both and not neither.")
@@ -165,7 +161,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     spec = get_spec(args.model)
     need_model = args.prompt is not None or args.faithfulness != "none"
     with reading(args.store) as con:
-        transcoders, saes = store_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
+        transcoders, saes = graph_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
         graph = read_graph(con, args.graph_id) if args.graph_id else None
     if graph is not None:
         saes = saes if graph.metadata.get("dictionaries", {}).get("attn_sae_layers") else {}
@@ -185,16 +181,12 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     print(f"pruned (node {args.node_threshold}, edge {args.edge_threshold}): {len(pruned.nodes)} nodes, "
           f"{len(pruned.edges)} edges")
     if args.faithfulness != "none":
-        means = None
-        if args.faithfulness == "mean":
-            means = faith.reference_means(model, transcoders, saes, _reference_tokens(args.store, spec.name))
-        result = faith.check(model, pruned, transcoders, saes, mode=args.faithfulness, means=means)
+        result = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name)
         pruned.metadata["faithfulness"] = result.as_dict()
         print(f"faithfulness ({args.faithfulness} ablation): circuit {result.metric_circuit:.3f}, full "
               f"{result.metric_full:.3f}, nothing {result.metric_empty:.3f} -> fraction kept {result.fraction:.3f}")
     if args.save:
-        with StoreWriter(args.store, kind="graph", model=spec.name, params={"prompt": graph.metadata["prompt"]}) as w:
-            gid = write_graph(w.con, graph, w.run_id, source="cli")
+        gid = save_graph(args.store, graph, source="cli")
         print(f"saved as {gid} in {args.store}")
     for path in args.export or []:
         from backend.circuits.export import export_to_file
@@ -202,15 +194,6 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         export_to_file(pruned, Path(path))
         print(f"wrote {path}")
     return 0
-
-
-def _reference_tokens(store: str, model_name: str) -> Any:
-    """A few corpus contexts of the store (for mean ablation)."""
-    from backend.circuits.faithfulness import reference_tokens
-    from backend.store.access import reading
-
-    with reading(store) as con:
-        return reference_tokens(con, model_name)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -38,9 +38,9 @@ def run(model_name: str = "smollm2-135m", n_examples: int = 4, ig_steps: int = 8
     from backend.attribution import METHODS, available_methods
     from backend.attribution import queries as aq
     from backend.attribution.compare import comparison_db, run_comparison
+    from backend.inputs.tasks import build_task
     from backend.model.registry import load_model
     from backend.progress import using_sink
-    from backend.inputs.tasks import build_task
 
     model = load_model(model_name)
     batch = build_task("ioi", model, n=n_examples, seed=seed)

@@ -27,8 +27,7 @@ for _p in (ROOT / "tests", ROOT / "tests" / "e2e"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from e2e_harness import (StreamlitServer, chromium_problem, distinct_prompts, percentiles,  # noqa: E402
-                         run_prompt_sessions)
+from e2e_harness import StreamlitServer, chromium_problem, distinct_prompts, percentiles, run_prompt_sessions  # noqa: E402
 
 N_SESSIONS = 10
 

@@ -1,4 +1,4 @@
-"""Benchmarks of the per-feature precompute (backend/features.py) and the Feature Browser queries.
+"""Benchmarks of the per-feature precompute (backend/features/step.py) and the Feature Browser queries.
 
 * :func:`bench_precompute_throughput` — tokens/s of the whole features step for one attention SAE on the real model
   (forward to the SAE's layer with hook_z captured, SAE encode, nonzeros, top-N/DFA, sorted bulk insert, the SQL-derived
@@ -26,7 +26,7 @@ DASHBOARD = ["feature_summary", "feature_top_examples", "feature_quantile_exampl
 
 
 def _random_sae(d_in: int, d_sae: int, k: int, seed: int = 0) -> Any:
-    """A random sae-lens TopK SAE (engineer A's make_random_sae when available)."""
+    """A random sae-lens TopK SAE (make_random_sae)."""
     try:
         from backend.dictionaries.attention_sae import make_random_sae
     except ImportError:
@@ -150,6 +150,7 @@ def build_synthetic_store(path: Path, n_contexts: int = 512, n_ctx: int = 128, d
 def bench_query_latency(n_contexts: int = 512, n_features: int = 40, seed: int = 1) -> dict[str, Any]:
     """p50 / p95 (ms) of each Feature Browser query on a fresh read-only connection, over random features plus the
     densest one (whose quantile query scans the most rows)."""
+    from backend.features import queries as feature_queries
     from backend.store import queries
     from backend.store.access import reading
 
@@ -169,7 +170,7 @@ def bench_query_latency(n_contexts: int = 512, n_features: int = 40, seed: int =
         times: dict[str, list[float]] = {q: [] for q in calls}
         page_ms: list[float] = []
         with reading(path) as con:  # warm the OS file cache once, as a running server would have
-            queries.feature_dictionaries(con)
+            feature_queries.feature_dictionaries(con)
         for i in range(len(feats)):
             page = 0.0
             for q in DASHBOARD:

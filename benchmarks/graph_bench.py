@@ -33,7 +33,7 @@ def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: in
     from backend.circuits.build import BuildParams, build_graph
     from backend.circuits.export import export
     from backend.circuits.prune import prune
-    from backend.circuits.storage import store_dictionaries
+    from backend.dictionaries.storage import graph_dictionaries
     from backend.model.registry import get_spec, load_model
     from backend.store.access import reading
 
@@ -43,7 +43,7 @@ def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: in
     saes: dict[int, Any] = {}
     if store is not None:
         with reading(store) as con:
-            transcoders, saes = store_dictionaries(con, spec.name)
+            transcoders, saes = graph_dictionaries(con, spec.name)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

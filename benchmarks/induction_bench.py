@@ -1,4 +1,4 @@
-"""Benchmark of the ``induction`` precompute step (backend/induction.py) on the real model with a preset's sizes.
+"""Benchmark of the ``induction`` precompute step (backend/heads/induction.py) on the real model with a preset's sizes.
 
 Times the whole step (probe batches, one cached forward per batch with every layer's pattern and hook_z, the direct
 effects, classification and the DuckDB writes) into a scratch store, and a bare no-grad forward pass over token
@@ -26,11 +26,12 @@ def run(model_name: str = "smollm2-135m", preset_name: str = "demo") -> dict[str
     import torch
 
     from backend.heads import induction as ind
-    from backend.model.registry import get_spec, load_model
-    from backend.pipeline.run import PRESETS, RunContext
     from backend.inputs.prompts import model_bos_id
-    from backend.store.access import StoreWriter
     from backend.inputs.tasks import word_token_pool
+    from backend.model.registry import get_spec, load_model
+    from backend.pipeline.config import PRESETS
+    from backend.pipeline.context import RunContext
+    from backend.store.access import StoreWriter
 
     model, spec, preset = load_model(model_name), get_spec(model_name), PRESETS[preset_name]
     bos = model_bos_id(model)

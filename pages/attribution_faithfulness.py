@@ -17,10 +17,11 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from backend.ui import shell as ui
 from backend.attribution import GROUND_TRUTH, METHODS
+from backend.attribution import queries as attribution_queries
 from backend.attribution.components import DEFAULT_KINDS, KINDS
 from backend.errors import CircuitscopeError
+from backend.ui import cache, progress_bar, shell, token_html
 
 COMPARISON_PARAM = "comparison"
 _CMP_KEY = "af_comparison"
@@ -33,11 +34,12 @@ Query = Callable[..., Any]
 
 def _label(token: str) -> str:
     # Plotly renders some HTML in labels and hover text: token text is untrusted, escape it.
-    return html.escape(ui.visible_token(str(token)))
+    return html.escape(token_html.visible_token(str(token)))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Views of one comparison (stored or live: ``query(fn, *args)`` runs backend.queries.fn on the right connection)
+# Views of one comparison (stored or live: ``query(fn, *args)`` runs a query function of
+# backend.attribution.queries on the right connection)
 
 
 def _summary(query: Query, cid: str, row: dict[str, Any]) -> None:
@@ -56,8 +58,8 @@ def _summary(query: Query, cid: str, row: dict[str, Any]) -> None:
 
 
 def _method_table(query: Query, cid: str) -> pd.DataFrame:
-    methods: pd.DataFrame = query("attribution_methods", cid)
-    pearson: pd.DataFrame = query("attribution_pearson", cid)
+    methods: pd.DataFrame = query(attribution_queries.attribution_methods, cid)
+    pearson: pd.DataFrame = query(attribution_queries.attribution_pearson, cid)
     view = pd.DataFrame({
         "method": methods["method"],
         "what": [METHODS[m].description if m in METHODS else "" for m in methods["method"]],
@@ -147,9 +149,9 @@ def _scatter(pairs: pd.DataFrame, pearson: pd.DataFrame, kind: str, tokens: list
 
 
 def _kind_view(query: Query, cid: str, kind: str, tokens: pd.DataFrame, methods: list[str]) -> None:
-    scores: pd.DataFrame = query("attribution_scores", cid, kind)
-    pairs: pd.DataFrame = query("attribution_pairs", cid, kind)
-    pearson: pd.DataFrame = query("attribution_pearson", cid)
+    scores: pd.DataFrame = query(attribution_queries.attribution_scores, cid, kind)
+    pairs: pd.DataFrame = query(attribution_queries.attribution_pairs, cid, kind)
+    pearson: pd.DataFrame = query(attribution_queries.attribution_pearson, cid)
     pearson = pearson[pearson["component"] == kind]
     token_list = list(tokens["clean"])
     if not pairs.empty:
@@ -179,13 +181,13 @@ def _kind_view(query: Query, cid: str, kind: str, tokens: pd.DataFrame, methods:
 
 def show_comparison(query: Query, cid: str) -> None:
     """Every view of one comparison, read through ``query`` (a store or a live in-memory database)."""
-    row = query("attribution_comparison", cid)
+    row = query(attribution_queries.attribution_comparison, cid)
     if row is None:
         st.error(f"This store has no attribution comparison {cid!r}: choose one from the list.")
         return
     _summary(query, cid, row)
     methods_df = _method_table(query, cid)
-    tokens: pd.DataFrame = query("attribution_tokens", cid)
+    tokens: pd.DataFrame = query(attribution_queries.attribution_tokens, cid)
     kinds = [k for k in (row.get("params") or {}).get("kinds", DEFAULT_KINDS) if k in KINDS]
     methods = list(methods_df["method"])
     tabs = st.tabs([KIND_TITLES.get(k, k) for k in kinds])
@@ -198,15 +200,15 @@ def show_comparison(query: Query, cid: str) -> None:
 # Stored comparisons
 
 
-def _stored(ctx: ui.PageContext) -> None:
-    comps: pd.DataFrame = ctx.store.query("attribution_comparisons", ctx.model)
+def _stored(ctx: shell.PageContext) -> None:
+    comps: pd.DataFrame = ctx.store.query(attribution_queries.attribution_comparisons, ctx.model)
     if comps.empty:
         st.info(
             f"This store has no attribution comparisons for {ctx.model}: add the built-in tasks with "
-            f"`{ui.build_hint(ctx)}` (`make demo` rebuilds the demo store), or one task with "
+            f"`{shell.build_hint(ctx)}` (`make demo` rebuilds the demo store), or one task with "
             f"`python -m backend attribute --store {ctx.store.path} --model {ctx.model} --task ioi`. "
             "You can still run your own pair below.", icon=":material/construction:")
-        ui.set_param(COMPARISON_PARAM, None)
+        shell.set_param(COMPARISON_PARAM, None)
         return
     options = list(comps["comparison_id"])
     ss = st.session_state
@@ -220,7 +222,7 @@ def _stored(ctx: ui.PageContext) -> None:
         "Comparison", options, key=_CMP_KEY,
         format_func=lambda c: f"{info.loc[c, 'task']} · {int(info.loc[c, 'n_examples'])} example(s) · "
                               f"{info.loc[c, 'methods']} · {info.loc[c, 'source']} ({c})")
-    ui.set_param(COMPARISON_PARAM, cid)
+    shell.set_param(COMPARISON_PARAM, cid)
     show_comparison(ctx.store.query, cid)
 
 
@@ -228,7 +230,7 @@ def _stored(ctx: ui.PageContext) -> None:
 # A user-entered clean/corrupted pair, run live
 
 
-def _live_form(ctx: ui.PageContext) -> None:
+def _live_form(ctx: shell.PageContext) -> None:
     # Every registered method is offered; availability is checked on submit (checking imports torch, which a page
     # that only reads the store should not pay for).
     available = list(METHODS)
@@ -253,56 +255,51 @@ def _live_form(ctx: ui.PageContext) -> None:
     live = st.session_state.get(_LIVE)
     if live is None or live.model != ctx.model:
         return
-    from backend.attribution import queries as attribution_queries
     from backend.attribution.compare import comparison_db
 
-    con = comparison_db(live, ui.get_model(ctx.model).tokenizer)
+    con = comparison_db(live, cache.get_model(ctx.model).tokenizer)
 
-    def query(fn: str, *args: Any) -> Any:
-        return getattr(attribution_queries, fn)(con, *args)
+    def query(fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(con, *args)
 
     show_comparison(query, live.comparison_id)
     _save(ctx, live)
 
 
-def _run_live(ctx: ui.PageContext, clean: str, corrupt: str, answer: str, wrong: str, methods: list[str],
+def _run_live(ctx: shell.PageContext, clean: str, corrupt: str, answer: str, wrong: str, methods: list[str],
               kinds: list[str], steps: int) -> None:
     from backend.attribution.compare import run_comparison
-    from backend.progress import using_sink
     from backend.inputs.tasks import custom_pair
+    from backend.progress import using_sink
 
     st.session_state.pop(_LIVE, None)
     with st.spinner(f"Loading {ctx.model} (once per server)…"):
-        model = ui.get_model(ctx.model)
+        model = cache.get_model(ctx.model)
     try:
         batch = custom_pair(model, clean, corrupt, answer, wrong)
         if batch.seq_len > LIVE_MAX_TOKENS:
             st.error(f"The prompts have {batch.seq_len} tokens; this page patches at most {LIVE_MAX_TOKENS} "
                      "(one forward pass per component): shorten them, or use `python -m backend attribute`.")
             return
-        with using_sink(ui.st_progress_sink()):
+        with using_sink(progress_bar.st_progress_sink()):
             st.session_state[_LIVE] = run_comparison(model, batch, ctx.model, methods, kinds, ig_steps=steps,
                                                      source="app")
     except CircuitscopeError as exc:
         st.error(str(exc))
 
 
-def _save(ctx: ui.PageContext, live: Any) -> None:
+def _save(ctx: shell.PageContext, live: Any) -> None:
     size_mb = os.path.getsize(ctx.store.path) / 1e6
     st.markdown("##### Save this comparison")
     st.caption(f"Saving writes a new version of the store: the whole file ({size_mb:,.1f} MB) is copied to a "
                "temporary file beside it, the comparison is added there and the copy is swapped in atomically, so "
                "it takes about as long as copying the file; other readers keep working meanwhile.")
     if st.button("Save into the store", key="af_save"):
-        from backend.attribution.compare import ensure_model_recorded, write_comparison
+        from backend.attribution.compare import save_comparison
         from backend.model.registry import get_spec
-        from backend.store.access import StoreWriter
 
         try:
-            with StoreWriter(ctx.store.path, kind="attribution", model=ctx.model,
-                             params={"comparison_id": live.comparison_id, "source": "app"}) as writer:
-                ensure_model_recorded(writer, ui.get_model(ctx.model), get_spec(ctx.model))
-                write_comparison(writer.con, live, writer.run_id)
+            save_comparison(ctx.store.path, live, cache.get_model(ctx.model), get_spec(ctx.model), source="app")
         except CircuitscopeError as exc:
             st.error(str(exc))
             return
@@ -310,10 +307,10 @@ def _save(ctx: ui.PageContext, live: Any) -> None:
                    f"(link: ?{COMPARISON_PARAM}={live.comparison_id}).")
 
 
-def body(ctx: ui.PageContext) -> None:
+def body(ctx: shell.PageContext) -> None:
     """Stored comparisons, then the live pair form."""
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{ui.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
         return
     st.subheader("Stored comparisons")
     _stored(ctx)
@@ -321,7 +318,7 @@ def body(ctx: ui.PageContext) -> None:
     _live_form(ctx)
 
 
-ui.run_page(
+shell.run_page(
     "Attribution Faithfulness", body,
     caption="Which components matter for a behaviour, and can the cheap estimates (attribution patching, RelP, "
             "integrated gradients) be trusted? Each is scored against activation patching. Score = m(clean with "

@@ -15,8 +15,10 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from backend.ui import shell as ui
+from backend.circuits import queries as circuit_queries
+from backend.circuits import storage as graph_storage
 from backend.errors import CircuitscopeError
+from backend.ui import cache, shell, token_html
 
 GRAPH_PARAM = "graph"
 PROMPT_PARAM = "prompt"
@@ -30,29 +32,29 @@ _PICK_NEXT = "_cg_pick_next"
 PLOT_KEY = "cg_plot"
 
 
-def _dictionaries(ctx: ui.PageContext, attn_saes: bool) -> tuple[dict, dict]:
-    return ui.store_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn_saes)
+def _dictionaries(ctx: shell.PageContext, attn_saes: bool) -> tuple[dict, dict]:
+    return cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn_saes)
 
 
-def _build(ctx: ui.PageContext, prompt: str, answer: str, wrong: str, max_nodes: int, attn_saes: bool) -> Any:
+def _build(ctx: shell.PageContext, prompt: str, answer: str, wrong: str, max_nodes: int, attn_saes: bool) -> Any:
     from backend.circuits.build import BuildParams, build_graph
 
     transcoders, saes = _dictionaries(ctx, attn_saes)
-    model = ui.get_model(ctx.model)
+    model = cache.get_model(ctx.model)
     return build_graph(model, prompt, transcoders, saes, answer=answer or None, wrong=wrong or None,
                        params=BuildParams(max_nodes=max_nodes), model_name=ctx.model)
 
 
-def _choose_graph(ctx: ui.PageContext) -> Any:
+def _choose_graph(ctx: shell.PageContext) -> Any:
     """The stored graph picked (or linked), or the one built in this session; None if neither."""
-    stored: pd.DataFrame = ctx.store.query("list_graphs", ctx.model)
+    stored: pd.DataFrame = ctx.store.query(graph_storage.list_graphs, ctx.model)
     live = st.session_state.get(_LIVE)
     options = (["(built in this session)"] if live is not None else []) + stored["graph_id"].tolist()
     titles = dict(zip(stored["graph_id"], stored["title"]))
     linked = st.query_params.get(GRAPH_PARAM)
     if linked and linked not in titles:
         st.error(f"This store has no graph {linked!r}: pick one below, or build one.")
-        ui.set_param(GRAPH_PARAM, None)
+        shell.set_param(GRAPH_PARAM, None)
         linked = None
     if not options:
         return None
@@ -63,13 +65,13 @@ def _choose_graph(ctx: ui.PageContext) -> Any:
     choice = st.selectbox("Graph", options, index=index, key="cg_pick",
                           format_func=lambda g: g if g not in titles else f"{titles[g]}  ·  {g}")
     if choice == "(built in this session)":
-        ui.set_param(GRAPH_PARAM, None)
+        shell.set_param(GRAPH_PARAM, None)
         return live
-    ui.set_param(GRAPH_PARAM, choice)
-    return ctx.store.query("read_graph", choice)
+    shell.set_param(GRAPH_PARAM, choice)
+    return ctx.store.query(graph_storage.read_graph, choice)
 
 
-def _build_form(ctx: ui.PageContext) -> None:
+def _build_form(ctx: shell.PageContext) -> None:
     with st.expander("Build a graph for your own prompt", expanded=st.session_state.get(_LIVE) is None):
         with st.form("cg_build"):
             prompt = st.text_area("Prompt", value=st.query_params.get(PROMPT_PARAM, DEFAULT_PROMPT), max_chars=2000)
@@ -95,13 +97,13 @@ def _build_form(ctx: ui.PageContext) -> None:
             st.rerun()
 
 
-def _hover(ctx: ui.PageContext, graph: Any) -> dict[str, str]:
+def _hover(ctx: shell.PageContext, graph: Any) -> dict[str, str]:
     """Hover text for feature nodes with stored examples: their top activating contexts."""
     feats = graph.nodes[graph.nodes["kind"].isin(["transcoder", "attn_feature"]) & graph.nodes["dict_id"].notna()]
     if feats.empty:
         return {}
     pairs = tuple(sorted({(str(d), int(f)) for d, f in zip(feats["dict_id"], feats["feature"])}))
-    ex: pd.DataFrame = ctx.store.query("graph_feature_examples", ctx.model, pairs)
+    ex: pd.DataFrame = ctx.store.query(circuit_queries.graph_feature_examples, ctx.model, pairs)
     if ex.empty:
         return {}
     by = {k: g for k, g in ex.groupby(["dict_id", "feature"])}
@@ -111,7 +113,7 @@ def _hover(ctx: ui.PageContext, graph: Any) -> dict[str, str]:
         if g is None:
             continue
         lines = [f"{row.label} (act {row.activation:.2f}, attribution {row.attribution:+.3f})", "top examples:"]
-        lines += [f"{r.act:.2f}: …{ui.visible_token(r.context)}" for r in g.itertuples()]
+        lines += [f"{r.act:.2f}: …{token_html.visible_token(r.context)}" for r in g.itertuples()]
         out[row.node_id] = "\n".join(lines)  # figure() escapes it
     return out
 
@@ -143,13 +145,13 @@ def _view(graph: Any) -> tuple[Any, list[str], list[tuple[list[str], float]]]:
     return view, hidden, paths
 
 
-def _node_panel(ctx: ui.PageContext, graph: Any, view: Any, node: str) -> None:
+def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str) -> None:
     row = graph.node(node)
     st.markdown(f"#### {html.escape(str(row['label']))} · `{html.escape(node)}`")
     tokens = graph.tokens
     tok = tokens[int(row["pos"])] if 0 <= int(row["pos"]) < len(tokens) else ""
     st.caption(f"{row['kind']} · layer {row['layer']} · position {row['pos']} "
-               f"({html.escape(ui.visible_token(tok))}) · activation {row['activation']:.3f} · "
+               f"({html.escape(token_html.visible_token(tok))}) · activation {row['activation']:.3f} · "
                f"total attribution to the target {row['attribution']:+.3f}")
     c1, c2 = st.columns(2)
     e = view.edges
@@ -161,9 +163,9 @@ def _node_panel(ctx: ui.PageContext, graph: Any, view: Any, node: str) -> None:
         col.markdown("**Inputs (direct effect on this node)**" if side == "target" else "**Outputs**")
         col.dataframe(part[["node", other, "weight", "invariant"]], hide_index=True, width="stretch")
     if row["kind"] in ("transcoder", "attn_feature") and row.get("dict_id"):
-        with_dash = ctx.store.query("dictionaries_with_features")
+        with_dash = ctx.store.query(circuit_queries.dictionaries_with_features)
         if row["dict_id"] in with_dash:
-            params = {ui.STORE_PARAM: ctx.store.name, ui.MODEL_PARAM: ctx.model or "", "dict": row["dict_id"],
+            params = {shell.STORE_PARAM: ctx.store.name, shell.MODEL_PARAM: ctx.model or "", "dict": row["dict_id"],
                       "feature": str(int(row["feature"]))}
             try:
                 st.page_link("pages/feature_browser.py", label=f"Open feature #{int(row['feature'])} in the Feature Browser",
@@ -178,7 +180,7 @@ def _node_panel(ctx: ui.PageContext, graph: Any, view: Any, node: str) -> None:
         _invariant_panel(ctx, int(row["layer"]), int(row["feature"]))
 
 
-def _invariant_panel(ctx: ui.PageContext, layer: int, feature: int) -> None:
+def _invariant_panel(ctx: shell.PageContext, layer: int, feature: int) -> None:
     from backend.circuits.invariant import invariant_neighbours
 
     transcoders, _ = _dictionaries(ctx, False)
@@ -191,7 +193,7 @@ def _invariant_panel(ctx: ui.PageContext, layer: int, feature: int) -> None:
     c2.dataframe(down, hide_index=True, width="stretch")
 
 
-def _faithfulness(ctx: ui.PageContext, graph: Any, view: Any) -> None:
+def _faithfulness(ctx: shell.PageContext, graph: Any, view: Any) -> None:
     from backend.circuits import faithfulness as faith
 
     c1, c2 = st.columns([1, 3])
@@ -200,17 +202,10 @@ def _faithfulness(ctx: ui.PageContext, graph: Any, view: Any) -> None:
     if c2.button("Check faithfulness of the shown circuit", key="cg_faith"):
         attn = bool(graph.metadata.get("dictionaries", {}).get("attn_sae_layers"))
         transcoders, saes = _dictionaries(ctx, attn)
-        model = ui.get_model(ctx.model)
+        model = cache.get_model(ctx.model)
         with st.spinner("Running the model with everything outside the circuit ablated…"):
             try:
-                means = None
-                if mode == "mean":
-                    from backend.store.access import reading
-
-                    with reading(ctx.store.path) as con:
-                        tokens = faith.reference_tokens(con, ctx.model)
-                    means = faith.reference_means(model, transcoders, saes, tokens)
-                result = faith.check(model, view, transcoders, saes, mode=mode, means=means)
+                result = faith.check_in_store(model, view, transcoders, saes, mode, ctx.store.path, ctx.model)
             except CircuitscopeError as exc:
                 st.error(str(exc))
                 return
@@ -248,32 +243,29 @@ def _downloads(view: Any, stem: str) -> None:
             st.rerun()
 
 
-def _save(ctx: ui.PageContext, graph: Any) -> None:
-    from backend.circuits.storage import write_graph
-    from backend.store.access import StoreWriter
+def _save(ctx: shell.PageContext, graph: Any) -> None:
+    from backend.circuits.storage import save_graph
 
     if st.button("Save this graph into the store", key="cg_save"):
         try:
-            with StoreWriter(ctx.store.path, kind="graph", model=ctx.model,
-                             params={"prompt": graph.metadata.get("prompt"), "source": "app"}) as writer:
-                gid = write_graph(writer.con, graph, writer.run_id, source="app")
+            gid = save_graph(ctx.store.path, graph, source="app")
         except CircuitscopeError as exc:
             st.error(str(exc))
             return
         st.session_state.pop(_LIVE, None)
         st.session_state[_PICK_NEXT] = gid  # the picker exists already in this run: set it in the next one
-        ui.set_param(GRAPH_PARAM, gid)
+        shell.set_param(GRAPH_PARAM, gid)
         st.rerun()
 
 
-def body(ctx: ui.PageContext) -> None:
+def body(ctx: shell.PageContext) -> None:
     """Pick or build a graph, then view, inspect, check and export it."""
     from backend.circuits.figure import figure
 
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{ui.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
         return
-    quality = ctx.store.query("replacement_quality", ctx.model)
+    quality = ctx.store.query(circuit_queries.replacement_quality, ctx.model)
     if quality:
         st.caption(f"Transcoders replace {quality['n_replaced']} MLP layer(s); with all of them spliced in at once the "
                    f"model keeps {quality['ce_loss_recovered']:.2f} of the CE loss (clean {quality['ce_clean']:.3f}, "
@@ -281,7 +273,7 @@ def body(ctx: ui.PageContext) -> None:
                    "miss is in the error nodes.")
     else:
         st.caption("This store has no transcoders: every MLP is one error node per position. Build them with "
-                   f"`{ui.build_hint(ctx)}`.")
+                   f"`{shell.build_hint(ctx)}`.")
     _build_form(ctx)
     graph = _choose_graph(ctx)
     if graph is None:
@@ -314,7 +306,7 @@ def body(ctx: ui.PageContext) -> None:
         linked = st.query_params.get(NODE_PARAM)
         selected = linked if linked in set(graph.nodes["node_id"]) else None
     if selected:
-        ui.set_param(NODE_PARAM, selected)
+        shell.set_param(NODE_PARAM, selected)
         _node_panel(ctx, graph, view, selected)
     st.subheader("Faithfulness")
     _faithfulness(ctx, graph, view)
@@ -324,4 +316,4 @@ def body(ctx: ui.PageContext) -> None:
         _save(ctx, graph)
 
 
-ui.run_page("Circuit Graph", body)
+shell.run_page("Circuit Graph", body)

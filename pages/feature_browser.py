@@ -5,7 +5,7 @@ Find a feature by id, from a dictionary's list (by layer), by dominant head (att
 tokens it fires on; its dashboard shows the top activating contexts (tokens shaded by activation), examples from
 several activation intervals, the activation histogram, the output tokens it promotes / suppresses, and its DFA by
 head (attention SAEs) or its input-invariant connections to other transcoder features (transcoders).
-Deep link: ``?store=...&dict=<dict_id>&feature=<int>``. A thin view over :mod:`backend.feature_queries`.
+Deep link: ``?store=...&dict=<dict_id>&feature=<int>``. A thin view over :mod:`backend.features.queries`.
 BOS (position 0) is shown in example windows but never scored.
 """
 
@@ -16,8 +16,9 @@ import math
 import pandas as pd
 import streamlit as st
 
-from backend.ui import shell as ui
 from backend.dictionaries.kinds import KINDS
+from backend.features import queries as feature_queries
+from backend.ui import cache, shell, token_html
 
 DICT_PARAM = "dict"
 FEATURE_PARAM = "feature"
@@ -98,7 +99,7 @@ def _feature_list(df: pd.DataFrame, key: str, empty: str) -> None:
     st.button("Open", key=f"{key}_open", disabled=choice is None, on_click=_open, args=(choice,))
 
 
-def _finder(ctx: ui.PageContext, dict_row: pd.Series) -> None:
+def _finder(ctx: shell.PageContext, dict_row: pd.Series) -> None:
     dict_id, d_sae = dict_row["dict_id"], int(dict_row["d_sae"])
     per_head = KINDS[dict_row["kind"]].per_head
     modes = MODES if per_head else [m for m in MODES if m != HEAD_MODE]
@@ -113,23 +114,23 @@ def _finder(ctx: ui.PageContext, dict_row: pd.Series) -> None:
         if st.session_state.get("fb_order") not in orders:
             st.session_state["fb_order"] = orders[0]
         order = st.selectbox("Sort by", orders, key="fb_order")
-        _feature_list(ctx.store.query("features_by_layer", dict_id, order, 200), "fb_pick_layer",
+        _feature_list(ctx.store.query(feature_queries.features_by_layer, dict_id, order, 200), "fb_pick_layer",
                       "This dictionary has no live features on the store's corpus.")
     elif mode == "By dominant head":
         n_heads = int(dict_row["n_heads"]) if pd.notna(dict_row["n_heads"]) else 1
         head = st.selectbox("Dominant head (largest DFA share)", list(range(n_heads)), key="fb_head")
-        _feature_list(ctx.store.query("features_by_head", dict_id, head, 200), "fb_pick_head",
+        _feature_list(ctx.store.query(feature_queries.features_by_head, dict_id, head, 200), "fb_pick_head",
                       f"No feature of this dictionary is dominated by head {head}.")
     else:
         text = st.text_input("Token text contains", key="fb_text",
                              help="Features whose top examples fire on a token whose text contains this (any case).")
         if text.strip():
-            _feature_list(ctx.store.query("features_by_token", dict_id, text, 200), "fb_pick_token",
+            _feature_list(ctx.store.query(feature_queries.features_by_token, dict_id, text, 200), "fb_pick_token",
                           f"No feature's top examples fire on a token containing {text!r}.")
 
 
 def _strip(tokens: list[str], acts: list[float], vmax: float) -> str:
-    return ui.token_strip_html(list(tokens), [float(a) for a in acts], vmax=vmax, label="act")
+    return token_html.token_strip_html(list(tokens), [float(a) for a in acts], vmax=vmax, label="act")
 
 
 def _examples(df: pd.DataFrame, vmax: float) -> None:
@@ -166,14 +167,14 @@ def _dfa(dfa: pd.DataFrame) -> None:
     st.plotly_chart(fig, config={"displayModeBar": False})
 
 
-def _invariant(ctx: ui.PageContext, layer: int, feature: int) -> None:
+def _invariant(ctx: shell.PageContext, layer: int, feature: int) -> None:
     """A transcoder feature's top upstream / downstream transcoder features by the input-invariant term alone
     (decoder·encoder, the same on every prompt; backend.circuits.invariant), each openable here."""
     from backend.circuits.invariant import invariant_neighbours
 
     st.markdown("**Input-invariant connections** (decoder · encoder, the same for every prompt)")
     with st.spinner("Loading the store's transcoders…"):
-        transcoders, _ = ui.store_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, False)
+        transcoders, _ = cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, False)
     if layer not in transcoders:
         st.caption(f"The store's current transcoder for layer {layer} is another one: no connections to show.")
         return
@@ -196,14 +197,14 @@ def _invariant(ctx: ui.PageContext, layer: int, feature: int) -> None:
         st.button("Open", key="fb_inv_open", on_click=_open, args=(options[pick][1], options[pick][0]))
 
 
-def _live_logits(ctx: ui.PageContext, dict_id: str, layer: int, kind: str, feature: int) -> pd.DataFrame:
+def _live_logits(ctx: shell.PageContext, dict_id: str, layer: int, kind: str, feature: int) -> pd.DataFrame:
     """The feature's logit effects computed now (the store has none for this dictionary): the same function the
     precompute uses, on the shared model and the store's dictionary."""
-    from backend.features.step import top_logits
+    from backend.features.logits import top_logits
     from backend.inputs.prompts import token_strings
 
-    model = ui.get_model(ctx.model)
-    sae = ui.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
+    model = cache.get_model(ctx.model)
+    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
     df = top_logits(model, sae, layer, kind=kind, features=[feature])  # weights only: no hooks, no lock needed
     df["token_str"] = token_strings(model.tokenizer, [int(t) for t in df["token_id"]])
     return df
@@ -214,13 +215,13 @@ def _logits(logits: pd.DataFrame) -> None:
     for col, kind, title in ((cols[0], "promoted", "Promoted tokens"), (cols[1], "suppressed", "Suppressed tokens")):
         part = logits[logits["kind"] == kind]
         col.markdown(f"**{title}**")
-        col.dataframe(pd.DataFrame({"token": [repr(ui.visible_token(t)) for t in part["token_str"]],
+        col.dataframe(pd.DataFrame({"token": [repr(token_html.visible_token(t)) for t in part["token_str"]],
                                     "logit effect": part["value"].round(4)}), hide_index=True)
 
 
-def dashboard(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
+def dashboard(ctx: shell.PageContext, dict_id: str, feature: int) -> None:
     """The feature's dashboard (the caller has checked that it exists)."""
-    s = ctx.store.query("feature_summary", dict_id, feature)
+    s = ctx.store.query(feature_queries.feature_summary, dict_id, feature)
     per_head = KINDS[s["kind"]].per_head
     st.subheader(f"Feature {feature} · layer {int(s['layer'])} {KINDS[s['kind']].title}")
     m = st.columns(4)
@@ -240,22 +241,22 @@ def dashboard(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
         vmax = float(s["max_act"])
         left, right = st.columns(2)
         with left:
-            _histogram(ctx.store.query("feature_histogram", dict_id, feature))
+            _histogram(ctx.store.query(feature_queries.feature_histogram, dict_id, feature))
         with right:
             if per_head:
-                _dfa(ctx.store.query("feature_head_dfa", dict_id, feature))
+                _dfa(ctx.store.query(feature_queries.feature_head_dfa, dict_id, feature))
             else:
                 _invariant(ctx, int(s["layer"]), feature)
         st.markdown(f"#### Top {TOP_K} activations")
-        _examples(ctx.store.query("feature_top_examples", dict_id, feature, TOP_K), vmax)
+        _examples(ctx.store.query(feature_queries.feature_top_examples, dict_id, feature, TOP_K), vmax)
         with st.expander("Examples from each activation interval"):
-            quant = ctx.store.query("feature_quantile_examples", dict_id, feature, N_INTERVALS, PER_INTERVAL)
+            quant = ctx.store.query(feature_queries.feature_quantile_examples, dict_id, feature, N_INTERVALS, PER_INTERVAL)
             for interval, part in quant.groupby("interval", sort=False):
                 lo, hi = int(interval) / N_INTERVALS * vmax, (int(interval) + 1) / N_INTERVALS * vmax
                 st.markdown(f"**Interval {int(interval) + 1} of {N_INTERVALS}** (activation {lo:.3f} – {hi:.3f})")
                 _examples(part, vmax)
     st.markdown("#### Direct logit effects")
-    logits = ctx.store.query("feature_logits", dict_id, feature)
+    logits = ctx.store.query(feature_queries.feature_logits, dict_id, feature)
     if logits.empty:  # presets may skip storing them (30 transcoder layers cost ~50 s): one feature's is instant
         logits = _live_logits(ctx, dict_id, int(s["layer"]), s["kind"], feature)
     st.caption(("The feature's decoder direction through each head's W_O" if per_head else "The feature's decoder "
@@ -263,14 +264,14 @@ def dashboard(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
     _logits(logits)
 
 
-def body(ctx: ui.PageContext) -> None:
+def body(ctx: shell.PageContext) -> None:
     """Pick a dictionary and a feature, then draw its dashboard."""
-    dicts: pd.DataFrame = ctx.store.query("feature_dictionaries")
+    dicts: pd.DataFrame = ctx.store.query(feature_queries.feature_dictionaries)
     dicts = dicts[dicts["n_features"] > 0]
     if ctx.model is not None and (dicts["model"] == ctx.model).any():
         dicts = dicts[dicts["model"] == ctx.model]
     if dicts.empty:
-        st.info(f"This store has no dictionary features yet: run `{ui.build_hint(ctx)}` to train the attention "
+        st.info(f"This store has no dictionary features yet: run `{shell.build_hint(ctx)}` to train the attention "
                 "SAEs and transcoders and precompute their features (`make demo` rebuilds the demo store).")
         return
     dicts = dicts.reset_index(drop=True)
@@ -286,16 +287,16 @@ def body(ctx: ui.PageContext) -> None:
     _finder(ctx, row)
     feature = int(ss[_FEATURE])
     ss[_KEEP] = (dict_id, feature)
-    ui.set_param(DICT_PARAM, dict_id)
-    ui.set_param(FEATURE_PARAM, str(feature))
+    shell.set_param(DICT_PARAM, dict_id)
+    shell.set_param(FEATURE_PARAM, str(feature))
     d_sae = int(row["d_sae"])
-    if not 0 <= feature < d_sae or ctx.store.query("feature_summary", dict_id, feature) is None:
+    if not 0 <= feature < d_sae or ctx.store.query(feature_queries.feature_summary, dict_id, feature) is None:
         st.error(f"Feature {feature} does not exist in {dict_id}: it has features 0–{d_sae - 1}; choose another id.")
         return
     st.divider()
     dashboard(ctx, dict_id, feature)
 
 
-ui.run_page("Feature Browser", body,
+shell.run_page("Feature Browser", body,
             caption="Attention-output SAE and MLP transcoder features: top activations, activation histogram, logit "
                     "effects, DFA by head or input-invariant connections.")

@@ -3,8 +3,8 @@
 Shows the headline (fraction of judged heads that are polysemantic, with the rule), a layer × head heatmap of the
 measure, and one head's families: each feature with a link to its Feature Browser dashboard, its top tokens and its
 strongest activation in context. Deep link: ``?store=...&head=15.3`` (layer 15, head 3; ``&dict=...`` picks the
-dictionary when a layer has several). A thin view over :mod:`backend.head_queries`; the method is documented in
-:mod:`backend.polysemanticity` and recorded with every head's row (``stats``).
+dictionary when a layer has several). A thin view over :mod:`backend.heads.polysemanticity_queries`; the method is documented in
+:mod:`backend.heads.polysemanticity` and recorded with every head's row (``stats``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from urllib.parse import urlencode
 import pandas as pd
 import streamlit as st
 
-from backend.ui import shell as ui
+from backend.features import queries as feature_queries
+from backend.heads import polysemanticity_queries as poly_queries
+from backend.ui import shell, token_html
 
 HEAD_PARAM = "head"
 DICT_PARAM = "dict"  # the Feature Browser's parameter names, so links carry over
@@ -54,8 +56,8 @@ def _layer_labels(heads: pd.DataFrame) -> dict[str, str]:
 # Overview: headline and heatmap
 
 
-def _headline(ctx: ui.PageContext, heads: pd.DataFrame) -> None:
-    h = ctx.store.query("polysemanticity_headline", ctx.model)
+def _headline(ctx: shell.PageContext, heads: pd.DataFrame) -> None:
+    h = ctx.store.query(poly_queries.polysemanticity_headline, ctx.model)
     params = heads["stats"].iloc[0]
     not_judged = h["heads"] - h["judged"]
     cols = st.columns(3)
@@ -150,8 +152,8 @@ def _pick_head(heads: pd.DataFrame) -> pd.Series:
     key = st.selectbox("Head", list(rows), format_func=label, key=_HEAD_KEY)
     ss[_KEEP] = key
     row = rows[key]
-    ui.set_param(HEAD_PARAM, f"{int(row['layer'])}.{int(row['head'])}")
-    ui.set_param(DICT_PARAM, str(row["dict_id"]) if ambiguous else None)
+    shell.set_param(HEAD_PARAM, f"{int(row['layer'])}.{int(row['head'])}")
+    shell.set_param(DICT_PARAM, str(row["dict_id"]) if ambiguous else None)
     return row
 
 
@@ -159,8 +161,8 @@ def _pick_head(heads: pd.DataFrame) -> pd.Series:
 # One head: families, their features, tokens and examples
 
 
-def _feature_url(ctx: ui.PageContext, dict_id: str, feature: int) -> str:
-    params = {ui.STORE_PARAM: ctx.store.name, ui.MODEL_PARAM: ctx.model or "", DICT_PARAM: dict_id,
+def _feature_url(ctx: shell.PageContext, dict_id: str, feature: int) -> str:
+    params = {shell.STORE_PARAM: ctx.store.name, shell.MODEL_PARAM: ctx.model or "", DICT_PARAM: dict_id,
               FEATURE_PARAM: str(feature)}
     return f"{FEATURE_BROWSER_URL}?{urlencode(params)}"
 
@@ -169,17 +171,17 @@ def _counts(strings: Any, counts: Any) -> str:
     """'How' ×8, ' how' ×3 — token text made visible and quoted (shown as plain dataframe text, never as HTML)."""
     if strings is None or counts is None:
         return ""
-    return ", ".join(f"{ui.visible_token(str(s))!r} ×{int(n)}" for s, n in zip(strings, counts))
+    return ", ".join(f"{token_html.visible_token(str(s))!r} ×{int(n)}" for s, n in zip(strings, counts))
 
 
 def _pairs(prevs: Any, tokens: Any, counts: Any) -> str:
     if prevs is None or tokens is None or counts is None:
         return ""
-    return ", ".join(f"{ui.visible_token(str(p))!r}→{ui.visible_token(str(t))!r} ×{int(n)}"
+    return ", ".join(f"{token_html.visible_token(str(p))!r}→{token_html.visible_token(str(t))!r} ×{int(n)}"
                      for p, t, n in zip(prevs, tokens, counts))
 
 
-def _feature_table(ctx: ui.PageContext, dict_id: str, feats: pd.DataFrame, tokens: pd.DataFrame, key: str) -> None:
+def _feature_table(ctx: shell.PageContext, dict_id: str, feats: pd.DataFrame, tokens: pd.DataFrame, key: str) -> None:
     tok = tokens.set_index("feature") if len(tokens) else tokens
     view = pd.DataFrame({
         "feature": [_feature_url(ctx, dict_id, int(f)) for f in feats["feature"]],
@@ -201,15 +203,15 @@ def _feature_table(ctx: ui.PageContext, dict_id: str, feats: pd.DataFrame, token
     })
 
 
-def _examples(ctx: ui.PageContext, dict_id: str, feats: pd.DataFrame) -> None:
+def _examples(ctx: shell.PageContext, dict_id: str, feats: pd.DataFrame) -> None:
     """Each feature's strongest activation in context (the activating token is the most shaded one)."""
     for f, max_act in zip(feats["feature"], feats["max_act"]):
-        ex = ctx.store.query("feature_top_examples", dict_id, int(f), 1, EXAMPLE_BEFORE, EXAMPLE_AFTER)
+        ex = ctx.store.query(feature_queries.feature_top_examples, dict_id, int(f), 1, EXAMPLE_BEFORE, EXAMPLE_AFTER)
         if ex.empty:
             continue
         row = ex.iloc[0]
         st.caption(f"#{int(f)} · act {row['act']:.3f} · context {int(row['context_id'])}, position {int(row['pos'])}")
-        st.html(ui.token_strip_html(list(row["tokens"]), [float(a) for a in row["acts"]],
+        st.html(token_html.token_strip_html(list(row["tokens"]), [float(a) for a in row["acts"]],
                                     vmax=float(max_act) if pd.notna(max_act) else None, label="act"))
 
 
@@ -219,12 +221,12 @@ def _links_text(links: list[list[Any]], members: set[int]) -> str:
     return "Linked by: " + "; ".join(parts) if parts else ""
 
 
-def head_view(ctx: ui.PageContext, row: pd.Series) -> None:
+def head_view(ctx: shell.PageContext, row: pd.Series) -> None:
     """The selected head: verdict, families with features, tokens and examples, then further dominant features."""
     dict_id, head = str(row["dict_id"]), int(row["head"])
     stats: dict[str, Any] = row["stats"]
     st.subheader(f"Head {_name(row)} · {_verdict(row)}")
-    feats = ctx.store.query("head_features", dict_id, head)
+    feats = ctx.store.query(poly_queries.head_features, dict_id, head)
     if feats.empty:
         st.info(f"{_name(row)} supplies at least {stats.get('share_threshold', 0.5):g} of the DFA of no feature with "
                 f"≥ {stats.get('min_active')} activations: it has no dominant features to group.")
@@ -234,7 +236,7 @@ def head_view(ctx: ui.PageContext, row: pd.Series) -> None:
         f"**{int(row['n_families'])} families of ≥ 2 features** and {int(row['n_singletons'])} single features."
         + ("" if pd.notna(row["polysemantic"]) else
            f" Not judged: fewer than {stats.get('min_judged')} dominant features."))
-    tokens = ctx.store.query("head_feature_tokens", dict_id, head, 3)
+    tokens = ctx.store.query(poly_queries.head_feature_tokens, dict_id, head, 3)
     links = stats.get("links", [])
     judged = feats[feats["family"].notna()]
     size = judged["family"].map(judged["family"].value_counts())
@@ -262,12 +264,12 @@ def head_view(ctx: ui.PageContext, row: pd.Series) -> None:
                 "max act": st.column_config.NumberColumn("max act", format="%.3f")})
 
 
-def body(ctx: ui.PageContext) -> None:
+def body(ctx: shell.PageContext) -> None:
     """Headline and heatmap over all heads, then the selected head's families."""
-    heads: pd.DataFrame = ctx.store.query("head_polysemanticity_heads", ctx.model)
+    heads: pd.DataFrame = ctx.store.query(poly_queries.head_polysemanticity_heads, ctx.model)
     if heads.empty:
         st.info(f"This store has no head-polysemanticity data for {ctx.model or 'its model'} (it needs attention-SAE "
-                f"features and the head_polysemanticity step): run `{ui.build_hint(ctx)}` to add it "
+                f"features and the head_polysemanticity step): run `{shell.build_hint(ctx)}` to add it "
                 "(`make demo` rebuilds the demo store).")
         return
     heads = heads.reset_index(drop=True)
@@ -279,6 +281,6 @@ def body(ctx: ui.PageContext) -> None:
     head_view(ctx, _pick_head(heads))
 
 
-ui.run_page("Head Polysemanticity", body,
+shell.run_page("Head Polysemanticity", body,
             caption="The features each attention head dominates by DFA share, grouped into families by decoder "
                     "direction and shared tokens; a head with two or more families is polysemantic.")

@@ -1,13 +1,13 @@
 """Induction Heads: per-head induction / previous-token / duplicate-token scores and the long- vs short-prefix test
 (Kissane et al. 2024).
 
-From the store (:mod:`backend.induction_queries`): layer × head heatmaps of the three scores on repeated random
+From the store (:mod:`backend.heads.induction_queries`): layer × head heatmaps of the three scores on repeated random
 tokens, the classification of the top induction heads with its rule, and for chosen heads the attention to the
 induction target and the direct effect vs the length of the matching prefix, plus the competition check (two earlier
 occurrences, one with the long matching prefix and one where only the token matches). Live (the store's model, loaded
 once per server): one head's attention pattern on an example probe sequence and on the user's own prompt, with its
 induction behaviour at every repeated token. Deep link: ``?store=...&head=18.6&prompt=...``. The sequences, scores
-and rule are defined in :mod:`backend.induction`.
+and rule are defined in :mod:`backend.heads.induction`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from backend.ui import shell as ui
 from backend.errors import InputError
+from backend.heads import induction_queries
+from backend.model import predict
+from backend.ui import cache, shell, token_html
 
 HEAD_PARAM = "head"
 PROMPT_PARAM = "prompt"
-MAX_LINK_CHARS = ui.MAX_LINK_CHARS
+MAX_LINK_CHARS = shell.MAX_LINK_CHARS
 _HEAD_KEY = "ih_head"
 _KEEP_HEAD = "_ih_head"  # plain session key: survives page switches (widget state does not)
 _OVERLAY_KEY = "ih_overlay"
@@ -45,14 +47,14 @@ def _name(layer: int, head: int) -> str:
 
 def _label(token: str) -> str:
     # Plotly renders some HTML in tick labels and hover text: untrusted token text is escaped for it.
-    return html.escape(ui.visible_token(token))
+    return html.escape(token_html.visible_token(token))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Head choice (deep link ?head=L.H)
 
 
-def _head_options(ctx: ui.PageContext, scores: pd.DataFrame) -> list[str]:
+def _head_options(ctx: shell.PageContext, scores: pd.DataFrame) -> list[str]:
     """Every head of the model, best induction score first when the store has scores."""
     if not scores.empty:
         ordered = scores.sort_values(["induction", "layer", "head"], ascending=[False, True, True])
@@ -86,7 +88,7 @@ def _choose_head(options: list[str], scores: pd.DataFrame, classes: pd.DataFrame
     head: str = st.selectbox("Head", options, key=_HEAD_KEY, format_func=fmt,
                              help="Heads are ordered by induction score. Link to one with ?head=layer.head.")
     ss[_KEEP_HEAD] = head
-    ui.set_param(HEAD_PARAM, head)
+    shell.set_param(HEAD_PARAM, head)
     return head
 
 
@@ -227,14 +229,14 @@ def _competition(curves: pd.DataFrame, chosen: str) -> None:
 def _head_view(model_name: str, ids: tuple[int, ...], layer: int, head: int) -> Any:
     from backend.heads.induction import prompt_head_view
 
-    return prompt_head_view(ui.get_model(model_name), ids, layer, head)
+    return prompt_head_view(cache.get_model(model_name), ids, layer, head)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _example(model_name: str, kind: str, max_prefix: int, seq_len: int, repeat_len: int) -> Any:
     from backend.heads.induction import example_ids
 
-    return example_ids(ui.get_model(model_name), kind, max_prefix, seq_len, repeat_len)
+    return example_ids(cache.get_model(model_name), kind, max_prefix, seq_len, repeat_len)
 
 
 def _pattern_heatmap(view: Any, title: str, key: str, marks: dict[str, int] | None = None,
@@ -269,7 +271,7 @@ def _pattern_heatmap(view: Any, title: str, key: str, marks: dict[str, int] | No
                    f"holds the rest (mean {float(view.pattern[view.start:, 0].mean()):.2f} per row).")
 
 
-def _example_section(ctx: ui.PageContext, head: str, params: dict[str, Any]) -> None:
+def _example_section(ctx: shell.PageContext, head: str, params: dict[str, Any]) -> None:
     st.subheader("Attention pattern on an example")
     big_k, seq_len, repeat_len = int(params["max_prefix"]), int(params["seq_len"]), int(params["repeat_len"])
     kinds = {"prefix:1": "Prefix k = 1 (only the token matches)",
@@ -303,19 +305,19 @@ def _prompt_input() -> str:
     text: str = st.text_area("Your prompt", key=_PROMPT_KEY, height=100,
                              help="Repeat some words or phrases: induction heads act where a token occurred before.")
     ss[_KEEP_PROMPT] = text
-    ui.set_param(PROMPT_PARAM, text if text.strip() and len(text) <= MAX_LINK_CHARS else None)
+    shell.set_param(PROMPT_PARAM, text if text.strip() and len(text) <= MAX_LINK_CHARS else None)
     return text
 
 
-def _prompt_section(ctx: ui.PageContext, head: str) -> None:
+def _prompt_section(ctx: shell.PageContext, head: str) -> None:
     st.subheader("Your own prompt")
     text = _prompt_input()
     with st.spinner(f"Loading {ctx.model} (once per server)…"):
-        model = ui.get_model(ctx.model)
+        model = cache.get_model(ctx.model)
     try:
         from backend.inputs.prompts import encode_prompt
 
-        enc = encode_prompt(model, text, max_tokens=min(int(model.cfg.n_ctx), ui.EXPLORER_MAX_TOKENS))
+        enc = encode_prompt(model, text, max_tokens=min(int(model.cfg.n_ctx), predict.EXPLORER_MAX_TOKENS))
     except InputError as exc:
         st.error(str(exc))
         return
@@ -325,7 +327,7 @@ def _prompt_section(ctx: ui.PageContext, head: str) -> None:
     with st.spinner("Running the model…"):
         view = _head_view(ctx.model, tuple(enc.ids), layer, h)
     table = view.table
-    st.html(ui.token_strip_html(view.tokens, list(table["attention"]), vmax=1.0, label="attention to induction target"))
+    st.html(token_html.token_strip_html(view.tokens, list(table["attention"]), vmax=1.0, label="attention to induction target"))
     st.caption(f"Each token that occurred before is shaded by L{layer}.H{h}'s attention to the token that followed "
                "its previous occurrence (the induction target); unshaded tokens have not occurred before.")
     rep = table[table["prev_pos"] >= 0]
@@ -342,9 +344,9 @@ def _prompt_section(ctx: ui.PageContext, head: str) -> None:
         cols[2].metric("Attention, ≥ 2 tokens match", f"{long['attention'].mean():.3f}" if len(long) else "–",
                        help=f"mean over {len(long)} positions")
         st.dataframe(pd.DataFrame({
-            "pos": rep["pos"], "token": [repr(ui.visible_token(t)) for t in rep["token"]],
+            "pos": rep["pos"], "token": [repr(token_html.visible_token(t)) for t in rep["token"]],
             "previous occurrence": rep["prev_pos"], "matching prefix": rep["match_len"],
-            "induction target": [repr(ui.visible_token(t)) for t in rep["target_token"]],
+            "induction target": [repr(token_html.visible_token(t)) for t in rep["target_token"]],
             "attention": rep["attention"], "direct effect": rep["direct_effect"],
         }), hide_index=True, column_config={
             "attention": st.column_config.NumberColumn("attention", format="%.3f",
@@ -360,20 +362,20 @@ def _prompt_section(ctx: ui.PageContext, head: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def body(ctx: ui.PageContext) -> None:
+def body(ctx: shell.PageContext) -> None:
     """Scores and classification from the store; prefix curves and live patterns for the chosen head."""
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{ui.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
         return
-    scores: pd.DataFrame = ctx.store.query("head_scores", ctx.model)
-    classes: pd.DataFrame = ctx.store.query("induction_classes", ctx.model)
+    scores: pd.DataFrame = ctx.store.query(induction_queries.head_scores, ctx.model)
+    classes: pd.DataFrame = ctx.store.query(induction_queries.induction_classes, ctx.model)
     options = _head_options(ctx, scores)
     if not options:
-        st.warning(f"This store does not record the shape of {ctx.model}: rebuild it with `{ui.build_hint(ctx)}`.")
+        st.warning(f"This store does not record the shape of {ctx.model}: rebuild it with `{shell.build_hint(ctx)}`.")
         return
     if scores.empty:
         st.info(f"This store has no induction-head scores for {ctx.model}: they come from the `induction` precompute "
-                f"step, which this store was built without; rebuild it with `{ui.build_hint(ctx)}` (`make demo` "
+                f"step, which this store was built without; rebuild it with `{shell.build_hint(ctx)}` (`make demo` "
                 "rebuilds the demo store). Your own prompt can still be examined below.", icon=":material/info:")
         head = _choose_head(options, scores, classes)
         _prompt_section(ctx, head)
@@ -381,7 +383,7 @@ def body(ctx: ui.PageContext) -> None:
     st.subheader("Scores on repeated random tokens")
     _heatmaps(scores)
     st.subheader("Long- vs short-prefix induction heads")
-    rule = ctx.store.query("induction_rule", ctx.model)
+    rule = ctx.store.query(induction_queries.induction_rule, ctx.model)
     if not classes.empty:
         _class_table(classes, rule)
     head = _choose_head(options, scores, classes)
@@ -396,9 +398,9 @@ def body(ctx: ui.PageContext) -> None:
     overlay: list[str] = st.multiselect("Compare with", [h for h in options if h != head], key=_OVERLAY_KEY,
                                         format_func=lambda h: f"L{h.replace('.', '.H')}" +
                                         (f" ({klass[h]})" if h in klass else ""))
-    curves = ctx.store.query("induction_prefix_curves", ctx.model, tuple([head, *overlay]))
+    curves = ctx.store.query(induction_queries.induction_prefix_curves, ctx.model, tuple([head, *overlay]))
     if curves.empty:
-        st.info(f"This store has no prefix-length curves for {ctx.model}: rebuild it with `{ui.build_hint(ctx)}`.")
+        st.info(f"This store has no prefix-length curves for {ctx.model}: rebuild it with `{shell.build_hint(ctx)}`.")
     else:
         _curves(curves, head, klass)
         _competition(curves, head)
@@ -407,6 +409,6 @@ def body(ctx: ui.PageContext) -> None:
     _prompt_section(ctx, head)
 
 
-ui.run_page("Induction Heads", body,
+shell.run_page("Induction Heads", body,
             caption="Which heads copy what followed an earlier occurrence of the current token, and how long a "
                     "matching prefix they need (Kissane et al. 2024).")

@@ -3,7 +3,7 @@
 Shows every token with the model's loss on the token that follows it and its top-5 next-token predictions, plus a
 closer look at one position. When the store holds attention-output SAEs, also every token's top features at each
 SAE layer and, for one (position, feature), its direct feature attribution by head and by source position
-(backend.feature_analysis). Deep link: ``?store=...&model=...&prompt=...&pos=...&dict=...&feature=...`` (prompts
+(backend.features.live). Deep link: ``?store=...&model=...&prompt=...&pos=...&dict=...&feature=...`` (prompts
 longer than :data:`MAX_LINK_CHARS` are not put in the link).
 """
 
@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from backend.ui import shell as ui
 from backend.errors import InputError
+from backend.model import predict
+from backend.ui import cache, shell, token_html
 
 PROMPT_PARAM = "prompt"
 POS_PARAM = "pos"
-MAX_LINK_CHARS = ui.MAX_LINK_CHARS
+MAX_LINK_CHARS = shell.MAX_LINK_CHARS
 TOP_K = 5
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 _PROMPT_KEY = "pe_prompt"
@@ -52,26 +53,26 @@ def _prompt_input() -> str | bytes:
     upload = st.file_uploader("…or run a UTF-8 text file", type=["txt"], key=_FILE_KEY)
     if upload is not None:
         st.caption(f"Running the uploaded file **{upload.name}** instead of the text above.")
-        ui.set_param(PROMPT_PARAM, None)
+        shell.set_param(PROMPT_PARAM, None)
         return upload.getvalue()
     if len(text) > MAX_LINK_CHARS:
-        ui.set_param(PROMPT_PARAM, None)
+        shell.set_param(PROMPT_PARAM, None)
         st.caption(f"The prompt is longer than {MAX_LINK_CHARS:,} characters, so the page link does not include it.")
     else:
-        ui.set_param(PROMPT_PARAM, text if text.strip() else None)
+        shell.set_param(PROMPT_PARAM, text if text.strip() else None)
     return text
 
 
 def _top_text(tokens: list[str], probs: list[float]) -> str:
-    return "   ".join(f"{ui.visible_token(t)!r} {p:.0%}" for t, p in zip(tokens, probs))
+    return "   ".join(f"{token_html.visible_token(t)!r} {p:.0%}" for t, p in zip(tokens, probs))
 
 
 def _token_table(df: pd.DataFrame) -> None:
     view = pd.DataFrame({
         "pos": df["pos"],
-        "token": [repr(ui.visible_token(t)) for t in df["token"]],
+        "token": [repr(token_html.visible_token(t)) for t in df["token"]],
         "id": df["token_id"],
-        "next token": [repr(ui.visible_token(t)) if i < len(df) - 1 else "" for i, t in enumerate(df["next_token"])],
+        "next token": [repr(token_html.visible_token(t)) if i < len(df) - 1 else "" for i, t in enumerate(df["next_token"])],
         "loss": df["loss"],
         f"top-{TOP_K} predictions": [_top_text(t, p) for t, p in zip(df["top_tokens"], df["top_probs"])],
     })
@@ -98,17 +99,17 @@ def _position_detail(df: pd.DataFrame) -> int:
     ss[_POS_KEY] = min(max(int(ss[_POS_KEY]), 0), n - 1)  # the prompt may have shrunk under the choice
     ss[_LAST_N_KEY] = n
     pos = st.selectbox("Position", list(range(n)), key=_POS_KEY,
-                       format_func=lambda p: f"{p}: {ui.visible_token(df['token'].iloc[p])!r}")
-    ui.set_param(POS_PARAM, str(pos))
+                       format_func=lambda p: f"{p}: {token_html.visible_token(df['token'].iloc[p])!r}")
+    shell.set_param(POS_PARAM, str(pos))
     row = df.iloc[pos]
-    tokens = [repr(ui.visible_token(t)) for t in row["top_tokens"]]
+    tokens = [repr(token_html.visible_token(t)) for t in row["top_tokens"]]
     fig = go.Figure(go.Bar(x=list(row["top_probs"])[::-1], y=tokens[::-1], orientation="h",
                            text=[f"{p:.1%}" for p in list(row["top_probs"])[::-1]], textposition="auto"))
     fig.update_layout(height=60 + 40 * len(tokens), margin=dict(l=10, r=10, t=30, b=10),
                       title=f"Top-{TOP_K} next-token predictions after position {pos}", xaxis_title="probability")
     st.plotly_chart(fig, config={"displayModeBar": False})
     if pos < n - 1:
-        st.caption(f"Actual next token {ui.visible_token(row['next_token'])!r}: loss {row['loss']:.3f} nats "
+        st.caption(f"Actual next token {token_html.visible_token(row['next_token'])!r}: loss {row['loss']:.3f} nats "
                    f"(p = {math.exp(-row['loss']):.1%}).")
     else:
         st.caption("This is the last position: nothing follows it in the prompt, so it has no loss.")
@@ -120,7 +121,7 @@ def _position_detail(df: pd.DataFrame) -> int:
 # write them. BOS (position 0) is shown but never scored: the SAEs are not trained on the attention-sink outlier.
 
 
-def _attention_dicts(ctx: ui.PageContext) -> pd.DataFrame:
+def _attention_dicts(ctx: shell.PageContext) -> pd.DataFrame:
     """The store's attention-output SAEs for the current model, by layer (widest first within a layer)."""
     dicts: pd.DataFrame = ctx.summary["dictionaries"]
     if dicts.empty:
@@ -142,7 +143,7 @@ def _choose_dict(dicts: pd.DataFrame) -> str:
     dict_id: str = st.selectbox("Attention SAE", options, key=_DICT_KEY,
                                 format_func=lambda d: f"layer {int(layer_of[d])} · {d}",
                                 help="The dictionary whose features are examined below.")
-    ui.set_param(DICT_PARAM, dict_id)
+    shell.set_param(DICT_PARAM, dict_id)
     return dict_id
 
 
@@ -156,7 +157,7 @@ def _layer_dicts(dicts: pd.DataFrame, chosen: str) -> tuple[tuple[int, str], ...
 
 def _label(token: str) -> str:
     # Plotly renders a few HTML tags in labels and decodes entities: escape untrusted token text for it too.
-    return html.escape(ui.visible_token(token))
+    return html.escape(token_html.visible_token(token))
 
 
 def _fmt_features(feats: np.ndarray, acts: np.ndarray) -> str:
@@ -186,7 +187,7 @@ def _overview(res: Any, tokens: list[str], layer_dicts: tuple[tuple[int, str], .
                       xaxis=dict(tickmode="array", tickvals=list(range(len(tokens))), ticktext=x, tickangle=-60),
                       yaxis=dict(autorange="reversed"))  # first layer on top, as in the table
     st.plotly_chart(fig, config={"displayModeBar": False})
-    view = pd.DataFrame({"pos": range(len(tokens)), "token": [repr(ui.visible_token(t)) for t in tokens]})
+    view = pd.DataFrame({"pos": range(len(tokens)), "token": [repr(token_html.visible_token(t)) for t in tokens]})
     for layer, dict_id in layer_dicts:
         lf = res.layers[layer]
         view[f"L{layer} top features"] = ["BOS · not scored" if p == 0 else _fmt_features(lf.features[p], lf.acts[p])
@@ -218,7 +219,7 @@ def _choose_feature(res: Any, layer: int, pos: int, dict_id: str, d_sae: int) ->
     options = ([current] if current is not None and current not in top else []) + top
     if not options:
         st.info(f"No feature of `{dict_id}` fires at position {pos}: choose another position or dictionary.")
-        ui.set_param(FEATURE_PARAM, None)
+        shell.set_param(FEATURE_PARAM, None)
         return None
     if current not in options:
         ss[_FEATURE_KEY] = options[0]
@@ -226,15 +227,15 @@ def _choose_feature(res: Any, layer: int, pos: int, dict_id: str, d_sae: int) ->
         "Feature", options, key=_FEATURE_KEY,
         format_func=lambda f: f"#{f} · act {acts[f]:.3f}" if f in acts
         else f"#{f} (not in this token's top {FEATURE_TOP_N})")
-    ui.set_param(FEATURE_PARAM, str(feature))
+    shell.set_param(FEATURE_PARAM, str(feature))
     return int(feature)
 
 
-def _feature_link(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
+def _feature_link(ctx: shell.PageContext, dict_id: str, feature: int) -> None:
     """Link to the feature's dashboard: ``feature_browser?store=...&dict=...&feature=...``."""
     from streamlit.errors import StreamlitAPIException
 
-    params = {ui.STORE_PARAM: ctx.store.name, ui.MODEL_PARAM: ctx.model or "", DICT_PARAM: dict_id,
+    params = {shell.STORE_PARAM: ctx.store.name, shell.MODEL_PARAM: ctx.model or "", DICT_PARAM: dict_id,
               FEATURE_PARAM: str(feature)}
     label = f"Open feature #{feature} in the Feature Browser"
     try:  # inside the app's navigation: a page link keeps the session
@@ -243,18 +244,18 @@ def _feature_link(ctx: ui.PageContext, dict_id: str, feature: int) -> None:
         st.markdown(f"[{label}]({FEATURE_BROWSER_URL}?{urlencode(params)})")
 
 
-def _dfa_charts(ctx: ui.PageContext, res: Any, sae: Any, tokens: list[str], layer: int, pos: int, feature: int,
+def _dfa_charts(ctx: shell.PageContext, res: Any, sae: Any, tokens: list[str], layer: int, pos: int, feature: int,
                 dict_id: str) -> None:
     import plotly.graph_objects as go
 
     from backend.features import live as fa
 
-    model = ui.get_model(ctx.model)
+    model = cache.get_model(ctx.model)
     acts = fa.feature_activations(sae, res.cache, layer, feature)
-    st.markdown(f"**Feature #{feature}** of `{dict_id}` at position {pos} ({ui.visible_token(tokens[pos])!r}): "
+    st.markdown(f"**Feature #{feature}** of `{dict_id}` at position {pos} ({token_html.visible_token(tokens[pos])!r}): "
                 f"activation **{acts[pos]:.3f}**")
     _feature_link(ctx, dict_id, feature)
-    st.html(ui.signed_token_strip_html(tokens, acts, label=f"#{feature} act"))
+    st.html(token_html.signed_token_strip_html(tokens, acts, label=f"#{feature} act"))
     st.caption(f"Activation of feature #{feature} on every token of the prompt (BOS is not scored).")
 
     head = fa.dfa_by_head(model, sae, res.cache, layer, pos, feature)
@@ -278,17 +279,17 @@ def _dfa_charts(ctx: ui.PageContext, res: Any, sae: Any, tokens: list[str], laye
     cols[1].plotly_chart(fig, config={"displayModeBar": False})
     cols[1].caption(f"Source s contributes Σ_h W_enc·A_h[{pos}, s]·v_h[s]; the −W_enc·b_dec term "
                     f"({src.bdec_total:+.3f}) belongs to no source and is left out of the bars.")
-    st.html(ui.signed_token_strip_html(tokens[: pos + 1], by_source, label="contribution"))
+    st.html(token_html.signed_token_strip_html(tokens[: pos + 1], by_source, label="contribution"))
     st.caption("The same source contributions on the prompt's tokens (red promotes, blue suppresses the feature).")
 
 
-def _feature_section(ctx: ui.PageContext, df: pd.DataFrame, pos: int) -> None:
+def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None:
     """Top attention-SAE features per token and layer, and DFA of one (position, feature) pair."""
     st.subheader("Attention-SAE features")
     dicts = _attention_dicts(ctx)
     if dicts.empty:
         st.info(f"This store has no attention SAEs for {ctx.model}, so the feature views are off: they need the "
-                f"attention-SAE precompute; run `{ui.build_hint(ctx)}` to add them.", icon=":material/info:")
+                f"attention-SAE precompute; run `{shell.build_hint(ctx)}` to add them.", icon=":material/info:")
         return
     dict_id = _choose_dict(dicts)
     layer_dicts = _layer_dicts(dicts, dict_id)
@@ -296,7 +297,7 @@ def _feature_section(ctx: ui.PageContext, df: pd.DataFrame, pos: int) -> None:
     tokens = list(df["token"])
     with st.spinner(f"Encoding with {len(layer_dicts)} attention SAE(s)…"):
         try:
-            res = ui.cached_prompt_features(ctx.model, ids, str(ctx.store.path), ctx.store.key, layer_dicts,
+            res = cache.cached_prompt_features(ctx.model, ids, str(ctx.store.path), ctx.store.key, layer_dicts,
                                             FEATURE_TOP_N)
         except ValueError as exc:  # e.g. an SAE built for another model's shapes: one sentence, not a traceback
             st.error(str(exc))
@@ -308,7 +309,7 @@ def _feature_section(ctx: ui.PageContext, df: pd.DataFrame, pos: int) -> None:
         st.info("Position 0 is the BOS token: SAEs do not score it (it is an attention-sink outlier). "
                 "Choose another position above.")
         return
-    sae = ui.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
+    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
     feature = _choose_feature(res, layer, pos, dict_id, int(sae.cfg.d_sae))
     if feature is None:
         return
@@ -318,18 +319,18 @@ def _feature_section(ctx: ui.PageContext, df: pd.DataFrame, pos: int) -> None:
         st.error(str(exc))
 
 
-def body(ctx: ui.PageContext) -> None:
+def body(ctx: shell.PageContext) -> None:
     """Prompt in, live forward pass, tokens with loss and predictions out."""
     if ctx.model is None:
-        st.warning(f"This store records no model to run: build it with `{ui.build_hint(ctx)}`.")
+        st.warning(f"This store records no model to run: build it with `{shell.build_hint(ctx)}`.")
         return
     source = _prompt_input()
     with st.spinner(f"Loading {ctx.model} (once per server)…"):
-        model = ui.get_model(ctx.model)
+        model = cache.get_model(ctx.model)
     try:
         from backend.inputs.prompts import encode_prompt
 
-        limit = min(int(model.cfg.n_ctx), ui.EXPLORER_MAX_TOKENS)
+        limit = min(int(model.cfg.n_ctx), predict.EXPLORER_MAX_TOKENS)
         enc = encode_prompt(model, source, max_tokens=limit)
     except InputError as exc:
         st.error(str(exc))
@@ -340,19 +341,19 @@ def body(ctx: ui.PageContext) -> None:
         st.caption(f"The Prompt Explorer runs at most {limit:,} tokens (the model's context is "
                    f"{int(model.cfg.n_ctx):,}) so that it stays interactive on a CPU.")
     with st.spinner("Running the model…"):
-        df = ui.cached_predictions(ctx.model, tuple(enc.ids), TOP_K)
+        df = cache.cached_predictions(ctx.model, tuple(enc.ids), TOP_K)
     losses = df["loss"].dropna()
     cols = st.columns(3)
     cols[0].metric("Tokens", f"{len(df):,}", help="including the BOS token the model sees first")
     cols[1].metric("Mean loss", f"{losses.mean():.3f} nats" if len(losses) else "–")
     cols[2].metric("Max loss", f"{losses.max():.3f} nats" if len(losses) else "–")
-    st.html(ui.token_strip_html(list(df["token"]), list(df["loss"]), label="loss"))
+    st.html(token_html.token_strip_html(list(df["token"]), list(df["loss"]), label="loss"))
     st.caption("Each token is shaded by the model's loss on the token that follows it (darker = more surprised).")
     _token_table(df)
     pos = _position_detail(df)
     _feature_section(ctx, df, pos)
 
 
-ui.run_page("Prompt Explorer", body,
+shell.run_page("Prompt Explorer", body,
             caption="Run any text through the store's model, live: per-token loss, top next-token predictions and "
                     "the attention-SAE features of every token.")

@@ -25,9 +25,12 @@ from backend.errors import InputError
 from backend.progress import say
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import duckdb
 
     from backend.inputs.tasks import TaskBatch
+    from backend.model.registry import ModelSpec
 
 
 @dataclass
@@ -197,60 +200,28 @@ def comparison_db(comparison: Comparison, tokenizer: Any = None) -> "duckdb.Duck
     return con
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Store plumbing shared by the precompute step, the CLI and the page
+def save_comparison(store_path: "str | Path", comparison: Comparison, model: Any, spec: "ModelSpec",
+                    source: str | None = None) -> str:
+    """Write ``comparison`` into the store at ``store_path`` as one atomic write (the CLI's ``attribute`` and the
+    Attribution Faithfulness page's save button), recording the model and its vocabulary first; returns its id."""
+    from backend.model.record import record_model
+    from backend.store.access import StoreWriter
+
+    params = {"comparison_id": comparison.comparison_id, "task": comparison.task,
+              "methods": list(comparison.runs), "kinds": comparison.kinds, "source": source or comparison.source}
+    with StoreWriter(store_path, kind="attribution", model=spec.name, params=params) as writer:
+        record_model(writer, model, spec)
+        write_comparison(writer.con, comparison, writer.run_id)
+    return comparison.comparison_id
 
 
-def store_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str) -> tuple[dict[int, Any], dict[int, str]]:
-    """The store's attention SAEs for ``model_name``, one per layer (the widest): ``({layer: sae}, {layer: id})``."""
-    from backend.dictionaries.attention_sae import KIND, load_dictionary
+def feature_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str) -> tuple[dict[int, Any], dict[int, str]]:
+    """The store's attention SAEs for ``model_name`` and their dict_ids, by layer, for the ``feature`` kind;
+    InputError when the store has none."""
+    from backend.dictionaries.storage import load_attention_saes
 
-    rows = con.execute("SELECT dict_id, layer FROM dictionaries WHERE model = ? AND kind = ? "
-                       "ORDER BY layer, d_sae DESC, dict_id", [model_name, KIND]).fetchall()
-    ids: dict[int, str] = {}
-    for dict_id, layer in rows:
-        ids.setdefault(int(layer), str(dict_id))
-    if not ids:
+    saes = load_attention_saes(con, model_name)
+    if not saes:
         raise InputError(f"This store has no attention SAEs for {model_name}, so the 'feature' kind cannot be scored: "
                          "drop it, or build SAEs with `python -m backend precompute`.")
-    return {layer: load_dictionary(con, d) for layer, d in ids.items()}, ids
-
-
-def ensure_model_recorded(writer: Any, model: Any, spec: Any) -> None:
-    """Record the model and its vocabulary (pages label tokens from ``vocab``) if the store lacks them."""
-    from backend.pipeline.run import PRESETS, RunContext, step_model
-
-    have = writer.con.execute("SELECT count(*) FROM vocab WHERE model = ?", [spec.name]).fetchall()[0][0]
-    if have != int(model.cfg.d_vocab):
-        step_model(RunContext(model=model, spec=spec, writer=writer, preset=PRESETS["demo"], layers=[],
-                              corpus_source=""))
-
-
-def step_attributions(ctx: Any) -> None:
-    """Precompute step: compare the preset's attribution methods on the built-in tasks and store each comparison
-    (replacing this model's earlier precomputed comparisons; saved custom pairs stay)."""
-    from backend.progress import track
-    from backend.inputs.prompts import model_bos_id
-    from backend.inputs.tasks import build_task
-
-    preset = ctx.preset
-    tasks = list(preset.attribution_tasks)
-    if not tasks:
-        return
-    methods = [m for m in preset.attribution_methods if METHODS[m].available]
-    kinds = list(preset.attribution_kinds)
-    dictionaries, dict_ids = (store_dictionaries(ctx.con, ctx.spec.name) if "feature" in kinds else (None, None))
-    old = ctx.con.execute("SELECT comparison_id FROM attribution_comparisons WHERE model = ? AND source = 'precompute'",
-                          [ctx.spec.name]).fetchall()
-    for (cid,) in old:
-        delete_comparison(ctx.con, cid)
-    for task, n in track(tasks, total=len(tasks), desc="Attribution comparisons", unit="task"):
-        options = {"length": preset.attribution_induction_length} if task.startswith("induction") else {}
-        batch = build_task(task, ctx.model, n=int(n), seed=0, bos=model_bos_id(ctx.model), **options)
-        c = run_comparison(ctx.model, batch, ctx.spec.name, methods, kinds, ig_steps=preset.attribution_ig_steps,
-                           dictionaries=dictionaries, dictionary_ids=dict_ids, source="precompute",
-                           comparison_id=f"{ctx.spec.name}/{task}")
-        write_comparison(ctx.con, c, ctx.run_id)
-        ctx.summary.setdefault("attributions", {})[task] = {
-            "examples": len(batch), "seq_len": batch.seq_len,
-            "seconds": {name: round(run.seconds, 2) for name, run in c.runs.items()}}
+    return saes, {layer: str(sae.cfg.metadata.dict_id) for layer, sae in saes.items()}

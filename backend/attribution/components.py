@@ -6,11 +6,11 @@
 
 averaged over the batch's examples ("noising": the corrupt activation is patched into the clean run). Activation
 patching computes it exactly; AtP = ∂m/∂c|clean · (c_corrupt − c_clean); IG averages ∂m/∂c along the straight
-path from c_clean to c_corrupt, times (c_corrupt − c_clean). METHODS.md §3 orients the path the other way
+path from c_clean to c_corrupt, times (c_corrupt − c_clean). docs/methods.md §3 orients the path the other way
 (corrupt → clean, "denoising"): our scores are the negative of that orientation's. With the built-in tasks the
 clean metric is the larger one, so a component the behaviour needs gets a *negative* score.
 
-Kinds (hook points only via :func:`backend.hooks.hook_name`):
+Kinds (hook points only via :func:`backend.model.hooks.hook_name`):
 
 * ``"resid"``: ``blocks.l.hook_resid_pre`` for l = 0..n_layers-1 (resid_pre 0 is the embedding), per (layer, pos);
 * ``"mlp"``: ``blocks.l.hook_mlp_out``, per (layer, pos);

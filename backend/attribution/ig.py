@@ -2,7 +2,7 @@
 activation.
 
 ``score(c) = mean_α ∂m/∂c |_(c_clean + α(c_corrupt − c_clean)) · (c_corrupt − c_clean)``, averaged over examples:
-the noising orientation of :mod:`backend.attribution.components`, i.e. the negative of METHODS.md §3's
+the noising orientation of :mod:`backend.attribution.components`, i.e. the negative of docs/methods.md §3's
 corrupt → clean path. **Per layer:** all components of one kind at one layer move along the path together (one
 site at a time; everything else keeps its clean value), so completeness holds per layer: the sum of a layer's
 scores → the exact effect of patching the whole layer as ``steps`` grows. The α are the midpoints

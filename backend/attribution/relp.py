@@ -40,9 +40,9 @@ modules), hence these few hand-written hooks.
 ``"value"``) and ε = 0, the surrogate network is linear in any residual-stream slice once the
 detached factors are fixed, so on a bias-free model (Llama-family: no biases) Σ_pos resid_pre[l] · coef[l] equals
 the metric at *every* layer l: relevance is conserved layer to layer. Biases absorb relevance; the ε-rule, the
-"gradient" choices and ``attention="half"`` (its pattern half flows on through the softmax and q·k) break it. ``tests/test_relp.py`` checks it.
+"gradient" choices and ``attention="half"`` (its pattern half flows on through the softmax and q·k) break it. ``tests/attribution/test_relp.py`` checks it.
 
-**Which rules by default — measured, not assumed.** :data:`PAPER_RULES` are METHODS.md §3's (all four rules,
+**Which rules by default — measured, not assumed.** :data:`PAPER_RULES` are docs/methods.md §3's (all four rules,
 pattern detached). On SmolLM2-135M IOI (4 ABBA/BABA prompts, ABC corruption; every (layer, position) of the
 residual stream and MLP outputs and every (layer, head); Pearson r with activation patching; a 36-combination
 grid of these options) we measured, resid / MLP / heads:
@@ -82,7 +82,7 @@ GateRule = Literal["half", "value", "gradient"]
 
 @dataclass(frozen=True)
 class RelPRules:
-    """Which LRP rule each non-linear piece uses (see the module docstring). The field defaults are METHODS.md §3
+    """Which LRP rule each non-linear piece uses (see the module docstring). The field defaults are docs/methods.md §3
     (:data:`PAPER_RULES`); RelP's default is :data:`DEFAULT_RULES`."""
 
     norm: NormRule = "identity"
@@ -104,7 +104,7 @@ class RelPRules:
             raise ValueError("RelP epsilon must be >= 0")
 
 
-# METHODS.md §3 as written: identity norms and activations, detached pattern, half rule on the gate.
+# docs/methods.md §3 as written: identity norms and activations, detached pattern, half rule on the gate.
 PAPER_RULES = RelPRules()
 # The default: PAPER_RULES except that the pattern is constant only on the value path (see the measurements above).
 DEFAULT_RULES = RelPRules(attention="gradient")

@@ -21,9 +21,17 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from backend.circuits.graph import NODE_COLUMNS, Graph, node_id
-from backend.circuits.replacement import (Candidates, Target, biases, candidates, edges_between, node_labels,
-                                          record, total_attribution)
 from backend.circuits.methods import METHODS, edges_autograd
+from backend.circuits.replacement import (
+    Candidates,
+    Target,
+    biases,
+    candidates,
+    edges_between,
+    node_labels,
+    record,
+    total_attribution,
+)
 from backend.errors import InputError
 
 if TYPE_CHECKING:

@@ -25,6 +25,8 @@ from backend.circuits.graph import Graph
 from backend.model.hooks import hook_name
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
 MODES: tuple[str, ...] = ("zero", "mean")
@@ -256,3 +258,17 @@ def reference_tokens(con: Any, model_name: str, n_contexts: int = 16) -> "torch.
         by_ctx.setdefault(int(ctx), []).append(int(tok))
     length = min(len(v) for v in by_ctx.values())
     return torch.tensor([v[:length] for v in by_ctx.values()])
+
+
+def check_in_store(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None,
+                   mode: str, store_path: "str | Path", model_name: str) -> Faithfulness:
+    """:func:`check` with the means of ``mean`` ablation taken over the store's corpus contexts (the CLI's
+    ``--faithfulness`` and the Circuit Graph page's button)."""
+    from backend.store.access import reading
+
+    means = None
+    if mode == "mean":
+        with reading(store_path) as con:
+            tokens = reference_tokens(con, model_name)
+        means = reference_means(model, transcoders, attn_saes, tokens)
+    return check(model, graph, transcoders, attn_saes, mode=mode, means=means)

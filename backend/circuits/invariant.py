@@ -1,4 +1,4 @@
-"""The input-invariant view of a transcoder feature (Dunefsky et al. 2024, METHODS.md §2).
+"""The input-invariant view of a transcoder feature (Dunefsky et al. 2024, docs/methods.md §2).
 
 Between transcoder features at one position, an edge factorises into the source's activation (input-dependent)
 × ``W_dec[j] · W_enc[:, i]`` (input-invariant) × the frozen norm's 1/scale. The invariant factor alone says which
@@ -20,7 +20,6 @@ def invariant_neighbours(transcoders: dict[int, Any], layer: int, feature: int, 
     """(upstream, downstream) tables of the ``k`` largest |invariant| connections of transcoder feature
     ``feature`` at ``layer``: columns layer, feature, invariant. ``centre``: subtract the mean of the encoder
     column (LayerNorm models, whose norm centres its input)."""
-    import pandas as pd
     import torch
 
     if layer not in transcoders:

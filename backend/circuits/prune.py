@@ -1,6 +1,6 @@
 """Pruning an attribution graph by influence on its target, and its strongest paths (pure functions).
 
-**Influence** (circuit-tracer's definition, METHODS.md §4): ``Â = |A|`` with each row (a target node's incoming
+**Influence** (circuit-tracer's definition, docs/methods.md §4): ``Â = |A|`` with each row (a target node's incoming
 edges) divided by its sum, so row ``t`` says what fraction of ``t``'s direct inputs each source is. A node's
 influence on the target is the sum over all paths of the products of these fractions:
 ``influence = e_target · (Â + Â² + …) = e_target · Â (I − Â)⁻¹``; the target's own influence is 1. Written by
@@ -16,7 +16,7 @@ hand with one linear solve (networkx has no matrix path sums; the graph is a DAG
 3. drop nodes with no kept path to the target.
 
 Every ranking is computed once on the full graph, so a larger threshold keeps a superset: pruning is monotone
-in both thresholds (tests/test_circuits.py checks it).
+in both thresholds (tests/circuits/test_circuits.py checks it).
 """
 
 from __future__ import annotations

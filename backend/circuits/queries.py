@@ -1,10 +1,8 @@
-"""SQL the Circuit Graph page runs (re-exported by backend.queries for ``StoreRef.query``)."""
+"""SQL the Circuit Graph page runs besides reading graphs (:mod:`backend.circuits.storage`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
-
-from backend.circuits.storage import list_graphs, read_graph  # noqa: F401 - re-exported for StoreRef.query
 
 if TYPE_CHECKING:
     import duckdb

@@ -2,7 +2,7 @@
 
 Written by hand: neither sae-lens nor TransformerLens builds attribution graphs, and circuit-tracer (the
 reference implementation) needs its own model wrappers and cross-layer transcoders; the algebra below follows
-Dunefsky et al. 2024 and circuit-tracer (METHODS.md §2, §4). Every activation comes from TransformerLens hooks.
+Dunefsky et al. 2024 and circuit-tracer (docs/methods.md §2, §4). Every activation comes from TransformerLens hooks.
 
 **The replacement model.** One clean forward pass is recorded. Then, for this prompt:
 
@@ -27,7 +27,7 @@ layer ``l`` reads ``resid_pre`` (≤ ``2l``) at every position it attends to.
 
 **Total attribution** (:func:`total_attribution`): each node's ``activation × ∂metric/∂activation`` in this linear
 system (the sum over all its paths to the target), by one reverse sweep over depths — the same numbers a backward
-pass through the frozen replacement model gives (tests/test_circuits.py checks this against autograd).
+pass through the frozen replacement model gives (tests/circuits/test_circuits.py checks this against autograd).
 """
 
 from __future__ import annotations

@@ -3,24 +3,28 @@ page has something to show the moment a store is opened (users build their own t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backend.pipeline.context import RunContext
 
 
-def step_graphs(ctx: Any) -> None:
-    """Build and store one graph per ``preset.graph_prompts`` entry ``(prompt, answer, wrong)`` with the store's
+def step_graphs(ctx: "RunContext") -> None:
+    """Build and store one graph per ``preset.graphs.prompts`` entry ``(prompt, answer, wrong)`` with the store's
     transcoders and attention SAEs; a prompt whose answer is not one token for this model is skipped with a note."""
     from backend.circuits.build import BuildParams, build_graph
-    from backend.circuits.storage import store_dictionaries, write_graph
+    from backend.circuits.storage import write_graph
+    from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
     from backend.progress import say, track
 
-    transcoders, saes = store_dictionaries(ctx.con, ctx.spec.name)
+    transcoders, saes = graph_dictionaries(ctx.con, ctx.spec.name)
     done = []
-    prompts = list(ctx.preset.graph_prompts)
+    prompts = list(ctx.preset.graphs.prompts)
     for prompt, answer, wrong in track(prompts, total=len(prompts), desc="Attribution graphs", unit="graph"):
         try:
             graph = build_graph(ctx.model, prompt, transcoders, saes, answer=answer, wrong=wrong,
-                                params=BuildParams(max_nodes=ctx.preset.graph_max_nodes), model_name=ctx.spec.name)
+                                params=BuildParams(max_nodes=ctx.preset.graphs.max_nodes), model_name=ctx.spec.name)
         except InputError as exc:  # e.g. an answer that is several tokens for this tokenizer
             say(f"Skipped the graph of {prompt!r}: {exc}")
             continue

@@ -15,6 +15,8 @@ from backend.circuits.graph import EDGE_COLUMNS, NODE_COLUMNS, Graph
 from backend.errors import StoreError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import duckdb
     import pandas as pd
 
@@ -100,19 +102,12 @@ def read_graph(con: "duckdb.DuckDBPyConnection", graph_id: str) -> Graph:
     return Graph(nodes=nodes, edges=edges, metadata=metadata)
 
 
-def store_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str, attn_saes: bool = True
-                       ) -> tuple[dict[int, Any], dict[int, Any]]:
-    """The store's transcoders and (if ``attn_saes``) attention SAEs for ``model_name``: ``({layer: transcoder},
-    {layer: sae})``. A store without transcoders still builds graphs: every MLP is then one error node."""
-    from backend.dictionaries.attention_sae import KIND, load_dictionary
-    from backend.dictionaries.transcoder import load_transcoders
+def save_graph(store_path: "str | Path", graph: Graph, source: str, title: str | None = None) -> str:
+    """Write ``graph`` into the store at ``store_path`` as one atomic write (the CLI's ``--save``, the Circuit Graph
+    page's save button); returns its id."""
+    from backend.store.access import StoreWriter
 
-    transcoders = load_transcoders(con, model_name)
-    saes: dict[int, Any] = {}
-    if attn_saes:
-        rows = con.execute("SELECT dict_id, layer FROM dictionaries WHERE model = ? AND kind = ? "
-                           "ORDER BY layer, d_sae DESC, dict_id", [model_name, KIND]).fetchall()
-        for dict_id, layer in rows:
-            if int(layer) not in saes:
-                saes[int(layer)] = load_dictionary(con, str(dict_id))
-    return transcoders, saes
+    model = str(graph.metadata.get("model"))
+    with StoreWriter(store_path, kind="graph", model=model,
+                     params={"prompt": graph.metadata.get("prompt"), "source": source}) as writer:
+        return write_graph(writer.con, graph, writer.run_id, source=source, title=title)

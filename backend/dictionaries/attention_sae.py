@@ -1,6 +1,6 @@
 """Attention-output dictionaries (Kissane et al. 2024): sae-lens SAEs over one layer's concatenated ``hook_z``.
 
-Conventions every engineer codes against:
+Conventions the rest of the code relies on:
 
 * An SAE is a sae-lens inference ``SAE`` object (``TopKSAE``, ``StandardSAE``, ``JumpReLUSAE``, ...), CPU
   float32, eval mode. Its input is ``x = flatten_z(z)``: all heads concatenated **head-major**, so head ``h``
@@ -12,28 +12,26 @@ Conventions every engineer codes against:
   ``dictionary_weights`` row (the state dict as a safetensors blob: a safe format, no pickle).
 
 Training uses sae-lens' own training classes (chosen by architecture name from sae-lens' registry) and its
-``SAETrainer``, fed from activations collected here (:mod:`backend.activations`); nothing of the trainer
+``SAETrainer``, fed from activations collected here (:mod:`backend.model.activations`); nothing of the trainer
 needs the network when ``log_to_wandb=False``. The only hand-written pieces are the decoder-bias
 initialisation to the data mean and the training -> inference conversion glue (see the functions).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from backend.dictionaries.kinds import ATTN_SAE
+from backend.errors import InputError
 from backend.model.activations import flatten_heads
-from backend.errors import InputError, ModelUnavailableError, StoreError
 
 if TYPE_CHECKING:
     import torch
     from sae_lens import SAE
 
-KIND = "attn_sae"
+KIND = ATTN_SAE
 DEFAULT_ARCHITECTURE = "topk"
 
 
@@ -216,7 +214,7 @@ def train_attention_sae(
     ``epochs`` passes over the data (fractions allowed), Adam with a cosine decay from ``lr`` to ``lr/10``.
     ``k`` is passed only to TopK-style architectures; other architecture options go in ``arch_kwargs``
     (e.g. ``l1_coefficient`` for "standard"). Throughput/learning-rate measurements on 2 cores are in
-    :mod:`backend.attention_saes`: a higher learning rate than sae-lens' default matters most at these short
+    :mod:`backend.dictionaries.steps`: a higher learning rate than sae-lens' default matters most at these short
     budgets.
     """
     import torch
@@ -292,102 +290,8 @@ def _quiet_sae_lens_bar() -> Iterator[None]:
 # Store round-trip
 
 
-def sae_config_json(sae: "SAE") -> str:
-    """The SAE's sae-lens config (architecture, widths, metadata incl. training facts) as JSON."""
-    return json.dumps(sae.cfg.to_dict(), default=str, sort_keys=True)
-
-
-def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
-    """Write one dictionary: the ``dictionaries`` row (``row`` + cfg JSON + run id, replacing any row with the
-    same ``dict_id``) and its weights as a safetensors blob in ``dictionary_weights``."""
-    import pandas as pd
-    from safetensors.torch import save
-
-    dict_id = row["dict_id"]
-    con = writer.con
-    columns = [r[0] for r in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'dictionaries' "
-        "ORDER BY ordinal_position").fetchall()]
-    full = {c: None for c in columns}
-    full.update({k: v for k, v in row.items() if k in full})
-    full["cfg"] = sae_config_json(sae)
-    full["run_id"] = writer.run_id
-    full["kind"] = full["kind"] or KIND
-    full["d_in"], full["d_sae"] = int(sae.cfg.d_in), int(sae.cfg.d_sae)
-    con.execute("DELETE FROM dictionaries WHERE dict_id = ?", [dict_id])
-    con.execute("DELETE FROM dictionary_weights WHERE dict_id = ?", [dict_id])
-    writer.insert_df("dictionaries", pd.DataFrame([{k: v for k, v in full.items() if v is not None}]))
-    blob = save({k: v.detach().contiguous().float() for k, v in sae.state_dict().items()})
-    con.execute("INSERT INTO dictionary_weights VALUES (?, 'safetensors', ?)", [dict_id, blob])
-
-
-def load_dictionary(con: Any, dict_id: str) -> "SAE":
-    """Rebuild the sae-lens SAE stored under ``dict_id`` (eval mode, CPU float32)."""
-    import torch
-    from safetensors.torch import load
-    from sae_lens import SAE
-
-    rows = con.execute(
-        "SELECT d.cfg, w.format, w.data FROM dictionaries d JOIN dictionary_weights w USING (dict_id) "
-        "WHERE d.dict_id = ?", [dict_id]).fetchall()
-    if not rows:
-        raise StoreError(f"This store has no dictionary {dict_id!r}: pick one listed on the home page, or re-run the precompute.")
-    cfg_json, fmt, data = rows[0]
-    if fmt != "safetensors":
-        raise StoreError(f"Dictionary {dict_id!r} is stored as {fmt!r}, which circuitscope does not load (only safetensors).")
-    cfg = json.loads(cfg_json)
-    cfg["device"], cfg["dtype"] = "cpu", "float32"
-    sae = SAE.from_dict(cfg)
-    sae.load_state_dict({k: v.to(torch.float32) for k, v in load(bytes(data)).items()})
-    return sae.eval()
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Pretrained dictionaries
-
-
-def load_pretrained(release: str, sae_id: str) -> "SAE":
-    """Load a sae-lens release (e.g. ``("gpt2-small-hook-z-kk", "blocks.5.hook_z")``) from the HF cache or hub.
-
-    Offline with nothing cached -> one :class:`ModelUnavailableError` sentence, quickly (the hub is probed once
-    and Hugging Face is switched to offline mode, so nothing retries).
-    """
-    from backend.model.registry import configure_hf_cache
-
-    configure_hf_cache()
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    directory = get_pretrained_saes_directory()
-    if release not in directory:
-        raise InputError(f"Unknown sae-lens release {release!r}: use a name from sae-lens' pretrained_saes.yaml, e.g. 'gpt2-small-hook-z-kk'.")
-    ids = list(directory[release].saes_map)
-    if sae_id not in ids:
-        raise InputError(f"Release {release!r} has no SAE {sae_id!r}: use one of {', '.join(ids[:4])}, ...")
-    try:
-        sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
-    except Exception as exc:  # noqa: BLE001 - offline/hub failures come as OSError, HTTP or hub errors
-        raise ModelUnavailableError(
-            f"SAE {release}/{sae_id} is not available: it is not in the local Hugging Face cache "
-            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and the hub cannot be reached "
-            f"({type(exc).__name__}); run once with internet access or copy the cache there."
-        ) from None
-    return sae.eval()
-
-
-def load_local(path: str | Path, what: str = "SAE") -> "SAE":
-    """Load a sae-lens-format directory (``cfg.json`` + ``sae_weights.safetensors``); ``what`` names the kind of
-    dictionary in the error messages (e.g. "transcoder")."""
-    from sae_lens import SAE
-
-    path = Path(path)
-    if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
-        raise InputError(f"{path} is not a sae-lens {what} directory: it needs cfg.json and sae_weights.safetensors.")
-    try:
-        sae = SAE.load_from_disk(path, device="cpu", dtype="float32")
-    except Exception as exc:  # noqa: BLE001 - malformed configs raise many types
-        raise InputError(f"{path} could not be loaded as a sae-lens {what} ({type(exc).__name__}: {str(exc)[:120]}).") from None
-    return sae.eval()
 
 
 def layer_of(sae: "SAE") -> int | None:
@@ -402,8 +306,3 @@ def layer_of(sae: "SAE") -> int | None:
     return layer if kind == "z" else None
 
 
-__all__ = [
-    "flatten_z", "encode_z", "reconstruct", "preactivation", "dict_id_for", "make_random_sae", "architectures",
-    "to_inference", "train_attention_sae", "save_dictionary", "load_dictionary", "load_pretrained", "load_local",
-    "layer_of", "init_training_sae", "sae_config_json", "KIND",
-]

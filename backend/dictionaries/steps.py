@@ -1,83 +1,79 @@
-"""Precompute step: train (or import) one attention-output SAE per selected layer, evaluate it, store it.
+"""The dictionary precompute steps: train (or import), evaluate and store one attention-output SAE per selected layer
+(``attention_saes``) and one transcoder per selected MLP layer (``transcoders``).
 
-The corpus contexts are split once: the **last** ``preset.sae_eval_contexts`` contexts are held out for
-evaluation (never trained on), the rest are training data. Activations are collected for several layers in
-one forward pass, in groups small enough to keep them in memory (:data:`ACT_MEMORY_BYTES`).
-
-Training throughput, measured on this 2-core machine (576 -> 2304 TopK, k 32, sae-lens 6.54 SAETrainer,
-SmolLM2 layer-8 hook_z, 28k training tokens; other processes were running, so +-30%):
-
-* batch 1024: 5.4-7.8k samples/s (the best); 4096: 4.3k; 16384: 6.6k; 512: slower per sample.
-* torch threads 2 vs 1 at batch 4096: 4.3k vs 4.2k samples/s (no gain from the second core).
-* ``use_sparse_activations=True``: crashes in backward on torch 2.13 CPU (``aten::view`` has no SparseCPU
-  kernel), so dense activations are used.
-* ``normalize_activations="expected_average_only_in"``: same FVE, half the speed; not used.
-* learning rate at 41k samples: 4e-4 (sae-lens default) FVE 0.28; 2e-3 0.64; 5e-3 0.72; 1e-2 0.73. Starting
-  ``b_dec`` at the data mean: FVE 0.23 -> 0.28 at 4e-4. Chosen: lr 5e-3, batch 1024, 3 passes.
-* demo (3 layers of SmolLM2, 224 training contexts = 28.4k tokens, 32 held-out = 4064 tokens), measured on
-  a heavily loaded machine: collection 145 s (~50 s unloaded), training 14-16 s per layer (5.4-6.1k
-  samples/s), evaluation 44 s. Held-out results L8/L15/L22: FVE 0.76/0.66/0.61, L0 32, CE-loss recovered
-  1.02/1.11/1.13 with ΔCE −0.001/−0.010/−0.003 nats against ablation denominators of 0.049/0.090/0.021
-  nats. Splicing the SAE *lowers* CE a little on this text (checked with independent full forward passes),
-  so the ratio exceeds 1; the denominator is tiny, as METHODS.md warns.
-* more tokens (L8, 1024 training contexts = 130k tokens, 64 held-out contexts = 8128 tokens): 1 pass 37 s
-  (3.6k samples/s, loaded machine) FVE 0.825, CE-loss recovered 1.10 (ΔCE −0.008 of 0.079 nats); 2 passes
-  86 s FVE 0.852, CE-loss recovered 1.07. Dead fraction there is 32-33% (13.6% in the demo): lr 5e-3 kills
-  features on longer runs; not tuned further yet. The full preset trains 2048 contexts x 2 passes.
+Each step splits the corpus contexts once: the **last** ``eval_contexts`` are held out for evaluation (never trained
+on), the rest are training data. Training activations come from the corpus step's scoring pass when they fit in the
+step's memory budget (``*_precollect_wants``), or from a forward pass over groups of layers small enough to fit
+(:data:`SAE_MEMORY_BYTES`, :data:`TRANSCODER_MEMORY_BYTES`). Training measurements: ``docs/presets.md``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from backend.model.activations import collect_z
-from backend.dictionaries.attention_sae import (
-    KIND, dict_id_for, layer_of, load_local, load_pretrained, save_dictionary, train_attention_sae,
+from backend.dictionaries.attention_sae import dict_id_for, layer_of, train_attention_sae
+from backend.dictionaries.eval import (
+    DictionaryMetrics,
+    evaluate_dictionaries,
+    evaluate_transcoders,
+    fired_features,
+    split_contexts,
 )
-from backend.dictionaries.eval import DictionaryMetrics, evaluate_dictionaries, fired_features, split_contexts
+from backend.dictionaries.kinds import ATTN_SAE, TRANSCODER
+from backend.dictionaries.storage import (
+    load_local,
+    load_local_transcoder,
+    load_pretrained,
+    load_pretrained_transcoder,
+    release_ids,
+    save_dictionary,
+)
+from backend.dictionaries.transcoder import collect_mlp_io, train_transcoder, transcoder_dict_id
+from backend.dictionaries.transcoder import layer_of as transcoder_layer_of
 from backend.errors import InputError
+from backend.model.activations import collect_z, layer_groups
 from backend.model.hooks import hook_name
-from backend.progress import say
+from backend.progress import say, track
+
+if TYPE_CHECKING:
+    from backend.pipeline.context import RunContext
 
 # Activation matrices of one collection group must fit in this many bytes (float32): the full preset's
-# ~500k training tokens x 576 dims is ~1.2 GB per layer, so a group holds two layers.
-ACT_MEMORY_BYTES = 3 * 1024**3
+# ~260k training tokens x 576 dims is ~0.6 GB per layer.
+SAE_MEMORY_BYTES = 3 * 1024**3
+# Transcoder training activations (x and y, float32) of one group: the demo's 16k tokens x 30 layers x 576 x 2 is
+# 2.2 GB, one group; the full preset's 260k tokens need ~10 groups.
+TRANSCODER_MEMORY_BYTES = 4 * 1024**3
 
 
-def _layer_groups(layers: Sequence[int], bytes_per_layer: int) -> list[list[int]]:
-    per_group = max(1, ACT_MEMORY_BYTES // max(bytes_per_layer, 1))
-    layers = sorted(layers)
-    return [layers[i : i + per_group] for i in range(0, len(layers), per_group)]
-
-
-def _row(ctx: Any, dict_id: str, layer: int, architecture: str, metrics: DictionaryMetrics,
+def _row(ctx: "RunContext", dict_id: str, layer: int, architecture: str, metrics: DictionaryMetrics,
          training_tokens: int | None, source: str) -> dict[str, Any]:
     return {
-        "dict_id": dict_id, "model": ctx.spec.name, "kind": KIND, "architecture": architecture,
+        "dict_id": dict_id, "model": ctx.spec.name, "kind": ATTN_SAE, "architecture": architecture,
         "hook_name": hook_name("z", layer), "layer": int(layer), "training_tokens": training_tokens,
         "source": source, **metrics.as_row(),
     }
 
 
-def precollect_wants(ctx: Any) -> dict[tuple[str, int], int]:
+def sae_precollect_wants(ctx: "RunContext") -> dict[tuple[str, int], int]:
     """What the corpus step should gather for this step during its scoring pass: hook_z at every SAE layer for ALL
     contexts (site -> number of leading contexts), when this step will train, its training contexts come first, and
-    it all fits in ACT_MEMORY_BYTES. Training then reads the leading rows and the features step (which scores every
+    it all fits in SAE_MEMORY_BYTES. Training then reads the leading rows and the features step (which scores every
     context) needs no forward pass either; measured on the demo that saves ~40 s + ~45 s of forward passes."""
     preset = ctx.preset
-    if getattr(ctx, "sae_sources", None) or not preset.sae_train or not ctx.layers:
+    if ctx.sae_sources or not preset.sae.train or not ctx.layers:
         return {}
     n, n_ctx = ctx.contexts.tokens.shape
-    train_idx, eval_idx = split_contexts(n, preset.sae_eval_contexts)
-    train_idx = list(train_idx)[: preset.sae_train_contexts or None]
+    train_idx, eval_idx = split_contexts(n, preset.sae.eval_contexts)
+    train_idx = list(train_idx)[: preset.sae.train_contexts or None]
     d_in = ctx.model.cfg.n_heads * ctx.model.cfg.d_head
-    if not eval_idx or train_idx != list(range(len(train_idx))) or n * (n_ctx - 1) * d_in * 4 * len(ctx.layers) > ACT_MEMORY_BYTES:
+    if not eval_idx or train_idx != list(range(len(train_idx))) or n * (n_ctx - 1) * d_in * 4 * len(ctx.layers) > SAE_MEMORY_BYTES:
         return {}
     return {("z", int(layer)): n for layer in ctx.layers}
 
 
-def step_attention_saes(ctx: Any) -> None:
+def step_attention_saes(ctx: "RunContext") -> None:
     """Train, evaluate and store an attention SAE for each layer in ``ctx.layers`` (per the preset).
 
     Re-running replaces the dictionaries with the same dict_id. Skipped when the preset trains no SAEs.
@@ -85,38 +81,38 @@ def step_attention_saes(ctx: Any) -> None:
     import torch
 
     preset = ctx.preset
-    if getattr(ctx, "sae_sources", None):
+    if ctx.sae_sources:
         ctx.summary["attention_saes"] = {"imported": import_sources(ctx, ctx.sae_sources)}
         return
-    if not getattr(preset, "sae_train", False) or not ctx.layers:
+    if not preset.sae.train or not ctx.layers:
         return
     if ctx.contexts is None:
         raise InputError("The attention-SAE step needs the corpus step to run first.")
     tokens = ctx.contexts.tokens
     n, n_ctx = tokens.shape
-    train_idx, eval_idx = split_contexts(n, preset.sae_eval_contexts)
-    train_idx = list(train_idx)[: preset.sae_train_contexts or None]
+    train_idx, eval_idx = split_contexts(n, preset.sae.eval_contexts)
+    train_idx = list(train_idx)[: preset.sae.train_contexts or None]
     if not train_idx or not eval_idx:
         raise InputError(f"The corpus has {n} context(s): the attention-SAE step needs at least 2 (train + held out).")
     model, spec = ctx.model, ctx.spec
     d_in = model.cfg.n_heads * model.cfg.d_head
-    d_sae = int(preset.sae_expansion * d_in)
-    arch = preset.sae_architecture
+    d_sae = int(preset.sae.expansion * d_in)
+    arch = preset.sae.architecture
     threads = torch.get_num_threads()
-    if preset.sae_threads:
-        torch.set_num_threads(preset.sae_threads)
+    if preset.sae.threads:
+        torch.set_num_threads(preset.sae.threads)
     summary: dict[str, Any] = {"layers": {}, "train_contexts": len(train_idx), "eval_contexts": len(eval_idx)}
     try:
         bytes_per_layer = len(train_idx) * (n_ctx - 1) * d_in * 4
         saes: dict[int, Any] = {}
         infos: dict[int, dict[str, Any]] = {}
         train_fired: dict[int, torch.Tensor] = {}
-        # hook_z the corpus step gathered (precollect_wants): the leading rows are the training contexts'.
+        # hook_z the corpus step gathered (sae_precollect_wants): the leading rows are the training contexts'.
         pre = ctx.precollected or {}
         n_train_rows = len(train_idx) * (n_ctx - 1)
         reuse = all(("z", l) in pre and pre[("z", l)].shape[0] >= n_train_rows for l in ctx.layers)
         summary["reused_activations"] = reuse
-        for group in [sorted(ctx.layers)] if reuse else _layer_groups(ctx.layers, bytes_per_layer):
+        for group in [sorted(ctx.layers)] if reuse else layer_groups(ctx.layers, bytes_per_layer, SAE_MEMORY_BYTES):
             t = time.perf_counter()
             if reuse:
                 acts = {l: pre[("z", l)][:n_train_rows] for l in group}
@@ -128,8 +124,8 @@ def step_attention_saes(ctx: Any) -> None:
                 dict_id = dict_id_for(spec.name, layer, arch, d_sae)
                 say(f"Training {dict_id}")
                 sae, info = train_attention_sae(
-                    acts[layer], d_sae, architecture=arch, k=preset.sae_k, lr=preset.sae_lr,
-                    batch_size=preset.sae_batch_size, epochs=preset.sae_epochs, seed=layer,
+                    acts[layer], d_sae, architecture=arch, k=preset.sae.k, lr=preset.sae.lr,
+                    batch_size=preset.sae.batch_size, epochs=preset.sae.epochs, seed=layer,
                     metadata={"model_name": spec.name, "hook_name": hook_name("z", layer), "hook_layer": layer,
                               "context_size": n_ctx, "prepend_bos": True, "dict_id": dict_id,
                               "corpus_id": ctx.corpus_id, "bos_excluded": True},
@@ -164,13 +160,11 @@ def step_attention_saes(ctx: Any) -> None:
     ctx.summary["attention_saes"] = summary
 
 
-def import_sources(ctx: Any, sources: Sequence[str]) -> list[str]:
+def import_sources(ctx: "RunContext", sources: Sequence[str]) -> list[str]:
     """``--saes``: each source is a sae-lens-format directory on disk, or a sae-lens release name whose SAEs for
     the selected layers (ids ``blocks.L.hook_z``, the naming of hook_z releases such as gpt2-small-hook-z-kk)
     are imported. Returns the dict_ids written."""
     from pathlib import Path
-
-    from backend.model.hooks import hook_name
 
     ids: list[str] = []
     for source in sources:
@@ -181,9 +175,9 @@ def import_sources(ctx: Any, sources: Sequence[str]) -> list[str]:
     return ids
 
 
-def import_pretrained(ctx: Any, release: str, sae_ids: Sequence[str]) -> list[str]:
+def import_pretrained(ctx: "RunContext", release: str, sae_ids: Sequence[str]) -> list[str]:
     """Load sae-lens release SAEs (e.g. ``"gpt2-small-hook-z-kk"``, ``["blocks.5.hook_z"]``) into the store,
-    evaluated on the last ``preset.sae_eval_contexts`` corpus contexts; returns their dict_ids.
+    evaluated on the last ``preset.sae.eval_contexts`` corpus contexts; returns their dict_ids.
 
     Offline with nothing cached: one ModelUnavailableError sentence (see :func:`load_pretrained`).
     """
@@ -192,14 +186,14 @@ def import_pretrained(ctx: Any, release: str, sae_ids: Sequence[str]) -> list[st
     return import_saes(ctx, {f"sae-lens:{release}/{sae_id}": load_pretrained(release, sae_id) for sae_id in sae_ids})
 
 
-def import_local(ctx: Any, paths: Sequence[str]) -> list[str]:
+def import_local(ctx: "RunContext", paths: Sequence[str]) -> list[str]:
     """Like :func:`import_pretrained` for sae-lens-format directories on disk."""
     if ctx.contexts is None:
         raise InputError("Importing SAEs needs the corpus step to run first.")
     return import_saes(ctx, {f"local:{p}": load_local(p) for p in paths})
 
 
-def import_saes(ctx: Any, saes: dict[str, Any]) -> list[str]:
+def import_saes(ctx: "RunContext", saes: dict[str, Any]) -> list[str]:
     """Evaluate and store already-loaded hook_z SAEs (``{source: sae}``); each must read ``hook_z`` of
     ``ctx.model`` (its metadata ``hook_name`` gives the layer, its ``d_in`` must match). Returns the dict_ids."""
     if ctx.contexts is None:
@@ -217,7 +211,7 @@ def import_saes(ctx: Any, saes: dict[str, Any]) -> list[str]:
             raise InputError(f"Two SAEs read layer {layer} ({by_layer[layer][0]} and {source}): import one per layer at a time.")
         by_layer[layer] = (source, sae)
     n = ctx.contexts.tokens.shape[0]
-    _, eval_idx = split_contexts(n, ctx.preset.sae_eval_contexts)
+    _, eval_idx = split_contexts(n, ctx.preset.sae.eval_contexts)
     metrics = evaluate_dictionaries(model, {l: s for l, (_, s) in by_layer.items()},
                                     ctx.contexts.tokens[eval_idx[0] : eval_idx[-1] + 1], batch_size=ctx.preset.batch_size)
     ids = []
@@ -229,3 +223,217 @@ def import_saes(ctx: Any, saes: dict[str, Any]) -> list[str]:
                                               training.get("training_tokens"), source))
         ids.append(dict_id)
     return ids
+
+
+def _metadata(ctx: "RunContext", layer: int, dict_id: str, n_ctx: int) -> dict[str, Any]:
+    return {"model_name": ctx.spec.name, "hook_name": hook_name("mlp_in", layer),
+            "hook_name_out": hook_name("mlp_out", layer), "hook_layer": int(layer), "context_size": int(n_ctx),
+            "prepend_bos": True, "dict_id": dict_id, "corpus_id": ctx.corpus_id, "bos_excluded": True}
+
+
+def _eval_split(ctx: "RunContext") -> tuple[list[int], list[int]]:
+    n = ctx.contexts.tokens.shape[0]
+    train_idx, eval_idx = split_contexts(n, ctx.preset.transcoder.eval_contexts)
+    return list(train_idx)[: ctx.preset.transcoder.train_contexts or None], list(eval_idx)
+
+
+def transcoder_precollect_wants(ctx: "RunContext") -> dict[tuple[str, int], int]:
+    """What the corpus step should gather for this step during its scoring pass: the MLP input and output of every
+    transcoder layer for the training contexts (site -> number of leading contexts), when this step will train,
+    its training contexts come first and they fit in TRANSCODER_MEMORY_BYTES (saves the step's own collection pass)."""
+    preset = ctx.preset
+    layers = list(ctx.transcoder_layers or [])
+    if ctx.transcoder_sources or not preset.transcoder.train or not layers:
+        return {}
+    train_idx, eval_idx = _eval_split(ctx)
+    n_ctx = ctx.contexts.tokens.shape[1]
+    if (not eval_idx or not train_idx or train_idx != list(range(len(train_idx)))
+            or len(train_idx) * (n_ctx - 1) * ctx.model.cfg.d_model * 4 * 2 * len(layers) > TRANSCODER_MEMORY_BYTES):
+        return {}
+    return {(kind, int(layer)): len(train_idx) for layer in layers for kind in ("mlp_in", "mlp_out")}
+
+
+def step_transcoders(ctx: "RunContext") -> None:
+    """Train (or, with ``ctx.transcoder_sources``, import) one transcoder per layer of ``ctx.transcoder_layers``,
+    evaluate each and all of them together on the held-out contexts, and store them (``dictionaries`` rows of
+    kind 'transcoder' + one ``replacement_evals`` row). Re-running replaces rows with the same ids."""
+    import torch
+
+    preset = ctx.preset
+    layers = list(ctx.transcoder_layers or [])
+    sources = list(ctx.transcoder_sources or [])
+    if not sources and (not preset.transcoder.train or not layers):
+        return
+    if ctx.contexts is None:
+        raise InputError("The transcoder step needs the corpus step to run first.")
+    if sources:
+        ctx.summary["transcoders"] = {"imported": import_transcoder_sources(ctx, sources)}
+        return
+    tokens = ctx.contexts.tokens
+    n_ctx = tokens.shape[1]
+    train_idx, eval_idx = _eval_split(ctx)
+    if not train_idx or not eval_idx:
+        raise InputError(f"The corpus has {tokens.shape[0]} context(s): the transcoder step needs at least 2 (train + held out).")
+    model, spec = ctx.model, ctx.spec
+    d_model = int(model.cfg.d_model)
+    d_sae = int(preset.transcoder.expansion * d_model)
+    arch = preset.transcoder.architecture
+    threads = torch.get_num_threads()
+    if preset.transcoder.threads:
+        torch.set_num_threads(preset.transcoder.threads)
+    t_start = time.perf_counter()
+    timing = {"collect": 0.0, "fit": 0.0}
+    transcoders: dict[int, Any] = {}
+    infos: dict[int, dict[str, Any]] = {}
+    # The transcoder feature step scores the first transcoder_feature_contexts contexts: when those are training
+    # contexts, keep their MLP inputs (the first rows of each layer's x) so that step needs no forward pass.
+    n_keep = min(preset.features.transcoder_contexts or len(tokens), len(tokens))
+    keep = list(train_idx[:n_keep]) == list(range(n_keep))
+    kept: dict[tuple[str, int], Any] = {}
+    n_train = len(train_idx) * (n_ctx - 1)
+    # MLP inputs / outputs the corpus step gathered (transcoder_precollect_wants): their leading rows are the training contexts'.
+    pre = ctx.precollected or {}
+    reuse = all((k, l) in pre and pre[(k, l)].shape[0] >= n_train for l in layers for k in ("mlp_in", "mlp_out"))
+    try:
+        for group in [sorted(layers)] if reuse else layer_groups(layers, n_train * d_model * 4 * 2, TRANSCODER_MEMORY_BYTES):
+            t = time.perf_counter()
+            if reuse:
+                acts = {l: (pre.pop(("mlp_in", l))[:n_train], pre.pop(("mlp_out", l))[:n_train]) for l in group}
+            else:
+                acts = collect_mlp_io(model, tokens[train_idx], group, batch_size=preset.batch_size,
+                                      desc=f"Collecting MLP in/out L{group[0]}-{group[-1]}")
+                say(f"Collected {n_train} tokens x {len(group)} MLP layer(s) in {time.perf_counter() - t:.0f} s")
+            timing["collect"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for layer in track(group, total=len(group), desc="Fitting transcoders", unit="layer"):
+                dict_id = transcoder_dict_id(spec.name, layer, arch, d_sae)
+                x, y = acts.pop(layer)  # free each layer's activations once fitted
+                if keep:
+                    kept[("mlp_in", layer)] = x[: n_keep * (n_ctx - 1)].clone()
+                transcoders[layer], infos[layer] = train_transcoder(
+                    x, y, d_sae, architecture=arch, target_l0=preset.transcoder.l0, epochs=preset.transcoder.epochs,
+                    lr=preset.transcoder.lr, batch_size=preset.transcoder.batch_size, ridge=preset.transcoder.ridge,
+                    seed=layer, metadata=_metadata(ctx, layer, dict_id, n_ctx), desc=f"Training {dict_id}")
+                del x, y
+            timing["fit"] += time.perf_counter() - t
+        t = time.perf_counter()
+        summary = _evaluate_and_save(ctx, transcoders, eval_idx, source="trained",
+                                     train_fired={l: i.pop("train_fired") for l, i in infos.items()})
+        timing["evaluate"] = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
+    if keep:
+        ctx.precollected = {**(ctx.precollected or {}), **kept}
+    summary.update(reused_activations=reuse, train_contexts=len(train_idx), training_tokens=len(train_idx) * (n_ctx - 1),
+                   seconds={k: round(v, 1) for k, v in {**timing, "total": time.perf_counter() - t_start}.items()})
+    for layer, info in infos.items():
+        summary["layers"][layer]["fit_seconds"] = info["seconds"]
+    ctx.summary["transcoders"] = summary
+
+
+def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_idx: Sequence[int], source: Any,
+                       train_fired: Mapping[int, Any] | None = None) -> dict[str, Any]:
+    """Evaluate ``transcoders`` ({layer: tc}) on the held-out contexts ``eval_idx``, store one ``dictionaries`` row
+    per layer and one ``replacement_evals`` row for all of them; ``source``: a string or {layer: string}."""
+    import hashlib
+    import json
+
+    import pandas as pd
+
+
+    preset, spec = ctx.preset, ctx.spec
+    tokens = ctx.contexts.tokens
+    eval_tokens = tokens[eval_idx[0] : eval_idx[-1] + 1]
+    t = time.perf_counter()
+    metrics, rep = evaluate_transcoders(ctx.model, transcoders, eval_tokens, batch_size=preset.batch_size,
+                                        ce_contexts=preset.transcoder.ce_contexts, train_fired=train_fired)
+    eval_seconds = time.perf_counter() - t
+    ablation = "hook_mlp_out zeroed at positions >= 1 (BOS keeps its MLP output)"
+    summary: dict[str, Any] = {"layers": {}, "eval_contexts": len(eval_idx), "eval_seconds": round(eval_seconds, 1)}
+    dict_ids: list[str] = []
+    for layer in sorted(transcoders):
+        tc, m = transcoders[layer], metrics[layer]
+        arch = tc.cfg.architecture()
+        dict_id = transcoder_dict_id(spec.name, layer, arch, tc.cfg.d_sae)
+        tc.cfg.metadata.dict_id = dict_id
+        tc.cfg.metadata["evaluation"] = {
+            "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]), "ce_tokens": m.ce_tokens,
+            "ce_contexts": min(len(eval_idx), preset.transcoder.ce_contexts or len(eval_idx)),
+            "delta_ce": m.delta_ce, "ablation": ablation,
+        }
+        training = tc.cfg.metadata.get("training") or {}
+        src = source.get(layer) if isinstance(source, Mapping) else source
+        save_dictionary(ctx.writer, tc, {
+            "dict_id": dict_id, "model": spec.name, "kind": TRANSCODER, "architecture": arch,
+            "hook_name": hook_name("mlp_in", layer), "layer": int(layer),
+            "training_tokens": training.get("training_tokens"), "source": src, **m.as_row()})
+        dict_ids.append(dict_id)
+        summary["layers"][layer] = {
+            "dict_id": dict_id, "l0": round(m.l0, 2), "fve": round(m.fve, 4), "ce_loss_recovered": round(m.ce_loss_recovered, 4),
+            "delta_ce": round(m.delta_ce, 4), "ce_ablated_minus_clean": round(m.ce_ablated - m.ce_clean, 4),
+            "dead_fraction": round(m.dead_fraction, 4)}
+        say(f"{dict_id}: L0 {m.l0:.1f}, FVE {m.fve:.3f}, CE recovered {m.ce_loss_recovered:.3f} "
+            f"(ΔCE {m.delta_ce:+.4f} nats of {m.ce_ablated - m.ce_clean:.4f}), dead {m.dead_fraction:.1%}")
+    if rep is not None:
+        eval_id = f"{spec.name}/mlp-replacement/" + hashlib.sha1(json.dumps(dict_ids).encode()).hexdigest()[:12]
+        stats = {"delta_ce": rep.delta_ce, "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]),
+                 "layers": sorted(int(l) for l in transcoders), "corpus_id": ctx.corpus_id,
+                 "ablation": f"every listed layer's {ablation}",
+                 "replacement": "every listed layer's hook_mlp_out replaced by its transcoder at positions >= 1, "
+                                "all at once (error terms dropped)"}
+        ctx.con.execute("DELETE FROM replacement_evals WHERE eval_id = ?", [eval_id])
+        ctx.writer.insert_df("replacement_evals", pd.DataFrame([{
+            "eval_id": eval_id, "model": spec.name, "dict_ids": json.dumps(dict_ids), **rep.as_row(),
+            "stats": json.dumps(stats), "run_id": ctx.run_id}]))
+        summary["replacement"] = {"eval_id": eval_id, "n_replaced": rep.n_replaced,
+                                  "ce_loss_recovered": round(rep.ce_loss_recovered, 4), "delta_ce": round(rep.delta_ce, 4),
+                                  "ce_ablated_minus_clean": round(rep.ce_ablated - rep.ce_clean, 4)}
+        say(f"All {rep.n_replaced} MLPs replaced: CE recovered {rep.ce_loss_recovered:.3f} (ΔCE {rep.delta_ce:+.3f} "
+            f"nats of {rep.ce_ablated - rep.ce_clean:.3f}; clean {rep.ce_clean:.3f})")
+    return summary
+
+
+def check_transcoder_sources(sources: Sequence[str], layers: Sequence[int]) -> None:
+    """Fail fast (one InputError sentence) on a ``--transcoders`` source that is neither a directory nor a known
+    sae-lens release with transcoders for ``layers``, before a precompute spends minutes on its earlier steps."""
+    from pathlib import Path
+
+    for source in sources:
+        if not Path(source).is_dir():
+            release_ids(source, layers)
+
+
+def import_transcoder_sources(ctx: "RunContext", sources: Sequence[str]) -> list[str]:
+    """``--transcoders``: each source is a sae-lens-format transcoder directory, or a sae-lens release (its
+    transcoders for ``ctx.transcoder_layers``, see :func:`release_ids`; ``RELEASE:SAE_ID`` for one). They are
+    evaluated and stored like trained ones. Returns the dict_ids written."""
+    from pathlib import Path
+
+    if ctx.contexts is None:
+        raise InputError("Importing transcoders needs the corpus step to run first.")
+    loaded: dict[str, Any] = {}
+    for source in sources:
+        if Path(source).is_dir():
+            loaded[f"local:{source}"] = load_local_transcoder(source)
+        else:
+            layers = list(ctx.transcoder_layers or [])
+            release = source.partition(":")[0]
+            for sae_id in release_ids(source, layers):
+                loaded[f"sae-lens:{release}/{sae_id}"] = load_pretrained_transcoder(release, sae_id)
+    model, spec = ctx.model, ctx.spec
+    d_model, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
+    by_layer: dict[int, tuple[str, Any]] = {}
+    for source, tc in loaded.items():
+        layer = transcoder_layer_of(tc)
+        if layer is None or layer >= n_layers or tc.cfg.d_in != d_model or tc.cfg.d_out != d_model:
+            raise InputError(
+                f"Transcoder {source} does not replace an MLP of {spec.name}: it must read "
+                f"blocks.L.ln2.hook_normalized and write blocks.L.hook_mlp_out with width {d_model} (it reads "
+                f"{getattr(tc.cfg.metadata, 'hook_name', None)!r}, d_in {tc.cfg.d_in}, d_out {tc.cfg.d_out}).")
+        if layer in by_layer:
+            raise InputError(f"Two transcoders replace MLP {layer} ({by_layer[layer][0]} and {source}): import one per layer at a time.")
+        by_layer[layer] = (source, tc.eval())
+    _, eval_idx = _eval_split(ctx)
+    summary = _evaluate_and_save(ctx, {l: tc for l, (_, tc) in by_layer.items()}, eval_idx,
+                                 source={l: src for l, (src, _) in by_layer.items()})
+    return [summary["layers"][l]["dict_id"] for l in sorted(by_layer)]

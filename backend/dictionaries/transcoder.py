@@ -1,6 +1,6 @@
-"""Sparse transcoders per MLP layer (Dunefsky et al. 2024; METHODS.md §2).
+"""Sparse transcoders per MLP layer (Dunefsky et al. 2024; docs/methods.md §2).
 
-Conventions every engineer codes against:
+Conventions the rest of the code relies on:
 
 * A transcoder is a sae-lens inference ``Transcoder`` (ReLU) or ``SkipTranscoder`` (imports may also bring
   ``JumpReLUTranscoder``), CPU float32, eval mode, ``apply_b_dec_to_input=False``. It reads the MLP's normalised
@@ -13,11 +13,11 @@ Conventions every engineer codes against:
 * BOS (position 0) is excluded everywhere, as for the attention SAEs: never trained on, never scored, and
   :func:`splice_hooks` leaves the real MLP output at position 0.
 * Stored in the ``dictionaries`` table with ``kind = 'transcoder'``, ``hook_name`` = the input hook, weights as
-  a safetensors blob (backend.dictionaries.save_dictionary / load_dictionary work unchanged: sae-lens'
+  a safetensors blob (backend.dictionaries.storage.save_dictionary / load_dictionary work unchanged: sae-lens'
   ``SAE.from_dict`` rebuilds the Transcoder class from its config's ``architecture``).
 
 **Training is hand-written**: sae-lens 6.54.12 has inference classes for transcoders but no training class
-(METHODS.md §2, STACK.md), so :func:`train_transcoder` is written here, over activations collected in memory
+(docs/methods.md §2), so :func:`train_transcoder` is written here, over activations collected in memory
 (:func:`collect_mlp_io`: one no-grad forward pass per batch captures both hooks of every layer of a group — or
 none: when they fit, the corpus step's scoring pass gathers them, see :func:`precollect_wants`).
 
@@ -53,7 +53,7 @@ later contexts, 2 cores shared with other jobs: timings ±30%):
 * Fit cost (prototype + refit, 28k tokens): 2.0 s per layer on a quiet machine (3.4 s before replacing
   torch.quantile by topk and LU by Cholesky).
 * The demo step, all 30 layers, and the quality it gives: see the ``transcoder_*`` fields of the demo preset
-  (backend/precompute.py).
+  (docs/presets.md).
 """
 
 from __future__ import annotations
@@ -62,16 +62,17 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from backend.dictionaries.kinds import TRANSCODER
+from backend.errors import InputError
 from backend.model.activations import collect
-from backend.errors import InputError, ModelUnavailableError
 from backend.model.hooks import hook_name, parse_hook_name
-from backend.progress import say, track
+from backend.progress import track
 
 if TYPE_CHECKING:
     import torch
     from sae_lens import Transcoder
 
-KIND = "transcoder"
+KIND = TRANSCODER
 DEFAULT_ARCHITECTURE = "transcoder"
 TRAINABLE_ARCHITECTURES = ("transcoder", "skip_transcoder")
 
@@ -214,7 +215,7 @@ def collect_mlp_io(
 ) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
     """Run ``tokens`` ([n, n_ctx], BOS at 0) through ``model`` once (in batches) and return, per layer, the MLP's
     normalised input and its output at every non-BOS token: ``{layer: (x [n·(n_ctx−1), d_model], y [same])}``,
-    float32, rows context-major (:func:`backend.activations.collect`)."""
+    float32, rows context-major (:func:`backend.model.activations.collect`)."""
     got = collect(model, tokens, [(kind, int(l)) for l in layers for kind in ("mlp_in", "mlp_out")], batch_size, desc)
     return {layer: (got.pop(("mlp_in", layer)), got.pop(("mlp_out", layer))) for layer in sorted({int(l) for l in layers})}
 
@@ -436,331 +437,11 @@ def _to_inference(params: Mapping[str, "torch.Tensor"], architecture: str, x_sca
 # Store
 
 
-def load_transcoders(con: Any, model_name: str) -> dict[int, "Transcoder"]:
-    """Every transcoder of ``model_name`` in the store, by layer (eval mode, CPU float32).
-
-    Where a layer has several (different widths or sources), the one written by the most recent run wins (ties:
-    smallest dict_id). Each transcoder's ``cfg.metadata.dict_id`` is set to its store dict_id (graph nodes cite it).
-    """
-    from backend.dictionaries.attention_sae import load_dictionary
-
-    out: dict[int, Transcoder] = {}
-    for layer, dict_id in transcoder_ids(con, model_name).items():
-        tc = load_dictionary(con, dict_id)
-        tc.cfg.metadata.dict_id = dict_id
-        out[layer] = tc
-    return out
-
-
-def transcoder_ids(con: Any, model_name: str) -> dict[int, str]:
-    """The dict_ids :func:`load_transcoders` would load, by layer, without loading any weights."""
-    rows = con.execute(
-        "SELECT d.layer, d.dict_id FROM dictionaries d LEFT JOIN runs r USING (run_id) "
-        "WHERE d.model = ? AND d.kind = ? ORDER BY d.layer, r.started_at DESC NULLS LAST, d.dict_id",
-        [model_name, KIND]).fetchall()
-    out: dict[int, str] = {}
-    for layer, dict_id in rows:
-        out.setdefault(int(layer), dict_id)
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Imports (sae-lens format directories and releases)
-
-
-def load_local_transcoder(path: str) -> "Transcoder":
-    """Load a sae-lens-format transcoder directory (``cfg.json`` + ``sae_weights.safetensors``, as written by
-    sae-lens' ``save_model`` / ``save_inference_model``)."""
-    from sae_lens import Transcoder
-
-    from backend.dictionaries.attention_sae import load_local
-
-    tc = load_local(path, what="transcoder")
-    if not isinstance(tc, Transcoder):
-        raise InputError(f"{path} holds a sae-lens {tc.cfg.architecture()!r} SAE, not a transcoder: pass it with --saes instead.")
-    return tc.eval()
-
-
-def release_ids(release: str, layers: Sequence[int]) -> list[str]:
-    """For ``RELEASE`` pick, per layer, the first sae_id of the release naming that layer (``layer_L`` or
-    ``blocks.L.``); ``RELEASE:SAE_ID`` names one transcoder explicitly. Unknown release: one InputError sentence."""
-    import re
-
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    name, _, explicit = release.partition(":")
-    directory = get_pretrained_saes_directory()
-    if name not in directory:
-        examples = [r for r in directory if "transcoder" in r][:2]
-        raise InputError(f"Unknown sae-lens release {name!r}: pass a transcoder release from sae-lens' "
-                         f"pretrained_saes.yaml (e.g. {', '.join(examples)}) or a sae-lens transcoder directory.")
-    ids = list(directory[name].saes_map)
-    if explicit:
-        if explicit not in ids:
-            raise InputError(f"Release {name!r} has no transcoder {explicit!r}: use one of {', '.join(ids[:4])}, ...")
-        return [explicit]
-    picked = []
-    for layer in layers:
-        pattern = re.compile(rf"(?:^|[/_.])(?:layer_{layer}|blocks\.{layer}\.)(?:$|[/_.])")
-        match = next((i for i in ids if pattern.search(i)), None)
-        if match is not None:
-            picked.append(match)
-    if not picked:
-        raise InputError(f"Release {name!r} has no transcoder for layer(s) {list(layers)}: name one as {name}:SAE_ID.")
-    return picked
-
-
-def load_pretrained_transcoder(release: str, sae_id: str) -> "Transcoder":
-    """One transcoder of a sae-lens release, from the HF cache or the hub; offline with nothing cached -> one
-    ModelUnavailableError sentence (backend.dictionaries.load_pretrained does the probing)."""
-    from sae_lens import Transcoder
-
-    from backend.dictionaries.attention_sae import load_pretrained
-
-    try:
-        tc = load_pretrained(release, sae_id)
-    except ModelUnavailableError as exc:
-        raise ModelUnavailableError(str(exc).replace("SAE ", "Transcoder ", 1)) from None
-    if not isinstance(tc, Transcoder):
-        raise InputError(f"{release}/{sae_id} is a sae-lens {tc.cfg.architecture()!r} SAE, not a transcoder: use --saes for SAEs.")
-    return tc
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Precompute step
 
-# Training activations of one collection group must fit in this many bytes (x and y, float32). The demo's 28k
-# tokens x 30 layers x 576 x 2 is 3.9 GB: one group, one forward pass. The full preset's 260k tokens need ~10 groups.
-ACT_MEMORY_BYTES = 4 * 1024**3
 
-
-def _groups(layers: Sequence[int], bytes_per_layer: int) -> list[list[int]]:
-    per_group = max(1, ACT_MEMORY_BYTES // max(bytes_per_layer, 1))
-    layers = sorted(layers)
-    return [layers[i : i + per_group] for i in range(0, len(layers), per_group)]
-
-
-def _metadata(ctx: Any, layer: int, dict_id: str, n_ctx: int) -> dict[str, Any]:
-    return {"model_name": ctx.spec.name, "hook_name": hook_name("mlp_in", layer),
-            "hook_name_out": hook_name("mlp_out", layer), "hook_layer": int(layer), "context_size": int(n_ctx),
-            "prepend_bos": True, "dict_id": dict_id, "corpus_id": ctx.corpus_id, "bos_excluded": True}
-
-
-def _eval_split(ctx: Any) -> tuple[list[int], list[int]]:
-    from backend.dictionaries.eval import split_contexts
-
-    n = ctx.contexts.tokens.shape[0]
-    train_idx, eval_idx = split_contexts(n, ctx.preset.transcoder_eval_contexts)
-    return list(train_idx)[: ctx.preset.transcoder_train_contexts or None], list(eval_idx)
-
-
-def precollect_wants(ctx: Any) -> dict[tuple[str, int], int]:
-    """What the corpus step should gather for this step during its scoring pass: the MLP input and output of every
-    transcoder layer for the training contexts (site -> number of leading contexts), when this step will train,
-    its training contexts come first and they fit in ACT_MEMORY_BYTES (saves the step's own collection pass)."""
-    preset = ctx.preset
-    layers = list(getattr(ctx, "transcoder_layers", None) or [])
-    if getattr(ctx, "transcoder_sources", None) or not preset.transcoder_train or not layers:
-        return {}
-    train_idx, eval_idx = _eval_split(ctx)
-    n_ctx = ctx.contexts.tokens.shape[1]
-    if (not eval_idx or not train_idx or train_idx != list(range(len(train_idx)))
-            or len(train_idx) * (n_ctx - 1) * ctx.model.cfg.d_model * 4 * 2 * len(layers) > ACT_MEMORY_BYTES):
-        return {}
-    return {(kind, int(layer)): len(train_idx) for layer in layers for kind in ("mlp_in", "mlp_out")}
-
-
-def step_transcoders(ctx: Any) -> None:
-    """Train (or, with ``ctx.transcoder_sources``, import) one transcoder per layer of ``ctx.transcoder_layers``,
-    evaluate each and all of them together on the held-out contexts, and store them (``dictionaries`` rows of
-    kind 'transcoder' + one ``replacement_evals`` row). Re-running replaces rows with the same ids."""
-    import torch
-
-    preset = ctx.preset
-    layers = list(getattr(ctx, "transcoder_layers", None) or [])
-    sources = list(getattr(ctx, "transcoder_sources", None) or [])
-    if not sources and (not preset.transcoder_train or not layers):
-        return
-    if ctx.contexts is None:
-        raise InputError("The transcoder step needs the corpus step to run first.")
-    if sources:
-        ctx.summary["transcoders"] = {"imported": import_transcoder_sources(ctx, sources)}
-        return
-    tokens = ctx.contexts.tokens
-    n_ctx = tokens.shape[1]
-    train_idx, eval_idx = _eval_split(ctx)
-    if not train_idx or not eval_idx:
-        raise InputError(f"The corpus has {tokens.shape[0]} context(s): the transcoder step needs at least 2 (train + held out).")
-    model, spec = ctx.model, ctx.spec
-    d_model = int(model.cfg.d_model)
-    d_sae = int(preset.transcoder_expansion * d_model)
-    arch = preset.transcoder_architecture
-    threads = torch.get_num_threads()
-    if preset.transcoder_threads:
-        torch.set_num_threads(preset.transcoder_threads)
-    t_start = time.perf_counter()
-    timing = {"collect": 0.0, "fit": 0.0}
-    transcoders: dict[int, Any] = {}
-    infos: dict[int, dict[str, Any]] = {}
-    # The transcoder feature step scores the first transcoder_feature_contexts contexts: when those are training
-    # contexts, keep their MLP inputs (the first rows of each layer's x) so that step needs no forward pass.
-    n_keep = min(preset.transcoder_feature_contexts or len(tokens), len(tokens))
-    keep = list(train_idx[:n_keep]) == list(range(n_keep))
-    kept: dict[tuple[str, int], Any] = {}
-    n_train = len(train_idx) * (n_ctx - 1)
-    # MLP inputs / outputs the corpus step gathered (precollect_wants): their leading rows are the training contexts'.
-    pre = ctx.precollected or {}
-    reuse = all((k, l) in pre and pre[(k, l)].shape[0] >= n_train for l in layers for k in ("mlp_in", "mlp_out"))
-    try:
-        for group in [sorted(layers)] if reuse else _groups(layers, n_train * d_model * 4 * 2):
-            t = time.perf_counter()
-            if reuse:
-                acts = {l: (pre.pop(("mlp_in", l))[:n_train], pre.pop(("mlp_out", l))[:n_train]) for l in group}
-            else:
-                acts = collect_mlp_io(model, tokens[train_idx], group, batch_size=preset.batch_size,
-                                      desc=f"Collecting MLP in/out L{group[0]}-{group[-1]}")
-                say(f"Collected {n_train} tokens x {len(group)} MLP layer(s) in {time.perf_counter() - t:.0f} s")
-            timing["collect"] += time.perf_counter() - t
-            t = time.perf_counter()
-            for layer in track(group, total=len(group), desc="Fitting transcoders", unit="layer"):
-                dict_id = transcoder_dict_id(spec.name, layer, arch, d_sae)
-                x, y = acts.pop(layer)  # free each layer's activations once fitted
-                if keep:
-                    kept[("mlp_in", layer)] = x[: n_keep * (n_ctx - 1)].clone()
-                transcoders[layer], infos[layer] = train_transcoder(
-                    x, y, d_sae, architecture=arch, target_l0=preset.transcoder_l0, epochs=preset.transcoder_epochs,
-                    lr=preset.transcoder_lr, batch_size=preset.transcoder_batch_size, ridge=preset.transcoder_ridge,
-                    seed=layer, metadata=_metadata(ctx, layer, dict_id, n_ctx), desc=f"Training {dict_id}")
-                del x, y
-            timing["fit"] += time.perf_counter() - t
-        t = time.perf_counter()
-        summary = _evaluate_and_save(ctx, transcoders, eval_idx, source="trained",
-                                     train_fired={l: i.pop("train_fired") for l, i in infos.items()})
-        timing["evaluate"] = time.perf_counter() - t
-    finally:
-        torch.set_num_threads(threads)
-    if keep:
-        ctx.precollected = {**(ctx.precollected or {}), **kept}
-    summary.update(reused_activations=reuse, train_contexts=len(train_idx), training_tokens=len(train_idx) * (n_ctx - 1),
-                   seconds={k: round(v, 1) for k, v in {**timing, "total": time.perf_counter() - t_start}.items()})
-    for layer, info in infos.items():
-        summary["layers"][layer]["fit_seconds"] = info["seconds"]
-    ctx.summary["transcoders"] = summary
-
-
-def _evaluate_and_save(ctx: Any, transcoders: Mapping[int, Any], eval_idx: Sequence[int], source: Any,
-                       train_fired: Mapping[int, Any] | None = None) -> dict[str, Any]:
-    """Evaluate ``transcoders`` ({layer: tc}) on the held-out contexts ``eval_idx``, store one ``dictionaries`` row
-    per layer and one ``replacement_evals`` row for all of them; ``source``: a string or {layer: string}."""
-    import hashlib
-    import json
-
-    import pandas as pd
-
-    from backend.dictionaries.attention_sae import save_dictionary
-    from backend.dictionaries.transcoder_eval import evaluate_transcoders
-
-    preset, spec = ctx.preset, ctx.spec
-    tokens = ctx.contexts.tokens
-    eval_tokens = tokens[eval_idx[0] : eval_idx[-1] + 1]
-    t = time.perf_counter()
-    metrics, rep = evaluate_transcoders(ctx.model, transcoders, eval_tokens, batch_size=preset.batch_size,
-                                        ce_contexts=preset.transcoder_ce_contexts, train_fired=train_fired)
-    eval_seconds = time.perf_counter() - t
-    ablation = "hook_mlp_out zeroed at positions >= 1 (BOS keeps its MLP output)"
-    summary: dict[str, Any] = {"layers": {}, "eval_contexts": len(eval_idx), "eval_seconds": round(eval_seconds, 1)}
-    dict_ids: list[str] = []
-    for layer in sorted(transcoders):
-        tc, m = transcoders[layer], metrics[layer]
-        arch = tc.cfg.architecture()
-        dict_id = transcoder_dict_id(spec.name, layer, arch, tc.cfg.d_sae)
-        tc.cfg.metadata.dict_id = dict_id
-        tc.cfg.metadata["evaluation"] = {
-            "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]), "ce_tokens": m.ce_tokens,
-            "ce_contexts": min(len(eval_idx), preset.transcoder_ce_contexts or len(eval_idx)),
-            "delta_ce": m.delta_ce, "ablation": ablation,
-        }
-        training = tc.cfg.metadata.get("training") or {}
-        src = source.get(layer) if isinstance(source, Mapping) else source
-        save_dictionary(ctx.writer, tc, {
-            "dict_id": dict_id, "model": spec.name, "kind": KIND, "architecture": arch,
-            "hook_name": hook_name("mlp_in", layer), "layer": int(layer),
-            "training_tokens": training.get("training_tokens"), "source": src, **m.as_row()})
-        dict_ids.append(dict_id)
-        summary["layers"][layer] = {
-            "dict_id": dict_id, "l0": round(m.l0, 2), "fve": round(m.fve, 4), "ce_loss_recovered": round(m.ce_loss_recovered, 4),
-            "delta_ce": round(m.delta_ce, 4), "ce_ablated_minus_clean": round(m.ce_ablated - m.ce_clean, 4),
-            "dead_fraction": round(m.dead_fraction, 4)}
-        say(f"{dict_id}: L0 {m.l0:.1f}, FVE {m.fve:.3f}, CE recovered {m.ce_loss_recovered:.3f} "
-            f"(ΔCE {m.delta_ce:+.4f} nats of {m.ce_ablated - m.ce_clean:.4f}), dead {m.dead_fraction:.1%}")
-    if rep is not None:
-        eval_id = f"{spec.name}/mlp-replacement/" + hashlib.sha1(json.dumps(dict_ids).encode()).hexdigest()[:12]
-        stats = {"delta_ce": rep.delta_ce, "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]),
-                 "layers": sorted(int(l) for l in transcoders), "corpus_id": ctx.corpus_id,
-                 "ablation": f"every listed layer's {ablation}",
-                 "replacement": "every listed layer's hook_mlp_out replaced by its transcoder at positions >= 1, "
-                                "all at once (error terms dropped)"}
-        ctx.con.execute("DELETE FROM replacement_evals WHERE eval_id = ?", [eval_id])
-        ctx.writer.insert_df("replacement_evals", pd.DataFrame([{
-            "eval_id": eval_id, "model": spec.name, "dict_ids": json.dumps(dict_ids), **rep.as_row(),
-            "stats": json.dumps(stats), "run_id": ctx.run_id}]))
-        summary["replacement"] = {"eval_id": eval_id, "n_replaced": rep.n_replaced,
-                                  "ce_loss_recovered": round(rep.ce_loss_recovered, 4), "delta_ce": round(rep.delta_ce, 4),
-                                  "ce_ablated_minus_clean": round(rep.ce_ablated - rep.ce_clean, 4)}
-        say(f"All {rep.n_replaced} MLPs replaced: CE recovered {rep.ce_loss_recovered:.3f} (ΔCE {rep.delta_ce:+.3f} "
-            f"nats of {rep.ce_ablated - rep.ce_clean:.3f}; clean {rep.ce_clean:.3f})")
-    return summary
-
-
-def check_transcoder_sources(sources: Sequence[str], layers: Sequence[int]) -> None:
-    """Fail fast (one InputError sentence) on a ``--transcoders`` source that is neither a directory nor a known
-    sae-lens release with transcoders for ``layers``, before a precompute spends minutes on its earlier steps."""
-    from pathlib import Path
-
-    for source in sources:
-        if not Path(source).is_dir():
-            release_ids(source, layers)
-
-
-def import_transcoder_sources(ctx: Any, sources: Sequence[str]) -> list[str]:
-    """``--transcoders``: each source is a sae-lens-format transcoder directory, or a sae-lens release (its
-    transcoders for ``ctx.transcoder_layers``, see :func:`release_ids`; ``RELEASE:SAE_ID`` for one). They are
-    evaluated and stored like trained ones. Returns the dict_ids written."""
-    from pathlib import Path
-
-    if ctx.contexts is None:
-        raise InputError("Importing transcoders needs the corpus step to run first.")
-    loaded: dict[str, Any] = {}
-    for source in sources:
-        if Path(source).is_dir():
-            loaded[f"local:{source}"] = load_local_transcoder(source)
-        else:
-            layers = list(getattr(ctx, "transcoder_layers", None) or [])
-            release = source.partition(":")[0]
-            for sae_id in release_ids(source, layers):
-                loaded[f"sae-lens:{release}/{sae_id}"] = load_pretrained_transcoder(release, sae_id)
-    model, spec = ctx.model, ctx.spec
-    d_model, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
-    by_layer: dict[int, tuple[str, Any]] = {}
-    for source, tc in loaded.items():
-        layer = layer_of(tc)
-        if layer is None or layer >= n_layers or tc.cfg.d_in != d_model or tc.cfg.d_out != d_model:
-            raise InputError(
-                f"Transcoder {source} does not replace an MLP of {spec.name}: it must read "
-                f"blocks.L.ln2.hook_normalized and write blocks.L.hook_mlp_out with width {d_model} (it reads "
-                f"{getattr(tc.cfg.metadata, 'hook_name', None)!r}, d_in {tc.cfg.d_in}, d_out {tc.cfg.d_out}).")
-        if layer in by_layer:
-            raise InputError(f"Two transcoders replace MLP {layer} ({by_layer[layer][0]} and {source}): import one per layer at a time.")
-        by_layer[layer] = (source, tc.eval())
-    _, eval_idx = _eval_split(ctx)
-    summary = _evaluate_and_save(ctx, {l: tc for l, (_, tc) in by_layer.items()}, eval_idx,
-                                 source={l: src for l, (src, _) in by_layer.items()})
-    return [summary["layers"][l]["dict_id"] for l in sorted(by_layer)]
-
-
-__all__ = [
-    "KIND", "DEFAULT_ARCHITECTURE", "transcoder_dict_id", "new_transcoder", "make_random_transcoder", "encode",
-    "transcode", "layer_of", "splice_hooks", "ablate_hooks", "collect_mlp_io", "train_transcoder",
-    "load_transcoders", "transcoder_ids", "load_local_transcoder", "release_ids", "load_pretrained_transcoder",
-    "step_transcoders", "import_transcoder_sources", "check_transcoder_sources",
-]

@@ -1,4 +1,4 @@
-"""Direct feature attribution (DFA) for attention-output SAEs: the one place its arithmetic lives (METHODS.md §1).
+"""Direct feature attribution (DFA) for attention-output SAEs: the one place its arithmetic lives (docs/methods.md §1).
 
 The SAE encoder is linear in the concatenated ``z`` (head-major: head h is the slice ``[h*d_head:(h+1)*d_head]``),
 so feature i's pre-activation splits exactly into per-head terms::

@@ -4,7 +4,7 @@ and where they come from.
 * :func:`analyze_prompt` — one forward pass (TransformerLens hooks on ``hook_z``, ``hook_pattern`` and ``hook_v`` of
   every layer that has an SAE, stopping after the last of them), each layer's z encoded by its SAE, and per token
   the top-N features with their activations.
-* :func:`dfa_by_head` — direct feature attribution by head (METHODS.md §1): the feature's pre-activation
+* :func:`dfa_by_head` — direct feature attribution by head (docs/methods.md §1): the feature's pre-activation
   ``W_enc[:, i]·(x − b_dec) + b_enc`` split into one term per head slice of x.
 * :func:`dfa_by_source` — the same split further by source position, with ``x_h[d] = Σ_s A_h[d, s] v_h[s]``
   (in TransformerLens ``z`` is exactly ``pattern @ v``; ``b_O`` is added only after ``W_O``, so it never enters z).
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from backend.features import dfa
 from backend.dictionaries.attention_sae import encode_z, flatten_z
+from backend.features import dfa
 from backend.model.hooks import hook_name
 
 if TYPE_CHECKING:  # heavy imports stay lazy: pages that only read the store must start fast
@@ -126,7 +126,7 @@ class SourceDFA:
 
 def encode(sae: "SAE", z: "torch.Tensor") -> "torch.Tensor":
     """Feature activations ``[..., d_sae]`` of z ``[..., n_heads, d_head]`` (sae-lens does the math, via
-    :func:`backend.dictionaries.encode_z`, which also handles hook_z-reshaping SAEs)."""
+    :func:`backend.dictionaries.attention_sae.encode_z`, which also handles hook_z-reshaping SAEs)."""
     return encode_z(sae, z)
 
 
@@ -143,7 +143,7 @@ def _check_shapes(sae: "SAE", z: "torch.Tensor") -> None:
 
 def run_cache(model: "HookedTransformer", token_ids: Sequence[int], layers: Sequence[int]) -> dict[str, Any]:
     """One forward pass up to the last of ``layers``, caching z, pattern and v of each (hook names from
-    backend.hooks); returns hook name -> [1, ...] CPU tensor."""
+    backend.model.hooks); returns hook name -> [1, ...] CPU tensor."""
     import torch
 
     names = {hook_name(kind, layer) for layer in layers for kind in ("z", "pattern", "v")}
@@ -214,7 +214,7 @@ def _check_pos(cache: Cache, layer: int, pos: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Direct feature attribution (hand-written: sae-lens and TransformerLens have no DFA; METHODS.md §1)
+# Direct feature attribution (hand-written: sae-lens and TransformerLens have no DFA; docs/methods.md §1)
 
 
 def dfa_by_head(model: "HookedTransformer", sae: "SAE", cache: Cache, layer: int, pos: int, feature: int) -> HeadDFA:

@@ -1,6 +1,6 @@
-"""Read queries for the Feature Browser (DuckDB SQL over the tables written by :mod:`backend.features`).
+"""Read queries for the Feature Browser (DuckDB SQL over the tables written by :mod:`backend.features.step`).
 
-Re-exported by :mod:`backend.queries`, so pages call them as ``ctx.store.query("feature_summary", dict_id, i)``.
+Pages call them through the store cache: ``ctx.store.query(feature_queries.feature_summary, dict_id, i)``.
 A feature page reads only rows of one (dict_id, feature): every such table is indexed on that pair, and
 ``feature_activations`` is stored sorted by (dict_id, feature, act DESC), so its zone maps skip other features.
 BOS (position 0) is never scored: example windows show it with a NaN activation.
@@ -140,7 +140,7 @@ def features_by_head(con: duckdb.DuckDBPyConnection, dict_id: str, head: int, li
 def features_by_token(con: duckdb.DuckDBPyConnection, dict_id: str, text: str, limit: int = 200) -> pd.DataFrame:
     """Features whose top examples fire ON a token whose text contains ``text`` (case-insensitive), with how many
     of their top examples do (``hits``) and one such token (``token``)."""
-    return _df(con, f"""
+    return _df(con, """
         SELECT f.feature, f.n_active, f.density, f.max_act, f.mean_act, f.top_head, f.top_head_share,
                h.hits, h.token
         FROM (SELECT e.feature, count(*) AS hits, any_value(v.token_str) AS token

@@ -9,16 +9,16 @@ the run's corpus contexts writes (sparse, into DuckDB):
 * ``features``: density (fraction of scored tokens where the feature fires), max activation, mean activation
   *over the tokens where it fires*, the dominant head by DFA and its share;
 * ``feature_examples``: the top :data:`TOP_N` activations of each feature (context, position, activation);
-* ``feature_head_dfa``: direct feature attribution by head (METHODS.md §1), averaged over the feature's top
+* ``feature_head_dfa``: direct feature attribution by head (docs/methods.md §1), averaged over the feature's top
   :data:`TOP_N` activations (attention SAEs only: a transcoder reads the MLP input, not heads);
 * ``feature_histograms``: a histogram of the feature's nonzero activations in :data:`HIST_BINS` log-spaced bins;
 * ``feature_logits``: the :data:`N_LOGITS` output tokens the feature's direct path promotes most and suppresses most.
 
 **Cost.** One forward pass per batch (to the highest dictionary layer) captures every dictionary's input; or none,
-when an earlier step left those inputs on the run context as ``ctx.precollected`` (:func:`backend.activations.collect`
+when an earlier step left those inputs on the run context as ``ctx.precollected`` (:func:`backend.model.activations.collect`
 layout, keyed by (hook kind, layer)): on the demo the corpus step's scoring pass gathers hook_z of every context, and
 the transcoder step leaves the MLP inputs of the leading contexts it trained on. Transcoder features score only the
-first ``preset.transcoder_feature_contexts`` contexts: every MLP layer at L0 ~30 is ~10x the SAEs' rows per token.
+first ``preset.features.transcoder_contexts`` contexts: every MLP layer at L0 ~30 is ~10x the SAEs' rows per token.
 Nonzeros go batch by batch to a TEMP staging table (bounded Python memory) and are copied sorted once per dictionary;
 everything else is derived from them in DuckDB SQL. Top-N activations (with their per-head contributions) are kept
 by a streaming per-feature merge, so DFA needs no second pass.
@@ -33,33 +33,32 @@ head's *mean signed contribution* over the feature's top activations, and its **
 ``|mean contribution_h| / Σ_h' |mean contribution_h'|`` (absolute, so shares are in [0, 1] and sum to 1; the sign
 stays visible in the contribution). ``top_head`` is the head with the largest share.
 
-**Logit effects.** The feature's residual direction is ``Σ_h W_dec[i, slice_h] @ W_O[h]`` (the block-diagonal W_O)
-for an attention SAE and ``W_dec[i]`` itself for a transcoder (it writes the MLP output); the final norm is treated
-as a constant scale — RMSNorm multiplies by ``ln_final.w``, LayerNorm centres the vector and multiplies by its weight
-(the "Pre" variants, with weights folded into W_U, only centre / do nothing) — and then ``W_U`` (no ``b_U``: it is
-the same for every feature). Values are in logits per unit of activation.
+Logit effects: :mod:`backend.features.logits`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from backend.features import dfa
-from backend.model.activations import Act, capture_batch, flatten_heads
 from backend.dictionaries.attention_sae import encode_z
 from backend.dictionaries.kinds import KINDS
 from backend.errors import InputError
+from backend.features import dfa
+from backend.features.logits import top_logits
+from backend.model.activations import Act, capture_batch, flatten_heads
 from backend.progress import say, track
+
+if TYPE_CHECKING:
+    from backend.pipeline.context import RunContext
 
 TOP_N = 20  # top activations kept per feature: materialised examples and the DFA average
 HIST_BINS = 24  # log-spaced activation-histogram bins per feature
-N_LOGITS = 10  # promoted and suppressed output tokens stored per feature
 _STAGE = "_feature_acts_stage"  # TEMP table: one run's nonzeros before the sorted copy
 
 
@@ -90,61 +89,8 @@ class DictEntry:
 
 def head_contributions(sae: Any, x: torch.Tensor, feats: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Per-head contribution (b_dec share included) to feature ``feats[j]``'s pre-activation at ``x[j]``
-    -> ``[m, n_heads]``; see :func:`backend.dfa.head_terms`."""
+    -> ``[m, n_heads]``; see :func:`backend.features.dfa.head_terms`."""
     return dfa.head_terms(sae, x, feats, n_heads)[0]
-
-
-@torch.no_grad()
-def final_norm_as_scale(model: Any, v: torch.Tensor) -> torch.Tensor:
-    """Apply the final norm to residual directions ``v`` [..., d_model] with its input scale treated as constant."""
-    kind = model.cfg.normalization_type
-    if kind in ("LN", "LNPre"):
-        v = v - v.mean(-1, keepdim=True)
-    if kind in ("LN", "RMS"):
-        v = v * model.ln_final.w
-    return v
-
-
-@torch.no_grad()
-def residual_directions(model: Any, sae: Any, layer: int, features: torch.Tensor, kind: str = "attn_sae") -> torch.Tensor:
-    """What one unit of each of ``features`` writes into the residual stream ``[n, d_model]``: the decoder rows
-    through each head's W_O for an attention SAE, the decoder rows themselves for a transcoder."""
-    if not KINDS[kind].per_head:
-        return sae.W_dec[features]
-    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
-    w_dec = sae.W_dec[features].reshape(len(features), n_heads, d_head)
-    return torch.einsum("fhd,hdm->fm", w_dec, model.blocks[layer].attn.W_O)
-
-
-@torch.no_grad()
-def feature_logit_effects(model: Any, sae: Any, layer: int, features: torch.Tensor | None = None,
-                          kind: str = "attn_sae") -> torch.Tensor:
-    """Direct logit effect ``[n_features, d_vocab]`` of one unit of each feature (all features by default)."""
-    feats = torch.arange(sae.W_dec.shape[0]) if features is None else features
-    return final_norm_as_scale(model, residual_directions(model, sae, layer, feats, kind)) @ model.W_U
-
-
-@torch.no_grad()
-def top_logits(model: Any, sae: Any, layer: int, k: int = N_LOGITS, chunk: int = 256,
-               kind: str = "attn_sae", features: Sequence[int] | None = None) -> pd.DataFrame:
-    """Top-k promoted and suppressed tokens of every feature (or of ``features``): columns feature, kind, rank
-    (1 = strongest), token_id, value. Chunked over features: the full [d_sae, d_vocab] matrix would not fit
-    comfortably in memory."""
-    every = torch.arange(sae.W_dec.shape[0]) if features is None else torch.tensor(list(features), dtype=torch.long)
-    frames = []
-    for s in range(0, len(every), chunk):
-        feats = every[s : s + chunk]
-        eff = feature_logit_effects(model, sae, layer, feats, kind)
-        for direction, largest in (("promoted", True), ("suppressed", False)):
-            top = eff.topk(k, dim=-1, largest=largest)
-            frames.append(pd.DataFrame({
-                "feature": np.repeat(feats.numpy(), k).astype(np.int32),
-                "kind": direction,
-                "rank": np.tile(np.arange(1, k + 1), len(feats)).astype(np.int16),
-                "token_id": top.indices.reshape(-1).numpy().astype(np.int32),
-                "value": top.values.reshape(-1).numpy().astype(np.float32),
-            }))
-    return pd.concat(frames, ignore_index=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -222,7 +168,7 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
 
     One forward pass per batch captures every dictionary's input at once (``stop_at_layer`` skips the layers above
     the highest one). If ``precollected`` already holds those inputs for *these* tokens, in
-    :func:`backend.activations.collect`'s layout (``{(kind, layer): [n * (n_ctx - 1), d_in]}``, context-major, BOS
+    :func:`backend.model.activations.collect`'s layout (``{(kind, layer): [n * (n_ctx - 1), d_in]}``, context-major, BOS
     dropped), no forward pass runs at all. ``logits=False`` skips ``feature_logits`` (its cost is one
     ``[d_sae, d_model] @ [d_model, d_vocab]`` product per dictionary). Returns timings and row counts.
     """
@@ -363,9 +309,9 @@ def _write_head_dfa(writer: Any, dict_id: str, top: _TopN) -> None:
         WHERE dict_id = ? AND feature = s.f""", [dict_id, dict_id])
 
 
-def _run_dictionaries(ctx: Any, kind: str) -> list[DictEntry]:
+def _run_dictionaries(ctx: "RunContext", kind: str) -> list[DictEntry]:
     """This run's dictionaries of ``kind``, loaded (layer order)."""
-    from backend.dictionaries.attention_sae import load_dictionary
+    from backend.dictionaries.storage import load_dictionary
 
     rows = ctx.con.execute("SELECT dict_id, layer FROM dictionaries WHERE run_id = ? AND kind = ? "
                            "ORDER BY layer, dict_id", [ctx.run_id, kind]).fetchall()
@@ -381,14 +327,14 @@ def _usable(precollected: Mapping[Act, torch.Tensor] | None, dicts: Sequence[Dic
     return {d.act: precollected[d.act][:rows] for d in dicts}
 
 
-def _release(ctx: Any, dicts: Sequence[DictEntry]) -> None:
+def _release(ctx: "RunContext", dicts: Sequence[DictEntry]) -> None:
     """Drop the dictionaries' inputs from ``ctx.precollected``: no later step reads them (hundreds of MB on the demo)."""
-    if getattr(ctx, "precollected", None):
+    if ctx.precollected:
         used = {d.act for d in dicts}
         ctx.precollected = {a: v for a, v in ctx.precollected.items() if a not in used} or None
 
 
-def _step(ctx: Any, kind: str, what: str, n_contexts: int | None, logits: bool = True) -> dict[str, Any] | None:
+def _step(ctx: "RunContext", kind: str, what: str, n_contexts: int | None, logits: bool = True) -> dict[str, Any] | None:
     """Per-feature tables for this run's dictionaries of ``kind`` over the first ``n_contexts`` corpus contexts
     (None: all), reusing and then freeing ``ctx.precollected``; None if the run has no such dictionary."""
     dicts = _run_dictionaries(ctx, kind)
@@ -399,7 +345,7 @@ def _step(ctx: Any, kind: str, what: str, n_contexts: int | None, logits: bool =
         raise InputError(f"The {what} feature step needs the corpus step to run first.")
     tokens = ctx.contexts.tokens[: n_contexts or None]
     n, n_ctx = tokens.shape
-    pre = _usable(getattr(ctx, "precollected", None), dicts, n * (n_ctx - 1))
+    pre = _usable(ctx.precollected, dicts, n * (n_ctx - 1))
     info = build_features(ctx.writer, ctx.model, dicts, tokens, ctx.corpus_id, ctx.preset.batch_size,
                           precollected=pre, logits=logits, desc=f"{what[0].upper()}{what[1:]} feature activations")
     info["reused_activations"] = pre is not None
@@ -407,7 +353,7 @@ def _step(ctx: Any, kind: str, what: str, n_contexts: int | None, logits: bool =
     return info
 
 
-def step_features(ctx: Any) -> None:
+def step_features(ctx: "RunContext") -> None:
     """Precompute step: per-feature data for every attention-SAE dictionary this run wrote, over every corpus context
     (see module docstring)."""
     info = _step(ctx, "attn_sae", "attention SAE", None)
@@ -415,11 +361,11 @@ def step_features(ctx: Any) -> None:
         ctx.summary["features"] = info
 
 
-def step_transcoder_features(ctx: Any) -> None:
+def step_transcoder_features(ctx: "RunContext") -> None:
     """Precompute step: per-feature data (examples, statistics, histograms, logit effects if the preset stores them)
-    for every transcoder this run wrote, over the first ``preset.transcoder_feature_contexts`` corpus contexts (30
+    for every transcoder this run wrote, over the first ``preset.features.transcoder_contexts`` corpus contexts (30
     layers x L0 ~30 nonzeros per token add up: the demo scores fewer tokens than for the attention SAEs)."""
-    info = _step(ctx, "transcoder", "transcoder", ctx.preset.transcoder_feature_contexts,
-                 logits=ctx.preset.transcoder_feature_logits)
+    info = _step(ctx, "transcoder", "transcoder", ctx.preset.features.transcoder_contexts,
+                 logits=ctx.preset.features.transcoder_logits)
     if info is not None:
         ctx.summary["transcoder_features"] = info

@@ -2,7 +2,7 @@
 and the ``induction`` precompute step.
 
 Notation: ``o`` is 1 when the model prepends a BOS token (position 0) and 0 otherwise; positions below are absolute.
-Every token is drawn from ordinary word tokens (:func:`backend.tasks.word_token_pool`) with a seeded
+Every token is drawn from ordinary word tokens (:func:`backend.inputs.tasks.word_token_pool`) with a seeded
 ``random.Random``, **without replacement within a sequence**, so a token repeats only where a condition copies it
 ("fillers" are such distinct random tokens).
 
@@ -57,7 +57,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -65,6 +65,9 @@ import torch
 
 from backend.errors import InputError
 from backend.model.hooks import FINAL_SCALE, hook_name
+
+if TYPE_CHECKING:
+    from backend.pipeline.context import RunContext
 
 SCORES = ("induction", "prev_token", "duplicate_token")
 CONDITIONS = ("prefix", "competition_long", "competition_short")
@@ -285,7 +288,7 @@ def head_direct_effects(model: Any, cache: Any, rows: torch.Tensor, dest: torch.
     (module docstring): ``[m, len(layers), H]``. ``cache`` must hold those layers' ``hook_z`` and
     ``ln_final.hook_scale``.
     """
-    from backend.features.step import final_norm_as_scale
+    from backend.features.logits import final_norm_as_scale
 
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     z = torch.stack([cache[hook_name("z", layer)][rows, dest] for layer in layers], dim=1)
@@ -485,12 +488,12 @@ class ProbeSizes:
 def probe_sizes(preset: Any, n_ctx: int, bos: int | None) -> ProbeSizes:
     """The preset's induction sizes, shrunk to fit ``n_ctx`` tokens; InputError if even the smallest do not fit."""
     o = _offset(bos)
-    repeat_len = min(int(preset.induction_repeat_len), (n_ctx - o) // 2)
-    seq_len = min(int(preset.induction_seq_len), n_ctx)
-    max_prefix = min(int(preset.induction_max_prefix), (seq_len - o - 7) // 3)
+    repeat_len = min(int(preset.induction.repeat_len), (n_ctx - o) // 2)
+    seq_len = min(int(preset.induction.seq_len), n_ctx)
+    max_prefix = min(int(preset.induction.max_prefix), (seq_len - o - 7) // 3)
     if repeat_len < 2 or max_prefix < 2:
         raise InputError(f"The model's context of {n_ctx} tokens is too short for the induction probes.")
-    return ProbeSizes(int(preset.induction_sequences), repeat_len, max_prefix, seq_len)
+    return ProbeSizes(int(preset.induction.sequences), repeat_len, max_prefix, seq_len)
 
 
 def probe_batches(pool: Sequence[int], sizes: ProbeSizes, bos: int | None) -> list[ProbeBatch]:
@@ -508,15 +511,15 @@ def _long(values: np.ndarray, **columns: Any) -> pd.DataFrame:
                          "value": values.reshape(-1).astype(np.float32), **columns})
 
 
-def step_induction(ctx: Any) -> None:
+def step_induction(ctx: "RunContext") -> None:
     """Precompute step: head scores, prefix-length curves and competition of every head, and the classification of
     the top induction heads, into ``head_scores`` / ``induction_prefix`` / ``induction_classes`` (module docstring).
     Replaces the model's earlier rows, so it can be re-run."""
     import json
 
-    from backend.progress import say, track
     from backend.inputs.prompts import model_bos_id
     from backend.inputs.tasks import word_token_pool
+    from backend.progress import say, track
 
     model, name, preset = ctx.model, ctx.spec.name, ctx.preset
     bos = model_bos_id(model)
@@ -544,7 +547,7 @@ def step_induction(ctx: Any) -> None:
     score_df = _long(scores["induction"]).rename(columns={"value": "induction"})
     for key in ("prev_token", "duplicate_token"):
         score_df[key] = scores[key].reshape(-1).astype(np.float32)
-    classes = classify_heads(score_df, prefix, int(preset.induction_candidates))
+    classes = classify_heads(score_df, prefix, int(preset.induction.candidates))
     params = {"n_sequences": sizes.n_sequences, "repeat_len": sizes.repeat_len, "max_prefix": sizes.max_prefix,
               "seq_len": sizes.seq_len, "seed": sizes.seed, "bos": bos}
 

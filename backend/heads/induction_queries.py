@@ -1,6 +1,6 @@
-"""Read queries for the Induction Heads page (DuckDB SQL over the tables written by :mod:`backend.induction`).
+"""Read queries for the Induction Heads page (DuckDB SQL over the tables written by :mod:`backend.heads.induction`).
 
-Re-exported by :mod:`backend.queries`, so pages call them as ``ctx.store.query("head_scores", model)``. Heads are
+Pages call them through the store cache: ``ctx.store.query(induction_queries.head_scores, model)``. Heads are
 named ``"L.H"`` strings in arguments (hashable, so cached queries can take a tuple of them).
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
-# Numbers of the classification rule kept in induction_classes.stats (backend.induction.classify_heads).
+# Numbers of the classification rule kept in induction_classes.stats (backend.heads.induction.classify_heads).
 _CLASS_STATS = {
     "induction": "DOUBLE", "control_attention": "DOUBLE", "attention_k1": "DOUBLE", "attention_kmax": "DOUBLE",
     "excess_k1": "DOUBLE", "plateau": "DOUBLE", "ratio": "DOUBLE", "k_half": "INTEGER", "long_share": "DOUBLE",

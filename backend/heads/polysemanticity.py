@@ -1,9 +1,9 @@
-"""Head polysemanticity (Kissane et al. 2024; METHODS.md §1): the features each attention head dominates, how they
+"""Head polysemanticity (Kissane et al. 2024; docs/methods.md §1): the features each attention head dominates, how they
 group into families, and whether the head has more than one role. The ``head_polysemanticity`` precompute step.
 
 **Dominant features.** Head h dominates feature i when it supplies at least :data:`SHARE_THRESHOLD` = 0.5 of the
 feature's DFA (``feature_head_dfa.share`` = |mean contribution_h| / Σ_h' |mean contribution_h'| over the feature's top
-activations, see :mod:`backend.features`): "supplies most of the DFA", where a uniform share over SmolLM2's 9 heads
+activations, see :mod:`backend.features.step`): "supplies most of the DFA", where a uniform share over SmolLM2's 9 heads
 would be 0.11; at most one head can pass it (barring an exact tie). Features with fewer than :data:`MIN_ACTIVE` = 20
 activations (``features.TOP_N``) are too rare to judge: their share and top tokens would rest on fewer than the full
 20 top activations.
@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -59,6 +59,9 @@ import pandas as pd
 
 from backend.heads.polysemanticity_queries import polysemanticity_headline, token_profiles
 from backend.progress import say, track
+
+if TYPE_CHECKING:
+    from backend.pipeline.context import RunContext
 
 SHARE_THRESHOLD = 0.5  # the head supplies at least half of the feature's DFA
 MIN_ACTIVE = 20  # = backend.features.TOP_N: the DFA share and token pairs average the full top-20 activations
@@ -225,10 +228,10 @@ def analyse_dictionary(con: Any, dict_id: str, layer: int, w_dec: np.ndarray,
     return feats, pd.DataFrame(head_rows)
 
 
-def step_head_polysemanticity(ctx: Any) -> None:
+def step_head_polysemanticity(ctx: "RunContext") -> None:
     """Precompute step: dominant features, families and the polysemanticity verdict of every head of every
     attention-SAE dictionary this run wrote feature data for (reads the features step's tables)."""
-    from backend.dictionaries.attention_sae import load_dictionary
+    from backend.dictionaries.storage import load_dictionary
 
     rows = ctx.con.execute("""
         SELECT d.dict_id, d.layer FROM dictionaries d

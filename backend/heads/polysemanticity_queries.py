@@ -1,6 +1,6 @@
-"""Read queries for the Head Polysemanticity page (DuckDB SQL over the tables written by :mod:`backend.polysemanticity`).
+"""Read queries for the Head Polysemanticity page (DuckDB SQL over the tables written by :mod:`backend.heads.polysemanticity`).
 
-Re-exported by :mod:`backend.queries`, so pages call them as ``ctx.store.query("head_polysemanticity_heads", model)``.
+Pages call them through the store cache: ``ctx.store.query(polysemanticity_queries.head_polysemanticity_heads, model)``.
 :func:`token_profiles` is also what the precompute step clusters on, so the page shows exactly the token pairs
 the families were built from. Every query returns empty results (never an error) on a store that predates these
 tables, so pages can say what is missing instead of failing.

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from backend.errors import InputError
-from backend.paths import CORPUS_DIR
 from backend.inputs.prompts import decode_text
+from backend.paths import CORPUS_DIR
 
 if TYPE_CHECKING:  # torch costs seconds to import; pages that only list corpora must not pay for it
     import torch
@@ -346,7 +346,7 @@ def tokenize_contexts(
 ) -> Contexts:
     """Cut documents into contexts of exactly ``n_ctx`` tokens (concatenate-and-chunk, see the module docstring).
 
-    ``bos`` is prepended to every context when not None (pass ``backend.prompts.model_bos_id(model)``);
+    ``bos`` is prepended to every context when not None (pass ``backend.inputs.prompts.model_bos_id(model)``);
     documents are joined with ``separator`` ("auto": :func:`document_separator_id`; None: no separator).
     Tokenization stops as soon as ``max_contexts`` contexts are filled, so asking for a few contexts of a big
     corpus is cheap. Deterministic: the same documents give the same tensor. ``corpus`` names the corpus in the

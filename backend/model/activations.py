@@ -1,10 +1,10 @@
 """Collecting per-token activations from corpus contexts through TransformerLens hooks.
 
 One forward pass per batch captures several activation sites at once, each named ``(hook kind, layer)`` as in
-:mod:`backend.hooks` (``hook_z`` for attention SAEs, the MLP's input and output for transcoders); ``stop_at_layer``
+:mod:`backend.model.hooks` (``hook_z`` for attention SAEs, the MLP's input and output for transcoders); ``stop_at_layer``
 skips the layers after the last one asked for. Position 0 (BOS) is dropped: its activations are attention-sink outliers
 whose norm is far above every other token's, so they are excluded from SAE training, from evaluation
-denominators and from per-feature statistics (see :mod:`backend.dictionaries`).
+denominators and from per-feature statistics (see :mod:`backend.dictionaries.attention_sae`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def flatten_heads(z: "torch.Tensor") -> "torch.Tensor":
     return z.reshape(*z.shape[:-2], z.shape[-2] * z.shape[-1])
 
 
-Act = tuple[str, int]  # (hook kind of backend.hooks, layer): one activation site
+Act = tuple[str, int]  # (hook kind of backend.model.hooks, layer): one activation site
 
 
 def capture_batch(model: Any, batch: "torch.Tensor", acts: Sequence[Act]) -> dict[Act, "torch.Tensor"]:
@@ -143,3 +143,11 @@ def shuffled_batches(
         for start in range(0, n - batch_size + 1, batch_size):
             yield acts[perm[start : start + batch_size]]
         epoch += 1
+
+
+def layer_groups(layers: Sequence[int], bytes_per_layer: int, budget_bytes: int) -> list[list[int]]:
+    """Split ``layers`` (sorted) into groups whose activations (``bytes_per_layer`` each) fit in ``budget_bytes``, so
+    one forward pass collects a whole group; a layer larger than the budget gets a group of its own."""
+    per_group = max(1, budget_bytes // max(bytes_per_layer, 1))
+    ordered = sorted(layers)
+    return [ordered[i : i + per_group] for i in range(0, len(ordered), per_group)]

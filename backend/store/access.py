@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 import duckdb
 
-from backend.store import schema
 from backend.errors import StoreError
+from backend.store import schema
 
 BUILD_HINT = "build one with `python -m backend precompute --model smollm2-135m --store {path}` (or `make demo`)"
 

@@ -1,7 +1,9 @@
-"""Read queries over a store: the only place pages and the CLI get their facts from (DuckDB SQL throughout).
+"""Read queries about a store as a whole (DuckDB SQL): what the home page and ``python -m backend info`` show.
 
-Every function takes an open read-only connection (see :func:`backend.store.open_store`) and returns plain
-Python / pandas values, so pages stay thin views and the CLI prints the same facts the app shows.
+Every function takes an open read-only connection (:func:`backend.store.access.open_store`) and returns plain Python /
+pandas values. Each capability keeps its own queries beside it (``backend.features.queries``,
+``backend.attribution.queries``, ``backend.heads.*_queries``, ``backend.circuits.queries``); pages call them through
+:meth:`backend.ui.cache.StoreRef.query`.
 """
 
 from __future__ import annotations
@@ -118,31 +120,3 @@ def mlp_replacement_evals(con: duckdb.DuckDBPyConnection, model: str | None = No
                e.run_id
         FROM replacement_evals e LEFT JOIN runs r USING (run_id) {where}
         ORDER BY r.started_at DESC NULLS LAST, e.eval_id""", params)
-
-
-# Feature Browser queries live in their own module (engineer B); re-exported so StoreRef.query finds them here.
-from backend.features.queries import (  # noqa: E402,F401
-    feature_dictionaries, feature_head_dfa, feature_histogram, feature_logits, feature_quantile_examples,
-    feature_summary, feature_top_examples, features_by_head, features_by_layer, features_by_token,
-)
-
-# Attribution Faithfulness queries (backend/attribution/queries.py), re-exported for StoreRef.query likewise.
-from backend.attribution.queries import (  # noqa: E402,F401
-    attribution_comparison, attribution_comparisons, attribution_methods, attribution_pairs, attribution_pearson,
-    attribution_scores, attribution_tokens,
-)
-
-# Head Polysemanticity queries (backend/head_queries.py); re-exported for StoreRef.query.
-from backend.heads.polysemanticity_queries import (  # noqa: E402,F401
-    head_feature_tokens, head_features, head_polysemanticity_heads, polysemanticity_headline, token_profiles,
-)
-
-# Induction Heads queries (backend/induction_queries.py); re-exported for StoreRef.query.
-from backend.heads.induction_queries import (  # noqa: E402,F401
-    head_scores, induction_classes, induction_counts, induction_prefix_curves, induction_rule,
-)
-
-# Circuit Graph queries (backend/circuits/queries.py); re-exported for StoreRef.query.
-from backend.circuits.queries import (  # noqa: E402,F401
-    dictionaries_with_features, graph_feature_examples, list_graphs, read_graph, replacement_quality,
-)

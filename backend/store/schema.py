@@ -69,7 +69,7 @@ DDL: list[str] = [
         ce_clean DOUBLE, ce_spliced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, dead_fraction DOUBLE,
         eval_tokens BIGINT, source VARCHAR, cfg JSON, run_id VARCHAR)""",
     "CREATE TABLE IF NOT EXISTS dictionary_weights (dict_id VARCHAR PRIMARY KEY, format VARCHAR, data BLOB)",
-    # Feature tables (attention-SAE and transcoder features, backend/features.py; top_head is NULL and
+    # Feature tables (attention-SAE and transcoder features, backend/features/step.py; top_head is NULL and
     # feature_head_dfa empty for transcoders; stats.scored_tokens says how many tokens were scored). BOS (position 0)
     # is never scored: density is over non-BOS tokens, and no activation, example or histogram count comes from it.
     """CREATE TABLE IF NOT EXISTS features (
@@ -122,7 +122,7 @@ DDL: list[str] = [
     """CREATE TABLE IF NOT EXISTS head_scores (
         model VARCHAR, layer INTEGER, head INTEGER, induction REAL, prev_token REAL, duplicate_token REAL,
         n_sequences INTEGER, seq_len INTEGER, run_id VARCHAR)""",
-    # Induction heads (backend/induction.py, exact definitions in its docstring). condition: 'prefix' (exactly
+    # Induction heads (backend/heads/induction.py, exact definitions in its docstring). condition: 'prefix' (exactly
     # prefix_len tokens ending at the repeated token match its earlier occurrence; 0 = control, nothing matches),
     # 'competition_long' / 'competition_short' (two earlier occurrences, one with the long matching prefix, one where
     # only the token itself matches: the target after each). seq_len: tokens per probe sequence, BOS included.
@@ -131,7 +131,7 @@ DDL: list[str] = [
         direct_effect REAL, n_sequences INTEGER, run_id VARCHAR, seq_len INTEGER)""",
     """CREATE TABLE IF NOT EXISTS induction_classes (
         model VARCHAR, layer INTEGER, head INTEGER, head_class VARCHAR, stats JSON, run_id VARCHAR)""",
-    # Head polysemanticity (backend/polysemanticity.py). head_features: every feature whose DFA share in the head
+    # Head polysemanticity (backend/heads/polysemanticity.py). head_features: every feature whose DFA share in the head
     # passes the dominance rule; rank 1 = largest share; family is NULL beyond the judged top features.
     """CREATE TABLE IF NOT EXISTS head_features (
         dict_id VARCHAR, layer INTEGER, head INTEGER, feature INTEGER, share REAL, family INTEGER, rank INTEGER)""",

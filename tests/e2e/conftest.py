@@ -19,8 +19,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from e2e_harness import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, CORRUPT_STORE, ESCAPING_LINK, PAGE_TIMEOUT_MS, VIEWPORT, \
-    StreamlitServer, Tab, chromium_problem
+from e2e_harness import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    CORRUPT_STORE,
+    ESCAPING_LINK,
+    PAGE_TIMEOUT_MS,
+    VIEWPORT,
+    StreamlitServer,
+    Tab,
+    chromium_problem,
+)
 from tiny_stores import TEST_STORE_NAME
 
 

@@ -24,7 +24,7 @@ TOP_N = 5  # pages/prompt_explorer.py FEATURE_TOP_N
 @functools.cache
 def _saes(store: Path) -> dict[int, Any]:
     """The store's attention SAEs by layer."""
-    from backend.dictionaries.attention_sae import load_dictionary
+    from backend.dictionaries.storage import load_dictionary
 
     with reading(store) as con:
         dicts = feature_queries.feature_dictionaries(con, kind="attn_sae")

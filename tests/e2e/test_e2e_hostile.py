@@ -16,7 +16,7 @@ from e2e_harness import BOS, CORRUPT_STORE, ESCAPING_LINK, STRIP_JS, Tab, query_
 from backend.features import queries as feature_queries
 from backend.inputs.prompts import MAX_PROMPT_CHARS
 from backend.store.access import reading
-from backend.ui.shell import visible_token
+from backend.ui.token_html import visible_token
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ from e2e_harness import BOS, Tab, feature_rows, prompt_features, query_param, su
 
 from backend.features import queries as feature_queries
 from backend.store.access import reading
-from backend.ui.shell import visible_token
+from backend.ui.token_html import visible_token
 
 pytestmark = pytest.mark.e2e
 

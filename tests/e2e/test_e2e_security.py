@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import e2e_harness
+import pytest
 from e2e_harness import ROOT, StreamlitServer, chromium_problem
 from tiny_stores import TEST_STORE_NAME
 

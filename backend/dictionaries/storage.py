@@ -1,0 +1,225 @@
+"""Dictionaries in the store and on disk: the ``dictionaries`` / ``dictionary_weights`` rows of every kind, and
+imports of sae-lens releases and sae-lens-format directories.
+
+A dictionary is stored as one ``dictionaries`` row (metrics + the sae-lens config as JSON) and one
+``dictionary_weights`` row (the state dict as a safetensors blob: a safe format, no pickle); sae-lens' ``SAE.from_dict``
+rebuilds the right class (SAE, Transcoder, ...) from the config's ``architecture``. The loaders below are what every
+capability that runs dictionaries (features, attribution, circuits, pages) reads them through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from backend.dictionaries.kinds import ATTN_SAE, TRANSCODER
+from backend.errors import InputError, ModelUnavailableError, StoreError
+
+if TYPE_CHECKING:
+    import duckdb
+    from sae_lens import SAE, Transcoder
+
+
+
+def load_transcoders(con: Any, model_name: str) -> dict[int, "Transcoder"]:
+    """Every transcoder of ``model_name`` in the store, by layer (eval mode, CPU float32).
+
+    Where a layer has several (different widths or sources), the one written by the most recent run wins (ties:
+    smallest dict_id). Each transcoder's ``cfg.metadata.dict_id`` is set to its store dict_id (graph nodes cite it).
+    """
+    out: dict[int, Transcoder] = {}
+    for layer, dict_id in transcoder_ids(con, model_name).items():
+        tc = load_dictionary(con, dict_id)
+        tc.cfg.metadata.dict_id = dict_id
+        out[layer] = tc
+    return out
+
+
+def transcoder_ids(con: Any, model_name: str) -> dict[int, str]:
+    """The dict_ids :func:`load_transcoders` would load, by layer, without loading any weights."""
+    rows = con.execute(
+        "SELECT d.layer, d.dict_id FROM dictionaries d LEFT JOIN runs r USING (run_id) "
+        "WHERE d.model = ? AND d.kind = ? ORDER BY d.layer, r.started_at DESC NULLS LAST, d.dict_id",
+        [model_name, TRANSCODER]).fetchall()
+    out: dict[int, str] = {}
+    for layer, dict_id in rows:
+        out.setdefault(int(layer), dict_id)
+    return out
+
+
+def load_local_transcoder(path: str) -> "Transcoder":
+    """Load a sae-lens-format transcoder directory (``cfg.json`` + ``sae_weights.safetensors``, as written by
+    sae-lens' ``save_model`` / ``save_inference_model``)."""
+    from sae_lens import Transcoder
+
+    tc = load_local(path, what="transcoder")
+    if not isinstance(tc, Transcoder):
+        raise InputError(f"{path} holds a sae-lens {tc.cfg.architecture()!r} SAE, not a transcoder: pass it with --saes instead.")
+    return tc.eval()
+
+
+def release_ids(release: str, layers: Sequence[int]) -> list[str]:
+    """For ``RELEASE`` pick, per layer, the first sae_id of the release naming that layer (``layer_L`` or
+    ``blocks.L.``); ``RELEASE:SAE_ID`` names one transcoder explicitly. Unknown release: one InputError sentence."""
+    import re
+
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    name, _, explicit = release.partition(":")
+    directory = get_pretrained_saes_directory()
+    if name not in directory:
+        examples = [r for r in directory if "transcoder" in r][:2]
+        raise InputError(f"Unknown sae-lens release {name!r}: pass a transcoder release from sae-lens' "
+                         f"pretrained_saes.yaml (e.g. {', '.join(examples)}) or a sae-lens transcoder directory.")
+    ids = list(directory[name].saes_map)
+    if explicit:
+        if explicit not in ids:
+            raise InputError(f"Release {name!r} has no transcoder {explicit!r}: use one of {', '.join(ids[:4])}, ...")
+        return [explicit]
+    picked = []
+    for layer in layers:
+        pattern = re.compile(rf"(?:^|[/_.])(?:layer_{layer}|blocks\.{layer}\.)(?:$|[/_.])")
+        match = next((i for i in ids if pattern.search(i)), None)
+        if match is not None:
+            picked.append(match)
+    if not picked:
+        raise InputError(f"Release {name!r} has no transcoder for layer(s) {list(layers)}: name one as {name}:SAE_ID.")
+    return picked
+
+
+def load_pretrained_transcoder(release: str, sae_id: str) -> "Transcoder":
+    """One transcoder of a sae-lens release, from the HF cache or the hub; offline with nothing cached -> one
+    ModelUnavailableError sentence (backend.dictionaries.load_pretrained does the probing)."""
+    from sae_lens import Transcoder
+
+    try:
+        tc = load_pretrained(release, sae_id)
+    except ModelUnavailableError as exc:
+        raise ModelUnavailableError(str(exc).replace("SAE ", "Transcoder ", 1)) from None
+    if not isinstance(tc, Transcoder):
+        raise InputError(f"{release}/{sae_id} is a sae-lens {tc.cfg.architecture()!r} SAE, not a transcoder: use --saes for SAEs.")
+    return tc
+
+
+def sae_config_json(sae: "SAE") -> str:
+    """The SAE's sae-lens config (architecture, widths, metadata incl. training facts) as JSON."""
+    return json.dumps(sae.cfg.to_dict(), default=str, sort_keys=True)
+
+
+def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
+    """Write one dictionary: the ``dictionaries`` row (``row`` + cfg JSON + run id, replacing any row with the
+    same ``dict_id``) and its weights as a safetensors blob in ``dictionary_weights``."""
+    import pandas as pd
+    from safetensors.torch import save
+
+    dict_id = row["dict_id"]
+    con = writer.con
+    columns = [r[0] for r in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'dictionaries' "
+        "ORDER BY ordinal_position").fetchall()]
+    full = {c: None for c in columns}
+    full.update({k: v for k, v in row.items() if k in full})
+    full["cfg"] = sae_config_json(sae)
+    full["run_id"] = writer.run_id
+    full["kind"] = full["kind"] or ATTN_SAE
+    full["d_in"], full["d_sae"] = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+    con.execute("DELETE FROM dictionaries WHERE dict_id = ?", [dict_id])
+    con.execute("DELETE FROM dictionary_weights WHERE dict_id = ?", [dict_id])
+    writer.insert_df("dictionaries", pd.DataFrame([{k: v for k, v in full.items() if v is not None}]))
+    blob = save({k: v.detach().contiguous().float() for k, v in sae.state_dict().items()})
+    con.execute("INSERT INTO dictionary_weights VALUES (?, 'safetensors', ?)", [dict_id, blob])
+
+
+def load_dictionary(con: Any, dict_id: str) -> "SAE":
+    """Rebuild the sae-lens SAE stored under ``dict_id`` (eval mode, CPU float32)."""
+    import torch
+    from sae_lens import SAE
+    from safetensors.torch import load
+
+    rows = con.execute(
+        "SELECT d.cfg, w.format, w.data FROM dictionaries d JOIN dictionary_weights w USING (dict_id) "
+        "WHERE d.dict_id = ?", [dict_id]).fetchall()
+    if not rows:
+        raise StoreError(f"This store has no dictionary {dict_id!r}: pick one listed on the home page, or re-run the precompute.")
+    cfg_json, fmt, data = rows[0]
+    if fmt != "safetensors":
+        raise StoreError(f"Dictionary {dict_id!r} is stored as {fmt!r}, which circuitscope does not load (only safetensors).")
+    cfg = json.loads(cfg_json)
+    cfg["device"], cfg["dtype"] = "cpu", "float32"
+    sae = SAE.from_dict(cfg)
+    sae.load_state_dict({k: v.to(torch.float32) for k, v in load(bytes(data)).items()})
+    return sae.eval()
+
+
+def load_pretrained(release: str, sae_id: str) -> "SAE":
+    """Load a sae-lens release (e.g. ``("gpt2-small-hook-z-kk", "blocks.5.hook_z")``) from the HF cache or hub.
+
+    Offline with nothing cached -> one :class:`ModelUnavailableError` sentence, quickly (the hub is probed once
+    and Hugging Face is switched to offline mode, so nothing retries).
+    """
+    from backend.model.registry import configure_hf_cache
+
+    configure_hf_cache()
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise InputError(f"Unknown sae-lens release {release!r}: use a name from sae-lens' pretrained_saes.yaml, e.g. 'gpt2-small-hook-z-kk'.")
+    ids = list(directory[release].saes_map)
+    if sae_id not in ids:
+        raise InputError(f"Release {release!r} has no SAE {sae_id!r}: use one of {', '.join(ids[:4])}, ...")
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
+    except Exception as exc:  # noqa: BLE001 - offline/hub failures come as OSError, HTTP or hub errors
+        raise ModelUnavailableError(
+            f"SAE {release}/{sae_id} is not available: it is not in the local Hugging Face cache "
+            f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) and the hub cannot be reached "
+            f"({type(exc).__name__}); run once with internet access or copy the cache there."
+        ) from None
+    return sae.eval()
+
+
+def load_local(path: str | Path, what: str = "SAE") -> "SAE":
+    """Load a sae-lens-format directory (``cfg.json`` + ``sae_weights.safetensors``); ``what`` names the kind of
+    dictionary in the error messages (e.g. "transcoder")."""
+    from sae_lens import SAE
+
+    path = Path(path)
+    if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
+        raise InputError(f"{path} is not a sae-lens {what} directory: it needs cfg.json and sae_weights.safetensors.")
+    try:
+        sae = SAE.load_from_disk(path, device="cpu", dtype="float32")
+    except Exception as exc:  # noqa: BLE001 - malformed configs raise many types
+        raise InputError(f"{path} could not be loaded as a sae-lens {what} ({type(exc).__name__}: {str(exc)[:120]}).") from None
+    return sae.eval()
+
+
+def attention_sae_ids(con: "duckdb.DuckDBPyConnection", model_name: str) -> dict[int, str]:
+    """The attention SAE each layer of ``model_name`` uses (the widest; ties: smallest dict_id), by layer."""
+    rows = con.execute("SELECT dict_id, layer FROM dictionaries WHERE model = ? AND kind = ? "
+                       "ORDER BY layer, d_sae DESC, dict_id", [model_name, ATTN_SAE]).fetchall()
+    ids: dict[int, str] = {}
+    for dict_id, layer in rows:
+        ids.setdefault(int(layer), str(dict_id))
+    return ids
+
+
+def load_attention_saes(con: "duckdb.DuckDBPyConnection", model_name: str) -> dict[int, "SAE"]:
+    """The attention SAEs of :func:`attention_sae_ids`, loaded (eval mode, CPU float32), by layer; each one's
+    ``cfg.metadata.dict_id`` is its store dict_id."""
+    out: dict[int, SAE] = {}
+    for layer, dict_id in attention_sae_ids(con, model_name).items():
+        sae = load_dictionary(con, dict_id)
+        sae.cfg.metadata.dict_id = dict_id
+        out[layer] = sae
+    return out
+
+
+def graph_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str, attn_saes: bool = True
+                       ) -> tuple[dict[int, "Transcoder"], dict[int, "SAE"]]:
+    """What an attribution graph of ``model_name`` replaces: ``({layer: transcoder}, {layer: attention SAE})`` (the
+    SAEs only if ``attn_saes``). A store without transcoders still builds graphs: every MLP is then an error node."""
+    return load_transcoders(con, model_name), (load_attention_saes(con, model_name) if attn_saes else {})

@@ -1,0 +1,116 @@
+"""What a server keeps between runs and sessions: store queries per store version, the shared model, dictionaries and
+per-prompt analyses (Streamlit caches; heavy imports happen only inside the functions that need them)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import pandas as pd
+import streamlit as st
+
+from backend.model.shared import SharedModel
+from backend.store import queries
+from backend.store.access import fingerprint, open_store, reading
+from backend.store.names import resolve_store
+
+log = logging.getLogger("circuitscope.ui")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """One version of one store file: ``key`` (inode, mtime, size) changes when a precompute swaps a new file in,
+    which is what makes every cached query below pick up new runs while the server keeps running."""
+
+    name: str
+    path: Path
+    key: tuple[int, int, int]
+
+    def query(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(con, *args)`` on a read-only connection to this store, cached per store version: ``fn`` is a query
+        function of a capability's queries module (e.g. ``backend.features.queries.feature_summary``)."""
+        return _cached_query(str(self.path), self.key, f"{fn.__module__}.{fn.__qualname__}", args, fn)
+
+    def summary(self) -> dict[str, Any]:
+        """:func:`backend.store.queries.summary` of this store (cached per store version)."""
+        return self.query(queries.summary)
+
+
+def open_store_ref(name: str, directory: Path | None = None) -> StoreRef:
+    """Resolve ``name`` and check the file is a readable store; StoreError (one sentence) otherwise."""
+    path = resolve_store(name, directory)
+    if not path.exists():
+        open_store(path).close()  # raises the "No store at ...: build one with ..." message
+    fp = fingerprint(path)
+    ref = StoreRef(name=name, path=path, key=(fp.inode, fp.mtime_ns, fp.size))
+    ref.summary()  # validates (corrupt / newer schema raise StoreError; errors are not cached)
+    return ref
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _cached_query(path: str, key: tuple[int, int, int], name: str, args: tuple[Any, ...], _fn: Callable[..., Any]) -> Any:
+    # `key` is unused in the body on purpose: it is part of the cache key, so a swapped-in store misses the cache.
+    # `_fn` is not hashed (leading underscore); `name`, its qualified name, stands for it in the cache key.
+    del key, name
+    with reading(path) as con:
+        return _fn(con, *args)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def get_model(name: str) -> SharedModel:
+    """Load a model once per server process, shared by all sessions (see :class:`SharedModel`); heavy imports
+    happen only here."""
+    from backend.model.registry import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(name)
+    # One line per load: the server log shows that sessions share one model (tests/e2e counts these lines).
+    log.info("loaded model %s in %.1f s", name, time.perf_counter() - t0)
+    return SharedModel(model)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_predictions(model_name: str, ids: tuple[int, ...], k: int = 5) -> pd.DataFrame:
+    """:func:`backend.model.predict.next_token_predictions` for the cached model, memoised per (model, token ids)."""
+    from backend.model.predict import next_token_predictions
+
+    return next_token_predictions(get_model(model_name), ids, k)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def get_dictionary(store_path: str, store_key: tuple[int, int, int], dict_id: str) -> Any:
+    """Load one dictionary (a sae-lens SAE) from a store once per server and store version (``StoreRef.key``).
+
+    The SAE is shared by all sessions: callers must not modify it.
+    """
+    from backend.dictionaries.storage import load_dictionary
+
+    with reading(store_path) as con:
+        return load_dictionary(con, dict_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def cached_graph_dictionaries(store_path: str, store_key: tuple[int, int, int], model: str,
+                              attn_saes: bool) -> tuple[dict[int, Any], dict[int, Any]]:
+    """The store's transcoders and (if ``attn_saes``) attention SAEs for ``model`` by layer
+    (:func:`backend.dictionaries.storage.graph_dictionaries`), loaded once per server and store version; shared and
+    read-only, like :func:`get_dictionary`."""
+    from backend.dictionaries.storage import graph_dictionaries
+
+    with reading(store_path) as con:
+        return graph_dictionaries(con, model, attn_saes=attn_saes)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)  # an entry holds attention patterns: ~30 MB at 512 tokens
+def cached_prompt_features(model_name: str, ids: tuple[int, ...], store_path: str, store_key: tuple[int, int, int],
+                           layer_dicts: tuple[tuple[int, str], ...], top_n: int) -> Any:
+    """:func:`backend.features.live.analyze_prompt` for the cached model and the store's SAEs, memoised per
+    (model, token ids, store version, (layer, dict_id) pairs). Shared and read-only, like the SAEs."""
+    from backend.features.live import analyze_prompt
+
+    saes = {layer: get_dictionary(store_path, store_key, dict_id) for layer, dict_id in layer_dicts}
+    return analyze_prompt(get_model(model_name), saes, ids, top_n=top_n)
