@@ -1,1 +1,1 @@
-"""dictionaries"""
+"""Sparse dictionaries (sae-lens objects): attention-output SAEs, MLP transcoders, evaluation, storage, steps."""

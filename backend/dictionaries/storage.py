@@ -29,24 +29,15 @@ def load_transcoders(con: Any, model_name: str) -> dict[int, "Transcoder"]:
     Where a layer has several (different widths or sources), the one written by the most recent run wins (ties:
     smallest dict_id). Each transcoder's ``cfg.metadata.dict_id`` is set to its store dict_id (graph nodes cite it).
     """
-    out: dict[int, Transcoder] = {}
-    for layer, dict_id in transcoder_ids(con, model_name).items():
-        tc = load_dictionary(con, dict_id)
-        tc.cfg.metadata.dict_id = dict_id
-        out[layer] = tc
-    return out
+    return load_by_layer(con, transcoder_ids(con, model_name))
 
 
 def transcoder_ids(con: Any, model_name: str) -> dict[int, str]:
     """The dict_ids :func:`load_transcoders` would load, by layer, without loading any weights."""
-    rows = con.execute(
+    return _first_per_layer(con.execute(
         "SELECT d.layer, d.dict_id FROM dictionaries d LEFT JOIN runs r USING (run_id) "
         "WHERE d.model = ? AND d.kind = ? ORDER BY d.layer, r.started_at DESC NULLS LAST, d.dict_id",
-        [model_name, TRANSCODER]).fetchall()
-    out: dict[int, str] = {}
-    for layer, dict_id in rows:
-        out.setdefault(int(layer), dict_id)
-    return out
+        [model_name, TRANSCODER]).fetchall())
 
 
 def load_local_transcoder(path: str) -> "Transcoder":
@@ -199,23 +190,33 @@ def load_local(path: str | Path, what: str = "SAE") -> "SAE":
 
 def attention_sae_ids(con: "duckdb.DuckDBPyConnection", model_name: str) -> dict[int, str]:
     """The attention SAE each layer of ``model_name`` uses (the widest; ties: smallest dict_id), by layer."""
-    rows = con.execute("SELECT dict_id, layer FROM dictionaries WHERE model = ? AND kind = ? "
-                       "ORDER BY layer, d_sae DESC, dict_id", [model_name, ATTN_SAE]).fetchall()
-    ids: dict[int, str] = {}
-    for dict_id, layer in rows:
-        ids.setdefault(int(layer), str(dict_id))
-    return ids
+    return _first_per_layer(con.execute("SELECT layer, dict_id FROM dictionaries WHERE model = ? AND kind = ? "
+                                        "ORDER BY layer, d_sae DESC, dict_id", [model_name, ATTN_SAE]).fetchall())
+
+
+def _first_per_layer(rows: Sequence[tuple[Any, Any]]) -> dict[int, str]:
+    """``{layer: dict_id}`` from ``(layer, dict_id)`` rows in preference order: the first row of each layer wins."""
+    out: dict[int, str] = {}
+    for layer, dict_id in rows:
+        out.setdefault(int(layer), str(dict_id))
+    return out
+
+
+def load_by_layer(con: "duckdb.DuckDBPyConnection", ids: dict[int, str]) -> dict[int, Any]:
+    """Load ``{layer: dict_id}`` as ``{layer: sae-lens object}``; each one's ``cfg.metadata.dict_id`` is its store
+    dict_id (graph nodes and comparisons cite it)."""
+    out: dict[int, Any] = {}
+    for layer, dict_id in ids.items():
+        dictionary = load_dictionary(con, dict_id)
+        dictionary.cfg.metadata.dict_id = dict_id
+        out[layer] = dictionary
+    return out
 
 
 def load_attention_saes(con: "duckdb.DuckDBPyConnection", model_name: str) -> dict[int, "SAE"]:
     """The attention SAEs of :func:`attention_sae_ids`, loaded (eval mode, CPU float32), by layer; each one's
     ``cfg.metadata.dict_id`` is its store dict_id."""
-    out: dict[int, SAE] = {}
-    for layer, dict_id in attention_sae_ids(con, model_name).items():
-        sae = load_dictionary(con, dict_id)
-        sae.cfg.metadata.dict_id = dict_id
-        out[layer] = sae
-    return out
+    return load_by_layer(con, attention_sae_ids(con, model_name))
 
 
 def graph_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str, attn_saes: bool = True

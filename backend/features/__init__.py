@@ -1,1 +1,1 @@
-"""features"""
+"""Feature dashboards: the precompute step, logit effects, DFA, the live per-prompt analysis, queries."""

@@ -13,18 +13,17 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from backend.store.access import frame
+
 WINDOW_BEFORE = 24  # tokens shown before the max-activating token of an example
 WINDOW_AFTER = 8  # ... and after it
 
-
-def _df(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
-    return con.execute(sql, params or []).df()
 
 
 def feature_dictionaries(con: duckdb.DuckDBPyConnection, kind: str | None = None) -> pd.DataFrame:
     """Dictionaries with feature tables (attention SAEs first, then transcoders; by layer), or only those of
     ``kind`` ('attn_sae' / 'transcoder'): dict_id, model, kind, layer, d_sae, n_heads, n_features, n_alive, ... ."""
-    return _df(con, """
+    return frame(con, """
         SELECT d.dict_id, d.model, d.kind, d.layer, d.architecture, d.d_in, d.d_sae, d.l0, d.fve, m.n_heads,
                (SELECT count(*) FROM features f WHERE f.dict_id = d.dict_id) AS n_features,
                (SELECT count(*) FROM features f WHERE f.dict_id = d.dict_id AND f.n_active > 0) AS n_alive,
@@ -38,7 +37,7 @@ def feature_dictionaries(con: duckdb.DuckDBPyConnection, kind: str | None = None
 def feature_summary(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) -> dict[str, Any] | None:
     """One feature's statistics (density over non-BOS tokens, max / mean-when-active activation, dominant head),
     or None if the dictionary has no such feature."""
-    df = _df(con, """
+    df = frame(con, """
         SELECT f.dict_id, f.feature, f.n_active, f.density, f.max_act, f.mean_act, f.top_head, f.top_head_share,
                d.layer, d.model, d.d_sae, d.architecture, d.kind,
                json_extract(f.stats, '$.scored_tokens')::BIGINT AS scored_tokens
@@ -51,7 +50,7 @@ def _windows(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int, centres
              before: int, after: int) -> pd.DataFrame:
     """Token windows around example positions (``centres``: SQL yielding ex, corpus_id, context_id, pos, act), each
     with the token texts and this feature's activation at every token (0 where it does not fire, NaN at BOS: not scored)."""
-    return _df(con, f"""
+    return frame(con, f"""
         WITH ex AS ({centres}),
         win AS (
             SELECT ex.ex, ex.act AS max_act, ex.context_id, ex.pos AS max_pos, t.pos, v.token_str,
@@ -100,13 +99,13 @@ def feature_quantile_examples(con: duckdb.DuckDBPyConnection, dict_id: str, feat
 
 def feature_histogram(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) -> pd.DataFrame:
     """Log-binned histogram of the feature's nonzero activations: bin, lo, hi, count."""
-    return _df(con, "SELECT bin, lo, hi, count FROM feature_histograms WHERE dict_id = ? AND feature = ? ORDER BY bin",
+    return frame(con, "SELECT bin, lo, hi, count FROM feature_histograms WHERE dict_id = ? AND feature = ? ORDER BY bin",
                [dict_id, int(feature)])
 
 
 def feature_logits(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) -> pd.DataFrame:
     """Top promoted and suppressed output tokens: kind, rank, token_id, token_str, value (logits per unit act)."""
-    return _df(con, """
+    return frame(con, """
         SELECT l.kind, l.rank, l.token_id, coalesce(v.token_str, '') AS token_str, l.value
         FROM feature_logits l JOIN dictionaries d USING (dict_id)
         LEFT JOIN vocab v ON v.model = d.model AND v.token_id = l.token_id
@@ -115,7 +114,7 @@ def feature_logits(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) -
 
 def feature_head_dfa(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) -> pd.DataFrame:
     """DFA by head over the feature's top activations: head, contribution (mean, signed), share, n_examples."""
-    return _df(con, "SELECT head, contribution, share, n_examples FROM feature_head_dfa "
+    return frame(con, "SELECT head, contribution, share, n_examples FROM feature_head_dfa "
                     "WHERE dict_id = ? AND feature = ? ORDER BY head", [dict_id, int(feature)])
 
 
@@ -127,20 +126,20 @@ def features_by_layer(con: duckdb.DuckDBPyConnection, dict_id: str, order: str =
     """The dictionary's live features, sorted by ``order`` (max_act, density or top_head_share), largest first."""
     if order not in ("max_act", "density", "top_head_share", "mean_act"):
         order = "max_act"
-    return _df(con, f"SELECT {_LIST_COLS} FROM features WHERE dict_id = ? AND n_active > 0 "
+    return frame(con, f"SELECT {_LIST_COLS} FROM features WHERE dict_id = ? AND n_active > 0 "
                     f"ORDER BY {order} DESC NULLS LAST, feature LIMIT ?", [dict_id, int(limit)])
 
 
 def features_by_head(con: duckdb.DuckDBPyConnection, dict_id: str, head: int, limit: int = 200) -> pd.DataFrame:
     """Features whose dominant head (largest DFA share) is ``head``, most head-specific first."""
-    return _df(con, f"SELECT {_LIST_COLS} FROM features WHERE dict_id = ? AND top_head = ? AND n_active > 0 "
+    return frame(con, f"SELECT {_LIST_COLS} FROM features WHERE dict_id = ? AND top_head = ? AND n_active > 0 "
                     f"ORDER BY top_head_share DESC, max_act DESC LIMIT ?", [dict_id, int(head), int(limit)])
 
 
 def features_by_token(con: duckdb.DuckDBPyConnection, dict_id: str, text: str, limit: int = 200) -> pd.DataFrame:
     """Features whose top examples fire ON a token whose text contains ``text`` (case-insensitive), with how many
     of their top examples do (``hits``) and one such token (``token``)."""
-    return _df(con, """
+    return frame(con, """
         SELECT f.feature, f.n_active, f.density, f.max_act, f.mean_act, f.top_head, f.top_head_share,
                h.hits, h.token
         FROM (SELECT e.feature, count(*) AS hits, any_value(v.token_str) AS token

@@ -1,1 +1,1 @@
-"""heads"""
+"""Head-level analyses: induction heads (long vs short prefix) and head polysemanticity, with their queries."""

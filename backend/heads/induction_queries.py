@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
+from backend.store.access import frame
+
 # Numbers of the classification rule kept in induction_classes.stats (backend.heads.induction.classify_heads).
 _CLASS_STATS = {
     "induction": "DOUBLE", "control_attention": "DOUBLE", "attention_k1": "DOUBLE", "attention_kmax": "DOUBLE",
@@ -20,9 +22,6 @@ _CLASS_STATS = {
     "direct_effect_k1": "DOUBLE", "direct_effect_kmax": "DOUBLE", "rank": "INTEGER",
 }
 
-
-def _df(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
-    return con.execute(sql, params or []).df()
 
 
 def _parse_heads(heads: Sequence[str]) -> list[tuple[int, int]]:
@@ -42,7 +41,7 @@ def induction_counts(con: duckdb.DuckDBPyConnection, model: str) -> dict[str, in
 def head_scores(con: duckdb.DuckDBPyConnection, model: str) -> pd.DataFrame:
     """Per-head scores on repeated random tokens: layer, head, induction, prev_token, duplicate_token, n_sequences,
     seq_len (tokens per repeat sequence, BOS included), ordered by layer and head."""
-    return _df(con, "SELECT layer, head, induction, prev_token, duplicate_token, n_sequences, seq_len "
+    return frame(con, "SELECT layer, head, induction, prev_token, duplicate_token, n_sequences, seq_len "
                     "FROM head_scores WHERE model = ? ORDER BY layer, head", [model])
 
 
@@ -50,7 +49,7 @@ def induction_classes(con: duckdb.DuckDBPyConnection, model: str) -> pd.DataFram
     """The classified candidate heads, best induction score first: layer, head, head_class and the rule's numbers
     (one column per entry of :data:`_CLASS_STATS`)."""
     cols = ", ".join(f"TRY_CAST(stats->>'{key}' AS {kind}) AS {key}" for key, kind in _CLASS_STATS.items())
-    return _df(con, f"SELECT layer, head, head_class, {cols} FROM induction_classes WHERE model = ? "
+    return frame(con, f"SELECT layer, head, head_class, {cols} FROM induction_classes WHERE model = ? "
                     f"ORDER BY rank, layer, head", [model])
 
 
@@ -74,7 +73,7 @@ def induction_prefix_curves(con: duckdb.DuckDBPyConnection, model: str, heads: S
                                      "direct_effect", "n_sequences", "seq_len"])
     con.register("_wanted", pd.DataFrame(pairs, columns=["layer", "head"]))
     try:
-        return _df(con, """
+        return frame(con, """
             SELECT p.layer || '.' || p.head AS head, p.layer, p.head AS head_index, p.condition, p.prefix_len,
                    p.attention, p.direct_effect, p.n_sequences, p.seq_len
             FROM induction_prefix p JOIN _wanted w ON w.layer = p.layer AND w.head = p.head

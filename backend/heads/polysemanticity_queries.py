@@ -14,11 +14,10 @@ from typing import Any, Sequence
 import duckdb
 import pandas as pd
 
+from backend.store.access import frame
+
 _TABLES = ("head_polysemanticity", "head_features")
 
-
-def _df(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
-    return con.execute(sql, params or []).df()
 
 
 def has_head_tables(con: duckdb.DuckDBPyConnection) -> bool:
@@ -42,7 +41,7 @@ def token_profiles(con: duckdb.DuckDBPyConnection, dict_id: str, features: Seque
     """The (previous token, activating token) pairs of each feature's stored top activations, with counts:
     feature, prev_id, token_id, n (most frequent pair first). BOS is never an activating position, so the
     previous position always exists."""
-    return _df(con, f"SELECT feature, prev_id, token_id, n FROM ({_PROFILE_SQL}) "
+    return frame(con, f"SELECT feature, prev_id, token_id, n FROM ({_PROFILE_SQL}) "
                     "ORDER BY feature, n DESC, prev_id, token_id", [dict_id, [int(f) for f in features]])
 
 
@@ -53,7 +52,7 @@ def head_polysemanticity_heads(con: duckdb.DuckDBPyConnection, model: str | None
         return pd.DataFrame(columns=["dict_id", "model", "layer", "head", "n_dominant", "n_judged", "n_families",
                                      "n_singletons", "polysemantic", "stats"])
     where, params = ("WHERE d.model = ?", [model]) if model else ("", [])
-    df = _df(con, f"""
+    df = frame(con, f"""
         SELECT p.dict_id, d.model, p.layer, p.head, p.n_dominant, p.n_judged, p.n_families, p.n_singletons,
                p.polysemantic, p.stats
         FROM head_polysemanticity p JOIN dictionaries d USING (dict_id) {where}
@@ -80,7 +79,7 @@ def head_features(con: duckdb.DuckDBPyConnection, dict_id: str, head: int) -> pd
     top features), rank, n_active, density, max_act."""
     if not has_head_tables(con):
         return pd.DataFrame(columns=["feature", "share", "family", "rank", "n_active", "density", "max_act"])
-    return _df(con, """
+    return frame(con, """
         SELECT h.feature, h.share, h.family, h.rank, f.n_active, f.density, f.max_act
         FROM head_features h LEFT JOIN features f ON f.dict_id = h.dict_id AND f.feature = h.feature
         WHERE h.dict_id = ? AND h.head = ?
@@ -98,7 +97,7 @@ def head_feature_tokens(con: duckdb.DuckDBPyConnection, dict_id: str, head: int,
         "SELECT feature FROM head_features WHERE dict_id = ? AND head = ? AND family IS NOT NULL",
         [dict_id, int(head)]).fetchall()]
     k = int(k)
-    return _df(con, f"""
+    return frame(con, f"""
         WITH p AS (
             SELECT p.feature, p.n, coalesce(vp.token_str, '') AS prev_str, coalesce(vt.token_str, '') AS token_str,
                    p.prev_id, p.token_id

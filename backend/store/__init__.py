@@ -1,1 +1,1 @@
-"""store"""
+"""The DuckDB store: schema, read-only access and the atomic writer, store names, whole-store queries."""

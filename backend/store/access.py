@@ -21,11 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import duckdb
 
 from backend.errors import StoreError
+
+if TYPE_CHECKING:
+    import pandas as pd
 from backend.store import schema
 
 BUILD_HINT = "build one with `python -m backend precompute --model smollm2-135m --store {path}` (or `make demo`)"
@@ -256,6 +259,17 @@ class StoreWriter:
         cols = ", ".join(f'"{c}"' for c in df.columns)
         self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _df")
         self.con.unregister("_df")
+
+
+def frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> "pd.DataFrame":
+    """The rows of one SQL query as a pandas DataFrame (every read query of the capabilities goes through here)."""
+    return con.execute(sql, params or []).df()
+
+
+def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> Any:
+    """The first column of the first row of one SQL query (None when it returns no row)."""
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0][0] if rows else None
 
 
 @contextmanager

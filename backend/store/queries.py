@@ -13,43 +13,36 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-
-def _df(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
-    return con.execute(sql, params or []).df()
-
-
-def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> Any:
-    rows = con.execute(sql, params or []).fetchall()
-    return rows[0][0] if rows else None
+from backend.store.access import frame, scalar
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """The schema version recorded in the store."""
-    return int(_scalar(con, "SELECT value FROM meta WHERE key = 'schema_version'") or 0)
+    return int(scalar(con, "SELECT value FROM meta WHERE key = 'schema_version'") or 0)
 
 
 def runs(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """All precompute runs, newest first."""
-    return _df(con, "SELECT run_id, kind, model, preset, status, started_at, seconds, params, summary "
+    return frame(con, "SELECT run_id, kind, model, preset, status, started_at, seconds, params, summary "
                     "FROM runs ORDER BY started_at DESC")
 
 
 def models(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Models recorded in the store with their shapes."""
-    return _df(con, "SELECT model, family, description, n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, "
+    return frame(con, "SELECT model, family, description, n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, "
                     "d_vocab, n_ctx FROM models ORDER BY model")
 
 
 def corpora(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Tokenized corpora: size, context length and mean next-token loss."""
-    return _df(con, "SELECT corpus_id, model, source, description, licence, n_documents, n_contexts, n_ctx, "
+    return frame(con, "SELECT corpus_id, model, source, description, licence, n_documents, n_contexts, n_ctx, "
                     "n_tokens, mean_loss FROM corpora ORDER BY corpus_id")
 
 
 def dictionaries(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
     """SAEs / transcoders with their quality metrics."""
     where, params = ("WHERE model = ?", [model]) if model else ("", [])
-    return _df(con, f"SELECT dict_id, model, kind, architecture, hook_name, layer, d_in, d_sae, training_tokens, "
+    return frame(con, f"SELECT dict_id, model, kind, architecture, hook_name, layer, d_in, d_sae, training_tokens, "
                     f"l0, fve, ce_loss_recovered, ce_clean, ce_spliced, ce_ablated, dead_fraction, eval_tokens "
                     f"FROM dictionaries {where} ORDER BY kind, layer", params)
 
@@ -57,7 +50,7 @@ def dictionaries(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd
 def task_baselines(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
     """Built-in task metrics on clean vs corrupted prompts."""
     where, params = ("WHERE model = ?", [model]) if model else ("", [])
-    return _df(con, f"SELECT task, model, n_examples, metric_name, clean_metric, corrupt_metric, example_prompt "
+    return frame(con, f"SELECT task, model, n_examples, metric_name, clean_metric, corrupt_metric, example_prompt "
                     f"FROM task_baselines {where} ORDER BY task", params)
 
 
@@ -66,12 +59,12 @@ def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     names = [r[0] for r in con.execute(
         "SELECT table_name FROM information_schema.tables WHERE table_catalog = current_database() "
         "ORDER BY table_name").fetchall()]
-    return {n: int(_scalar(con, f'SELECT count(*) FROM "{n}"')) for n in names}
+    return {n: int(scalar(con, f'SELECT count(*) FROM "{n}"')) for n in names}
 
 
 def context_tokens(con: duckdb.DuckDBPyConnection, corpus_id: str, context_id: int) -> pd.DataFrame:
     """Tokens of one context with their text and next-token loss."""
-    return _df(con, "SELECT t.pos, t.token_id, v.token_str, t.loss FROM tokens t "
+    return frame(con, "SELECT t.pos, t.token_id, v.token_str, t.loss FROM tokens t "
                     "JOIN corpora c USING (corpus_id) LEFT JOIN vocab v ON v.model = c.model AND v.token_id = t.token_id "
                     "WHERE t.corpus_id = ? AND t.context_id = ? ORDER BY t.pos", [corpus_id, context_id])
 
@@ -93,7 +86,7 @@ def dictionary_quality(con: duckdb.DuckDBPyConnection, model: str | None = None)
     """Dictionary quality for the home page: L0, FVE, CE-loss recovered with ΔCE in nats (spliced − clean) and its
     denominator (ablated − clean; tiny for one attention layer, so the ratio is noisy), dead share."""
     where, params = ("WHERE model = ?", [model]) if model else ("", [])
-    return _df(con, f"SELECT dict_id, model, kind, architecture, hook_name, layer, d_sae, l0, fve, ce_loss_recovered, "
+    return frame(con, f"SELECT dict_id, model, kind, architecture, hook_name, layer, d_sae, l0, fve, ce_loss_recovered, "
                     f"ce_spliced - ce_clean AS delta_ce, ce_ablated - ce_clean AS ablation_gap, dead_fraction, training_tokens, eval_tokens "
                     f"FROM dictionaries {where} ORDER BY kind, layer, dict_id", params)
 
@@ -103,7 +96,7 @@ def transcoder_quality(con: duckdb.DuckDBPyConnection, model: str | None = None)
     MLP replaced, ΔCE (spliced − clean, nats), its denominator (MLP zeroed − clean), dead share, and the token counts
     (per-layer CE runs on fewer held-out tokens than FVE: ``ce_tokens`` vs ``eval_tokens``)."""
     where, params = ("AND model = ?", [model]) if model else ("", [])
-    return _df(con, f"""
+    return frame(con, f"""
         SELECT dict_id, model, architecture, layer, d_sae, l0, fve, ce_loss_recovered, ce_spliced - ce_clean AS delta_ce,
                ce_ablated - ce_clean AS ablation_gap, dead_fraction, training_tokens, eval_tokens,
                TRY_CAST(json_extract(cfg, '$.metadata.evaluation.ce_tokens') AS BIGINT) AS ce_tokens, source
@@ -114,7 +107,7 @@ def mlp_replacement_evals(con: duckdb.DuckDBPyConnection, model: str | None = No
     """All-MLPs-replaced evaluations (``replacement_evals``), newest run first: how many MLPs were replaced by their
     transcoders at once, CE clean / replaced / all those MLPs zeroed, the share recovered, ΔCE and its denominator."""
     where, params = ("WHERE e.model = ?", [model]) if model else ("", [])
-    return _df(con, f"""
+    return frame(con, f"""
         SELECT e.eval_id, e.model, e.n_replaced, e.ce_loss_recovered, e.ce_replaced - e.ce_clean AS delta_ce,
                e.ce_ablated - e.ce_clean AS ablation_gap, e.ce_clean, e.ce_replaced, e.ce_ablated, e.ce_tokens,
                e.run_id

@@ -19,12 +19,13 @@ import pytest
 from circuit_fixtures import HOSTILE_HTML, QUOTES_TOKEN, TOKENS, make_graph
 
 from backend.circuits import export as ex
+from backend.circuits.export import dot, graphml, images, neuronpedia
 from backend.circuits.figure import KIND_STYLE, escape_text, figure
 from backend.circuits.graph import NODE_KINDS
 from backend.circuits.layout import columns, layout, row_labels, row_of
 from backend.errors import CircuitscopeError, InputError
 
-HAS_CHROMIUM = os.access(ex.CHROMIUM, os.X_OK)
+HAS_CHROMIUM = os.access(images.CHROMIUM, os.X_OK)
 needs_chromium = pytest.mark.skipif(not HAS_CHROMIUM, reason="needs /usr/bin/chromium (make browser)")
 
 
@@ -36,7 +37,7 @@ def graph():
 @pytest.fixture(scope="module", autouse=True)
 def _stop_browser():
     yield
-    ex.close_renderer()  # the chromium started for this module's images
+    images.close_renderer()  # the chromium started for this module's images
 
 
 # ------------------------------------------------------------------------------------------------ fixture
@@ -220,7 +221,7 @@ def _strong_edges(fig) -> int:
 
 
 def test_graphml_round_trip(graph):
-    text = ex.to_graphml(graph)
+    text = graphml.to_graphml(graph)
     g = nx.read_graphml(io.StringIO(text))
     assert set(g.nodes) == set(graph.nodes["node_id"])
     assert g.number_of_edges() == len(graph.edges)
@@ -247,39 +248,39 @@ def _dot_nodes(parsed):
 def test_dot_round_trip_and_quoting(graph):
     import pydot
 
-    text = ex.to_dot(graph)
+    text = dot.to_dot(graph)
     parsed = pydot.graph_from_dot_data(text)
     assert parsed, "pydot could not parse the DOT"
     nodes = _dot_nodes(parsed[0])
     assert set(nodes) == set(graph.nodes["node_id"])
     assert len(parsed[0].get_edges()) == len(graph.edges)
-    label = ex.dot_unquote(nodes["E_2"].get("label"))
+    label = dot.dot_unquote(nodes["E_2"].get("label"))
     assert label == f"{QUOTES_TOKEN}\nE_2"  # quotes and backslashes survive
-    assert ex.dot_unquote(nodes["E_1"].get("label")).startswith(HOSTILE_HTML)
+    assert dot.dot_unquote(nodes["E_1"].get("label")).startswith(HOSTILE_HTML)
     assert nodes["E_1"].get("label").startswith('"')  # quoted, so never read as an HTML-like <label>
-    xy = {nid: tuple(float(v) for v in ex.dot_unquote(n.get("pos")).rstrip("!").split(",")) for nid, n in nodes.items()}
-    expected = ex.dot_positions(graph)
+    xy = {nid: tuple(float(v) for v in dot.dot_unquote(n.get("pos")).rstrip("!").split(",")) for nid, n in nodes.items()}
+    expected = dot.dot_positions(graph)
     assert set(xy) == set(expected)
     assert all(xy[n] == pytest.approx(expected[n], abs=0.1) for n in xy)
     # same rows and left-to-right order as the plotly layout; nodes in a cell a full pitch apart
     pos = layout(graph)
-    assert {n: y for n, (_, y) in xy.items()} == pytest.approx({n: y * ex.ROW_PITCH for n, (_, y) in pos.items()})
+    assert {n: y for n, (_, y) in xy.items()} == pytest.approx({n: y * dot.ROW_PITCH for n, (_, y) in pos.items()})
     cell = ["T1_5_1034", "M1_5", "T1_5_8"]
     assert sorted(cell, key=lambda n: xy[n][0]) == sorted(cell, key=lambda n: pos[n][0])
-    assert xy["M1_5"][0] - xy["T1_5_1034"][0] == pytest.approx(ex.NODE_PITCH)
+    assert xy["M1_5"][0] - xy["T1_5_1034"][0] == pytest.approx(dot.NODE_PITCH)
     assert max(x for n, (x, _) in xy.items() if pos[n][0] < 4.5) < min(x for n, (x, _) in xy.items() if pos[n][0] > 4.5)
     assert "H0.1_5" in nodes  # ids with dots are quoted
 
 
 def test_dot_quote_inverse():
     for text in ['plain', 'say "hi"', "back\\slash\\", "\\n is not a newline", "two\nlines", '\\"', ""]:
-        assert ex.dot_unquote(ex.dot_quote(text)) == text
+        assert dot.dot_unquote(dot.dot_quote(text)) == text
 
 
 @pytest.mark.skipif(shutil.which("neato") is None, reason="needs Debian graphviz")
 def test_dot_renders_with_graphviz(graph, tmp_path):
     path = tmp_path / "g.dot"
-    path.write_text(ex.to_dot(graph), encoding="utf-8")
+    path.write_text(dot.to_dot(graph), encoding="utf-8")
     out = subprocess.run(["neato", "-n2", "-Tsvg", str(path)], capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode()
     root = ET.fromstring(out.stdout)
@@ -291,8 +292,8 @@ def test_dot_renders_with_graphviz(graph, tmp_path):
 
 
 def test_neuronpedia_json_schema(graph):
-    doc = ex.to_neuronpedia_json(graph)
-    assert ex.validate_neuronpedia(doc) == []
+    doc = neuronpedia.to_neuronpedia_json(graph)
+    assert neuronpedia.validate_neuronpedia(doc) == []
     back = json.loads(json.dumps(doc, allow_nan=False))
     assert back == doc
     assert set(doc) == {"metadata", "qParams", "nodes", "links"}
@@ -308,7 +309,7 @@ def test_neuronpedia_json_schema(graph):
     tc = by_ours["T1_5_1034"]
     assert (tc["node_id"], tc["jsNodeId"], tc["layer"], tc["ctx_idx"], tc["feature_type"]) == (
         "1_1034_5", "1_1034-0", "1", 5, "cross layer transcoder")
-    assert tc["feature"] == ex.cantor(1, 1034) and tc["activation"] == 4.2
+    assert tc["feature"] == neuronpedia.cantor(1, 1034) and tc["activation"] == 4.2
     err = by_ours["M1_5"]
     assert (err["node_id"], err["jsNodeId"], err["feature"], err["feature_type"]) == (
         "1_-1_5", "1_-1-5", -1, "mlp reconstruction error")
@@ -326,8 +327,8 @@ def test_neuronpedia_json_schema(graph):
 
 
 def test_neuronpedia_without_influence_and_validator_catches_problems():
-    doc = ex.to_neuronpedia_json(make_graph(with_influence=False))
-    assert ex.validate_neuronpedia(doc) == []
+    doc = neuronpedia.to_neuronpedia_json(make_graph(with_influence=False))
+    assert neuronpedia.validate_neuronpedia(doc) == []
     assert all(n["influence"] is None for n in doc["nodes"])
     bad = json.loads(json.dumps(doc))
     del bad["metadata"]["scan"]
@@ -335,9 +336,9 @@ def test_neuronpedia_without_influence_and_validator_catches_problems():
     bad["nodes"][1]["feature_type"] = "attention head"
     bad["links"].append({"source": "nope", "target": bad["nodes"][0]["node_id"], "weight": 1.0})
     bad["nodes"][2]["is_target_logit"] = True
-    problems = ex.validate_neuronpedia(bad)
+    problems = neuronpedia.validate_neuronpedia(bad)
     assert len(problems) == 5, problems
-    assert ex.validate_neuronpedia({"nodes": []})  # missing top-level keys
+    assert neuronpedia.validate_neuronpedia({"nodes": []})  # missing top-level keys
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -348,7 +349,7 @@ def test_registry_and_files(graph, tmp_path):
     for name, fmt in ex.FORMATS.items():
         assert fmt.name == name and fmt.extension.startswith(".") and "/" in fmt.mime
     data = ex.export(graph, "json")
-    assert ex.validate_neuronpedia(json.loads(data)) == []
+    assert neuronpedia.validate_neuronpedia(json.loads(data)) == []
     path = ex.export_to_file(graph, tmp_path / "sub" / "g.graphml")
     assert nx.read_graphml(path).number_of_nodes() == len(graph.nodes)
     path = ex.export_to_file(graph, tmp_path / "g.gv")
@@ -362,9 +363,9 @@ def test_registry_and_files(graph, tmp_path):
 
 
 def test_missing_browser_is_one_sentence(graph, monkeypatch):
-    monkeypatch.setattr(ex, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setattr(images, "CHROMIUM", "/nonexistent/chromium")
     with pytest.raises(CircuitscopeError) as err:
-        ex.to_svg(graph)
+        images.to_svg(graph)
     message = str(err.value)
     assert "make browser" in message and message.count(". ") == 0 and message.endswith(".")
     with pytest.raises(CircuitscopeError):
@@ -376,7 +377,7 @@ def test_missing_browser_is_one_sentence(graph, monkeypatch):
 
 @needs_chromium
 def test_svg_parses_and_hostile_text_is_inert(graph):
-    text = ex.to_svg(graph)
+    text = images.to_svg(graph)
     root = ET.fromstring(text)
     assert root.tag.split("}")[-1] == "svg"
     tags = {e.tag.split("}")[-1] for e in root.iter()}
@@ -389,7 +390,7 @@ def test_svg_parses_and_hostile_text_is_inert(graph):
 
 @needs_chromium
 def test_png_size_and_scale(graph):
-    data = ex.to_png(graph, width=500, height=400, scale=2)
+    data = images.to_png(graph, width=500, height=400, scale=2)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
@@ -408,7 +409,7 @@ def test_images_through_registry(graph, tmp_path):
     path = ex.export_to_file(graph, tmp_path / "g.svg")
     assert ET.fromstring(path.read_bytes()).tag.endswith("svg")
     assert ex.export(graph, "png")[:4] == b"\x89PNG"
-    highlighted = ex.to_svg(graph, highlight_nodes=["T2_5_77"])
+    highlighted = images.to_svg(graph, highlight_nodes=["T2_5_77"])
     assert highlighted != path.read_text(encoding="utf-8")
 
 
@@ -417,7 +418,7 @@ def test_exports_of_a_pruned_graph_stay_valid():
 
     pruned = prune(make_graph(with_influence=False), node_threshold=0.6, edge_threshold=0.9)
     assert 1 < len(pruned.nodes) < len(make_graph().nodes)
-    assert ex.validate_neuronpedia(ex.to_neuronpedia_json(pruned)) == []
-    assert nx.read_graphml(io.StringIO(ex.to_graphml(pruned))).number_of_nodes() == len(pruned.nodes)
+    assert neuronpedia.validate_neuronpedia(neuronpedia.to_neuronpedia_json(pruned)) == []
+    assert nx.read_graphml(io.StringIO(graphml.to_graphml(pruned))).number_of_nodes() == len(pruned.nodes)
     fig = figure(pruned)
     assert sorted(i for t in _node_traces(fig) for i in t.customdata) == sorted(pruned.nodes["node_id"])

@@ -120,7 +120,7 @@ def test_logit_effects_match_the_models_own_modules(model_name: str, tiny_model:
     cfg = model.cfg
     sae = random_topk_sae(cfg.n_heads * cfg.d_head, 16, 4, seed=2)
     feats = torch.tensor([0, 5, 11])
-    ours = features.feature_logit_effects(model, sae, LAYER, feats)
+    ours = feature_logits.feature_logit_effects(model, sae, LAYER, feats)
 
     # Independent: put the decoder direction into hook_z at the last position (vs zeros) and read the block's
     # attention output, then the final norm with its scale hooked to 1, then the model's own unembed.

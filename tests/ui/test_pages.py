@@ -20,7 +20,7 @@ from backend.inputs.prompts import encode_prompt
 from backend.model import predict
 from backend.store import names, queries
 from backend.store.access import reading
-from backend.ui import progress_bar, shell, token_html
+from backend.ui import progress_bar, token_html
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120  # the first Prompt Explorer run imports transformer_lens (~10 s cold on 2 cores)
@@ -331,7 +331,7 @@ def test_input_error_is_a_sentence(tiny_model: Any) -> None:
 
 def test_unexpected_error_is_one_sentence(app_stores_dir: Path) -> None:
     def script() -> None:
-        from backend.ui import shell  # noqa: F811 - AppTest runs this function's source on its own
+        from backend.ui import shell  # AppTest runs this function's source on its own
 
         def body(ctx: object) -> None:
             raise RuntimeError("internal detail that must not reach the page")
