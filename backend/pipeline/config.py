@@ -43,14 +43,14 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         "demo", n_contexts=256, task_examples=16, layers="spread:3",
         sae=SaeConfig(epochs=3.0, eval_contexts=32),
-        transcoder=TranscoderConfig(train_contexts=128, eval_contexts=8, ce_contexts=2),
+        transcoder=TranscoderConfig(train_contexts=128, eval_contexts=16, ce_contexts=2),
         features=FeatureConfig(transcoder_contexts=64, transcoder_logits=False),
         attribution=AttributionConfig(tasks=(("ioi", 2), ("induction", 1))),
     ),
     "full": Preset(
         "full", n_contexts=4096, task_examples=64, layers="all",
         sae=SaeConfig(epochs=2.0, eval_contexts=64, train_contexts=2048),
-        transcoder=TranscoderConfig(train_contexts=2048, epochs=1.0, eval_contexts=64, ce_contexts=16),
+        transcoder=TranscoderConfig(train_contexts=2048, eval_contexts=64, ce_contexts=16),
         features=FeatureConfig(transcoder_contexts=256, transcoder_logits=True),
         attribution=AttributionConfig(tasks=(("ioi", 8), ("greater-than", 8), ("induction", 2)), ig_steps=8,
                                       induction_length=20),

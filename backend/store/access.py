@@ -86,7 +86,8 @@ def open_store(path: str | Path) -> duckdb.DuckDBPyConnection:
         msg = str(exc).splitlines()[0][:200]
         raise StoreError(f"{path} could not be opened ({msg}): if it is corrupt, delete it and {_hint(path)}.") from None
     try:
-        check_schema(con, path)
+        version = check_schema(con, path)
+        _read_older_version(con, version)
     except StoreError:
         con.close()
         raise
@@ -94,6 +95,32 @@ def open_store(path: str | Path) -> duckdb.DuckDBPyConnection:
         con.close()
         raise StoreError(f"{path} could not be read ({str(exc).splitlines()[0][:200]}): delete it and {_hint(path)}.") from None
     return con
+
+
+def _read_older_version(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Let a reader query a store written by an older schema version as if it were current: temporary views add the
+    columns later versions added (as NULL) and empty temporary tables stand in for tables it does not have yet. They
+    live in this connection only (the store stays read-only) and shadow the store's own names."""
+    if version >= schema.SCHEMA_VERSION:
+        return
+    rows = con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                       "WHERE table_catalog = current_database()").fetchall()
+    columns: dict[str, set[str]] = {}
+    for table, column in rows:
+        columns.setdefault(table, set()).add(column)
+    for stmt in schema.DDL:
+        table = stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip()
+        if table not in columns:
+            con.execute(stmt.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE IF NOT EXISTS", 1))
+    added: dict[str, list[str]] = {}
+    for v in range(version + 1, schema.SCHEMA_VERSION + 1):
+        for table, column in schema.ADDED_COLUMNS.get(v, []):
+            name, sql_type = column.split(" ", 1)
+            if table in columns and name not in columns[table]:
+                added.setdefault(table, []).append(f"NULL::{sql_type} AS {name}")
+    db = con.execute("SELECT current_database()").fetchall()[0][0]
+    for table, extra in added.items():
+        con.execute(f'CREATE TEMP VIEW "{table}" AS SELECT *, {", ".join(extra)} FROM "{db}".main."{table}"')
 
 
 @dataclass
