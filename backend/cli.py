@@ -1,5 +1,4 @@
-"""Command line: ``python -m backend precompute ...``, ``python -m backend attribute ...`` and
-``python -m backend info STORE``.
+"""Command line: ``python -m backend precompute | attribute | graph | intervene | info``.
 
 User errors (unknown model, bad store, bad options) print one sentence and exit with status 2 — never a
 traceback wall. Long steps show tqdm bars with ETA.
@@ -76,6 +75,23 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--export", action="append", default=None, metavar="FILE",
                     help="write the pruned graph to FILE; the format follows the suffix: .svg .png .graphml .dot "
                          ".json (Neuronpedia / circuit-tracer schema); repeatable")
+
+    iv = sub.add_parser("intervene", help="set, scale or zero features or heads on a prompt and compare the next-token "
+                                          "prediction (and a greedy continuation) with the unchanged model's")
+    iv.add_argument("--store", required=True, help="path of the .duckdb store whose transcoders and attention SAEs "
+                                                   "are intervened on")
+    iv.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
+    iv.add_argument("--prompt", required=True, help="the prompt text")
+    iv.add_argument("--set", required=True, dest="interventions", metavar="SPEC",
+                    help="interventions KIND:LAYER:INDEX[@POSITIONS]=MODE[:VALUE] joined by ';' (KIND transcoder, attn "
+                         "or head; MODE zero, scale or set), e.g. 'transcoder:12:1034@3,4=scale:2;head:18:6=zero'")
+    iv.add_argument("--on", choices=["live", "frozen"], default="live",
+                    help="the live model, or the frozen-attention replacement model an attribution graph explains")
+    iv.add_argument("--answer", default=None, help="report the metric logit(answer) − mean logit, e.g. ' Paris'")
+    iv.add_argument("--wrong", default=None, help="with --answer: report logit(answer) − logit(wrong) instead")
+    iv.add_argument("--continue", type=int, default=0, dest="continue_tokens", metavar="N",
+                    help="greedy continuation of N tokens with and without the interventions (live model only)")
+    iv.add_argument("--top-k", type=int, default=5, help="next tokens listed (default 5)")
 
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
@@ -196,6 +212,53 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_intervene(args: argparse.Namespace) -> int:
+    from backend.circuits.build import resolve_target
+    from backend.dictionaries.storage import graph_dictionaries
+    from backend.errors import InputError
+    from backend.inputs.prompts import encode_prompt
+    from backend.interventions.run import run_intervention
+    from backend.interventions.spec import check, parse
+    from backend.model.registry import get_spec, load_model
+    from backend.progress import say
+    from backend.store.access import reading
+
+    if not 1 <= args.top_k <= 100:
+        raise InputError(f"--top-k is a whole number from 1 to 100, not {args.top_k}.")
+    if args.wrong is not None and args.answer is None:
+        raise InputError("--wrong needs --answer: the metric is logit(answer) − logit(wrong).")
+    interventions = parse(args.interventions)
+    spec = get_spec(args.model)
+    with reading(args.store) as con:
+        transcoders, saes = graph_dictionaries(con, spec.name)
+    widths = {("transcoder", l): int(t.cfg.d_sae) for l, t in transcoders.items()}
+    widths.update({("attn", l): int(s.cfg.d_sae) for l, s in saes.items()})
+    model = load_model(args.model, progress=say)
+    enc = encode_prompt(model, args.prompt)
+    for i in interventions:
+        check(i, model.cfg.n_layers, model.cfg.n_heads, widths, n_positions=len(enc.ids))
+    target = None
+    if args.answer is not None:
+        t = resolve_target(model, enc.ids, args.answer, args.wrong)
+        target = (t.token_id, t.wrong_id)
+    result = run_intervention(model, enc.ids, interventions, transcoders, saes, mode=args.on, target=target,
+                              top_k=args.top_k, continue_tokens=args.continue_tokens)
+    decode = lambda ids: [model.tokenizer.decode([i]) for i in ids]  # noqa: E731
+    print(f"{len(interventions)} intervention(s) on the {args.on} model: "
+          + "; ".join(i.describe() for i in interventions))
+    for name, out in (("unchanged", result.baseline), ("intervened", result.intervened)):
+        tops = ", ".join(f"{t!r} {p:.3f}" for t, p in zip(decode(out.top_ids), out.top_probs))
+        print(f"{name:>10}: {tops}")
+        if out.continuation:
+            print(f"{'':>10}  continues: {''.join(decode(out.continuation))!r}")
+    print(f"KL(unchanged ‖ intervened) {result.kl:.4f} nats; p(unchanged top token) "
+          f"{result.baseline.reference_prob:.3f} -> {result.intervened.reference_prob:.3f}")
+    if result.metric_change is not None:
+        print(f"{result.metric_name}: {result.baseline.metric:.3f} -> {result.intervened.metric:.3f} "
+              f"(change {result.metric_change:+.3f})")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -225,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_precompute(args)
         if args.command == "attribute":
             return _cmd_attribute(args)
+        if args.command == "intervene":
+            return _cmd_intervene(args)
         if args.command == "graph":
             return _cmd_graph(args)
         return _cmd_info(args)
