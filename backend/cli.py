@@ -268,7 +268,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = _build_parser().parse_args(argv)  # exits with status 2 and one `error:` line on a bad option
+    try:
+        args = _build_parser().parse_args(argv)  # one `error:` line on a bad option (see _Parser.error)
+    except SystemExit as stop:  # returned, not raised, so in-process callers get the status like any other error
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         if args.command == "precompute":
             return _cmd_precompute(args)
