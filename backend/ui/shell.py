@@ -54,7 +54,9 @@ _REFUSED = "_cs_store_refused"
 # link is drawn) or, for a store's longer prose, through prose(). Numbers from the URL go through link_int().
 
 _LINK_INT = re.compile(r"-?[0-9]{1,15}")  # ASCII digits: str.isdigit() accepts '²' and int() accepts '٣' or '1_0'
-_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#+!|~$:^&=\"'-])")
+# Inline markup, links, images, HTML, Streamlit's :directives[...] and $math$ (block markers such as "-" or "+" only
+# matter at the start of a line, handled in prose()).
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#!|~$:&])")
 
 
 def link_int(raw: str | None) -> int | None:
@@ -70,7 +72,10 @@ def prose(text: object, limit: int = 2_000) -> str:
     markdown / HTML punctuation character is backslash-escaped, so ``![x](http://...)`` cannot become an image and
     ``<img>`` no tag; a bare URL may still show as a link, but nothing is fetched until someone clicks it."""
     flat = re.sub(r"[\x00-\x1f\x7f\u2028\u2029]+", " ", str(text))[:limit]
-    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", flat)
+    escaped = _MARKDOWN_PUNCTUATION.sub(r"\\\1", flat)
+    # A list marker or an ordered-list number at the very start would turn the line into a list.
+    return re.sub(r"^([-+=]|\d+(?=[.)]))", lambda m: "\\" + m.group(1) if not m.group(1).isdigit()
+                  else m.group(1) + "\\", escaped)
 
 
 # --------------------------------------------------------------------------------------------------------------
