@@ -19,7 +19,7 @@ def _fmt_int(value: object) -> str:
 
 def _model_section(ctx: shell.PageContext) -> None:
     info = ctx.model_info
-    st.subheader(f"Model · {ctx.model}")
+    st.subheader(f"Model · {shell.literal(ctx.model)}")
     cols = st.columns(5)
     cols[0].metric("Layers", _fmt_int(info.get("n_layers")))
     cols[1].metric("d_model", _fmt_int(info.get("d_model")))
@@ -29,7 +29,7 @@ def _model_section(ctx: shell.PageContext) -> None:
     cols[3].metric("Vocabulary", _fmt_int(info.get("d_vocab")))
     cols[4].metric("Context (store)", _fmt_int(info.get("n_ctx")))
     if info.get("description"):
-        st.caption(str(info["description"]))
+        st.caption(shell.prose(info["description"]))
 
 
 def _corpus_section(ctx: shell.PageContext) -> None:
@@ -37,7 +37,7 @@ def _corpus_section(ctx: shell.PageContext) -> None:
     corpora: pd.DataFrame = ctx.summary["corpora"]
     corpora = corpora[corpora["model"] == ctx.model]
     if corpora.empty:
-        st.info(f"This store has no tokenized corpus for {ctx.model}: run `{shell.build_hint(ctx)}`.")
+        st.info(f"This store has no tokenized corpus for {shell.literal(ctx.model)}: run {shell.build_hint(ctx)}.")
         return
     for _, row in corpora.iterrows():
         cols = st.columns(4)
@@ -45,7 +45,8 @@ def _corpus_section(ctx: shell.PageContext) -> None:
         cols[1].metric("Contexts", f"{_fmt_int(row['n_contexts'])} × {_fmt_int(row['n_ctx'])}")
         cols[2].metric("Documents", _fmt_int(row["n_documents"]))
         cols[3].metric("Mean next-token loss", "–" if pd.isna(row["mean_loss"]) else f"{row['mean_loss']:.3f} nats")
-        st.caption(f"`{row['corpus_id']}` — {row['description'] or row['source']} (licence: {row['licence'] or 'unknown'})")
+        st.caption(f"{shell.literal(row['corpus_id'])} — {shell.prose(row['description'] or row['source'])} "
+                   f"(licence: {shell.prose(row['licence'] or 'unknown')})")
 
 
 def _dictionary_section(ctx: shell.PageContext) -> None:
@@ -53,8 +54,8 @@ def _dictionary_section(ctx: shell.PageContext) -> None:
     dicts: pd.DataFrame = ctx.store.query(store_queries.dictionary_quality, ctx.model)
     if dicts.empty:
         st.info(
-            f"This store has no SAEs or transcoders for {ctx.model} yet: they arrive with the dictionary-training "
-            f"precompute steps; once those land, run `{shell.build_hint(ctx)}` to add them."
+            f"This store has no SAEs or transcoders for {shell.literal(ctx.model)} yet: they arrive with the dictionary-training "
+            f"precompute steps; once those land, run {shell.build_hint(ctx)} to add them."
         )
         return
     others = dicts[dicts["kind"] != "transcoder"]
@@ -142,7 +143,7 @@ def _tasks_section(ctx: shell.PageContext) -> None:
     tasks: pd.DataFrame = ctx.summary["task_baselines"]
     tasks = tasks[tasks["model"] == ctx.model]
     if tasks.empty:
-        st.info(f"This store has no task baselines for {ctx.model}: run `{shell.build_hint(ctx)}`.")
+        st.info(f"This store has no task baselines for {shell.literal(ctx.model)}: run {shell.build_hint(ctx)}.")
         return
     st.dataframe(
         tasks.drop(columns=["model"]),
@@ -174,7 +175,7 @@ def _views_section(ctx: shell.PageContext) -> None:
 
 def _home_body(ctx: shell.PageContext) -> None:
     if ctx.model is None:
-        st.warning(f"This store records no model yet (an empty or interrupted store): run `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model yet (an empty or interrupted store): run {shell.build_hint(ctx)}.")
     else:
         _model_section(ctx)
         _corpus_section(ctx)

@@ -1,22 +1,68 @@
 """Command line: ``python -m backend precompute | attribute | graph | intervene | info``.
 
-User errors (unknown model, bad store, bad options) print one sentence and exit with status 2 — never a
-traceback wall. Long steps show tqdm bars with ETA.
+User errors (unknown model, bad store, bad options, a full disk) print one line starting with ``error:`` and exit
+with status 2 — never a traceback wall or argparse's usage block. Every option is checked, within bounds, before any
+work (loading a model, copying a store). Long steps show tqdm bars with ETA.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence
 
-from backend.errors import CircuitscopeError
+from backend.errors import CircuitscopeError, literal
+
+# Bounds of the numeric options: generous for real runs, small enough that a typo cannot ask for days of work or
+# exhaust memory before anything is checked.
+MAX_CONTEXTS = 1_000_000
+MAX_EXAMPLES = 10_000
+MAX_IG_STEPS = 1_024
+MAX_NODES = 100_000
+MAX_SEED = 2**32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --contexts: ...`` and exit status 2, no usage block (``-h``
+    still prints the full help). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _whole(lo: int, hi: int) -> Callable[[str], int]:
+    """argparse type: a whole number (ASCII digits, optional sign) from ``lo`` to ``hi``."""
+
+    def parse(text: str) -> int:
+        t = text.strip()
+        body = t[1:] if t[:1] in "+-" else t
+        if not (body.isascii() and body.isdigit()) or len(body) > 18 or not lo <= int(t) <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo:,} to {hi:,}, not {literal(text, 40)}")
+        return int(t)
+
+    return parse
+
+
+def _fraction() -> Callable[[str], float]:
+    """argparse type: a number from 0 to 1."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, not {literal(text, 40)}")
+        return value
+
+    return parse
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from backend.model.registry import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(prog="python -m backend", description="circuitscope backend")
+    parser = _Parser(prog="python -m backend", description="circuitscope backend")
     sub = parser.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("precompute", help="build a store (or add a run to one) from a model and a corpus")
@@ -26,7 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--layers", default=None, help="'all', 'spread:K' or a list like '0,5,10-12' (default: preset's)")
     pre.add_argument("--corpus", default="builtin",
                      help="'builtin', a .txt/.jsonl/.parquet file, or hf:DATASET[:SPLIT[:COLUMN]]")
-    pre.add_argument("--contexts", type=int, default=None, help="override the preset's number of corpus contexts")
+    pre.add_argument("--contexts", type=_whole(1, MAX_CONTEXTS), default=None, help="override the preset's number of corpus contexts")
     pre.add_argument("--saes", action="append", default=None, metavar="RELEASE_OR_DIR",
                      help="import attention SAEs instead of training: a sae-lens release (e.g. gpt2-small-hook-z-kk; "
                           "one SAE per --layers layer) or a sae-lens-format directory; repeatable")
@@ -43,8 +89,8 @@ def _build_parser() -> argparse.ArgumentParser:
     att.add_argument("--store", required=True, help="path of the .duckdb store to write into (created if missing)")
     att.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
     att.add_argument("--task", default=None, help="a built-in task: ioi, greater-than, induction, induction-text")
-    att.add_argument("--examples", type=int, default=4, help="prompt pairs of the task (default 4)")
-    att.add_argument("--seed", type=int, default=0, help="task prompt seed")
+    att.add_argument("--examples", type=_whole(1, MAX_EXAMPLES), default=4, help="prompt pairs of the task (default 4)")
+    att.add_argument("--seed", type=_whole(0, MAX_SEED), default=0, help="task prompt seed")
     att.add_argument("--clean", default=None, help="instead of --task: the clean prompt")
     att.add_argument("--corrupt", default=None, help="the corrupted prompt (same token count as --clean)")
     att.add_argument("--answer", default=None, help="the clean answer token, e.g. ' Mary'")
@@ -53,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                                      "patching, atp, relp, ig)")
     att.add_argument("--kinds", default="resid,mlp,head", help="comma-separated component kinds: resid, mlp, head, "
                                                                "feature (the store's attention SAEs)")
-    att.add_argument("--ig-steps", type=int, default=8, help="integrated-gradient steps (default 8)")
+    att.add_argument("--ig-steps", type=_whole(1, MAX_IG_STEPS), default=8, help="integrated-gradient steps (default 8)")
     att.add_argument("--per-position-heads", action="store_true", help="score heads per position too")
 
     gr = sub.add_parser("graph", help="build (or load) an attribution graph for a prompt, prune it, check its "
@@ -65,10 +111,10 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--graph-id", default=None, help="instead of --prompt: a graph stored in --store")
     gr.add_argument("--answer", default=None, help="target token (default: the model's top prediction), e.g. ' Paris'")
     gr.add_argument("--wrong", default=None, help="explain the logit difference answer - wrong instead")
-    gr.add_argument("--max-nodes", type=int, default=400, help="candidate nodes kept when building (default 400)")
+    gr.add_argument("--max-nodes", type=_whole(1, MAX_NODES), default=400, help="candidate nodes kept when building (default 400)")
     gr.add_argument("--no-attn-saes", action="store_true", help="use heads even where the store has attention SAEs")
-    gr.add_argument("--node-threshold", type=float, default=0.8, help="cumulative node influence kept (default 0.8)")
-    gr.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (default 0.98)")
+    gr.add_argument("--node-threshold", type=_fraction(), default=0.8, help="cumulative node influence kept (default 0.8)")
+    gr.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="cumulative edge influence kept (default 0.98)")
     gr.add_argument("--faithfulness", choices=["zero", "mean", "none"], default="zero",
                     help="ablate everything outside the pruned circuit this way and report the metric kept")
     gr.add_argument("--save", action="store_true", help="store the (unpruned) graph in --store")
@@ -121,23 +167,24 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from backend.inputs.tasks import build_task, custom_pair
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store.access import reading
+    from backend.store.access import check_writable, reading
 
     pair = [args.clean, args.corrupt, args.answer, args.wrong]
     if (args.task is None) == all(v is None for v in pair):
         raise InputError("Give either --task NAME or --clean/--corrupt/--answer/--wrong, not both and not neither.")
     if args.task is None and any(v is None for v in pair):
         raise InputError("A custom pair needs all four of --clean, --corrupt, --answer and --wrong.")
-    if args.ig_steps < 1:
-        raise InputError(f"--ig-steps must be a positive whole number, not {args.ig_steps}.")
     methods = check_methods(_split(args.methods))
     kinds = _split(args.kinds) or []
+    if not kinds:
+        raise InputError(f"--kinds {literal(args.kinds)} names no component kind: use e.g. 'resid,mlp,head'.")
     dictionaries = dict_ids = None
     if "feature" in kinds:
         with reading(args.store) as con:
             dictionaries, dict_ids = feature_dictionaries(con, args.model)
     kinds = check_kinds(kinds, dictionaries)
     spec = get_spec(args.model)
+    check_writable(args.store)  # before the model loads: the comparison is saved into the store at the end
     model = load_model(args.model, progress=say)
     batch = (build_task(args.task, model, n=args.examples, seed=args.seed) if args.task is not None
              else custom_pair(model, args.clean, args.corrupt, args.answer, args.wrong))
@@ -167,14 +214,16 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     from backend.errors import InputError
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store.access import reading
+    from backend.circuits.export import check_export_path
+    from backend.store.access import check_writable, reading
 
     if (args.prompt is None) == (args.graph_id is None):
         raise InputError("Give either --prompt TEXT or --graph-id ID, not both and not neither.")
-    for name in ("node_threshold", "edge_threshold"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise InputError(f"--{name.replace('_', '-')} is a fraction between 0 and 1, not {getattr(args, name)}.")
+    for path in args.export or []:
+        check_export_path(path)  # a bad suffix or a missing directory is refused now, not after building the graph
     spec = get_spec(args.model)
+    if args.save:
+        check_writable(args.store)
     need_model = args.prompt is not None or args.faithfulness != "none"
     with reading(args.store) as con:
         transcoders, saes = graph_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
@@ -282,7 +331,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)  # one `error:` line on a bad option (see _Parser.error)
+    except SystemExit as stop:  # returned, not raised, so in-process callers get the status like any other error
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         if args.command == "precompute":
             return _cmd_precompute(args)
@@ -295,6 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The file system refused something the checks above could not foresee (a disk filling up while an export is
+        # written, a directory removed meanwhile): the environment's fault, so one sentence, not a traceback.
+        where = f" ({literal(exc.filename)})" if exc.filename else ""
+        print(f"error: the file system refused an operation{where}: {(exc.strerror or str(exc)).lower()}; check the "
+              "path and the free space and run it again.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the store is unchanged (the partial run was discarded)", file=sys.stderr)

@@ -46,11 +46,11 @@ def _summary(query: Query, cid: str, row: dict[str, Any]) -> None:
     cols = st.columns(4)
     cols[0].metric("Task", str(row["task"]))
     cols[1].metric("Examples", f"{int(row['n_examples'])}")
-    cols[2].metric(f"Clean {row['metric_name']}", f"{row['clean_metric']:.3f}")
-    cols[3].metric(f"Corrupt {row['metric_name']}", f"{row['corrupt_metric']:.3f}")
+    cols[2].metric(f"Clean {shell.prose(row['metric_name'], 60)}", f"{row['clean_metric']:.3f}")
+    cols[3].metric(f"Corrupt {shell.prose(row['metric_name'], 60)}", f"{row['corrupt_metric']:.3f}")
     params = row.get("params") or {}
     if params.get("description"):
-        st.caption(params["description"])
+        st.caption(shell.prose(params["description"]))
     prompts = pd.DataFrame({"clean": row["clean_prompts"], "corrupted": row["corrupt_prompts"] or [""] * len(
         row["clean_prompts"])})
     with st.expander(f"Prompts ({len(prompts)})"):
@@ -183,7 +183,7 @@ def show_comparison(query: Query, cid: str) -> None:
     """Every view of one comparison, read through ``query`` (a store or a live in-memory database)."""
     row = query(attribution_queries.attribution_comparison, cid)
     if row is None:
-        st.error(f"This store has no attribution comparison {cid!r}: choose one from the list.")
+        st.error(f"This store has no attribution comparison {shell.literal(cid)}: choose one from the list.")
         return
     _summary(query, cid, row)
     methods_df = _method_table(query, cid)
@@ -204,9 +204,9 @@ def _stored(ctx: shell.PageContext) -> None:
     comps: pd.DataFrame = ctx.store.query(attribution_queries.attribution_comparisons, ctx.model)
     if comps.empty:
         st.info(
-            f"This store has no attribution comparisons for {ctx.model}: add the built-in tasks with "
-            f"`{shell.build_hint(ctx)}` (`make demo` rebuilds the demo store), or one task with "
-            f"`python -m backend attribute --store {ctx.store.path} --model {ctx.model} --task ioi`. "
+            f"This store has no attribution comparisons for {shell.literal(ctx.model)}: add the built-in tasks with "
+            f"{shell.build_hint(ctx)} (`make demo` rebuilds the demo store), or one task with "
+            f"{shell.literal(f'python -m backend attribute --store {ctx.store.path} --model {ctx.model} --task ioi', 400)}. "
             "You can still run your own pair below.", icon=":material/construction:")
         shell.set_param(COMPARISON_PARAM, None)
         return
@@ -216,7 +216,8 @@ def _stored(ctx: shell.PageContext) -> None:
         wanted = st.query_params.get(COMPARISON_PARAM)
         ss[_CMP_KEY] = wanted if wanted in options else options[0]
         if wanted and wanted not in options:
-            st.warning(f"This store has no comparison {wanted!r} for {ctx.model}: showing {options[0]!r} instead.")
+            st.warning(f"This store has no comparison {shell.literal(wanted)} for {shell.literal(ctx.model)}: showing "
+                       f"{shell.literal(options[0])} instead.")
     info = comps.set_index("comparison_id")
     cid: str = st.selectbox(
         "Comparison", options, key=_CMP_KEY,
@@ -273,7 +274,7 @@ def _run_live(ctx: shell.PageContext, clean: str, corrupt: str, answer: str, wro
     from backend.progress import using_sink
 
     st.session_state.pop(_LIVE, None)
-    with st.spinner(f"Loading {ctx.model} (once per server)…"):
+    with st.spinner(f"Loading {shell.literal(ctx.model)} (once per server)…"):
         model = cache.get_model(ctx.model)
     try:
         batch = custom_pair(model, clean, corrupt, answer, wrong)
@@ -303,14 +304,14 @@ def _save(ctx: shell.PageContext, live: Any) -> None:
         except CircuitscopeError as exc:
             st.error(str(exc))
             return
-        st.success(f"Saved as {live.comparison_id!r}: choose it under Stored comparisons "
-                   f"(link: ?{COMPARISON_PARAM}={live.comparison_id}).")
+        st.success(f"Saved as {shell.literal(live.comparison_id)}: choose it under Stored comparisons "
+                   f"(link: {shell.literal(f'?{COMPARISON_PARAM}={live.comparison_id}')}).")
 
 
 def body(ctx: shell.PageContext) -> None:
     """Stored comparisons, then the live pair form."""
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
         return
     st.subheader("Stored comparisons")
     _stored(ctx)

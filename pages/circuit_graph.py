@@ -9,7 +9,6 @@ and downloads (SVG, PNG, GraphML, DOT, Neuronpedia JSON). The method is document
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import pandas as pd
@@ -53,7 +52,7 @@ def _choose_graph(ctx: shell.PageContext) -> Any:
     titles = dict(zip(stored["graph_id"], stored["title"]))
     linked = st.query_params.get(GRAPH_PARAM)
     if linked and linked not in titles:
-        st.error(f"This store has no graph {linked!r}: pick one below, or build one.")
+        st.error(f"This store has no graph {shell.literal(linked)}: pick one below, or build one.")
         shell.set_param(GRAPH_PARAM, None)
         linked = None
     if not options:
@@ -147,11 +146,11 @@ def _view(graph: Any) -> tuple[Any, list[str], list[tuple[list[str], float]]]:
 
 def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str) -> None:
     row = graph.node(node)
-    st.markdown(f"#### {html.escape(str(row['label']))} · `{html.escape(node)}`")
+    st.markdown(f"#### {shell.literal(row['label'])} · {shell.literal(node)}")
     tokens = graph.tokens
     tok = tokens[int(row["pos"])] if 0 <= int(row["pos"]) < len(tokens) else ""
-    st.caption(f"{row['kind']} · layer {row['layer']} · position {row['pos']} "
-               f"({html.escape(token_html.visible_token(tok))}) · activation {row['activation']:.3f} · "
+    st.caption(f"{shell.literal(row['kind'])} · layer {row['layer']} · position {row['pos']} "
+               f"({shell.literal(token_html.visible_token(tok))}) · activation {row['activation']:.3f} · "
                f"total attribution to the target {row['attribution']:+.3f}")
     c1, c2 = st.columns(2)
     e = view.edges
@@ -263,7 +262,7 @@ def body(ctx: shell.PageContext) -> None:
     from backend.circuits.figure import figure
 
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
         return
     quality = ctx.store.query(circuit_queries.replacement_quality, ctx.model)
     if quality:
@@ -273,7 +272,7 @@ def body(ctx: shell.PageContext) -> None:
                    "miss is in the error nodes.")
     else:
         st.caption("This store has no transcoders: every MLP is one error node per position. Build them with "
-                   f"`{shell.build_hint(ctx)}`.")
+                   f"{shell.build_hint(ctx)}.")
     _build_form(ctx)
     graph = _choose_graph(ctx)
     if graph is None:
@@ -282,8 +281,8 @@ def body(ctx: shell.PageContext) -> None:
     m = graph.metadata
     t = m["target"]
     target = repr(t["token"]) + (f" − {t['wrong']!r}" if t.get("wrong") is not None else "")
-    st.markdown(f"**Target** {html.escape(target)} · metric {t['value']:.3f} · p = {t.get('prob', float('nan')):.3f} · "
-                f"{len(graph.nodes)} nodes, {len(graph.edges):,} edges as built (method {html.escape(str(m['method']))})")
+    st.markdown(f"**Target** {shell.literal(target)} · metric {t['value']:.3f} · p = {t.get('prob', float('nan')):.3f} · "
+                f"{len(graph.nodes)} nodes, {len(graph.edges):,} edges as built (method {shell.literal(m['method'])})")
     view, hidden, paths = _view(graph)
     hl_nodes = {n for p, _ in paths for n in p}
     hl_edges = {(a, b) for p, _ in paths for a, b in zip(p[:-1], p[1:])}

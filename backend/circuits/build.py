@@ -32,7 +32,7 @@ from backend.circuits.replacement import (
     record,
     total_attribution,
 )
-from backend.errors import InputError
+from backend.errors import InputError, literal
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,7 +64,7 @@ def resolve_target(model: Any, token_ids: Sequence[int], answer: str | int | Non
             return tok
         ids = model.tokenizer(tok, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise InputError(f"The {what} {tok!r} is {len(ids)} tokens for this model: give a single token "
+            raise InputError(f"The {what} {literal(repr(tok))} is {len(ids)} tokens for this model: give a single token "
                              "(often with a leading space, e.g. ' Paris').")
         return int(ids[0])
 

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from backend.errors import InputError
+from backend.errors import InputError, literal
 from backend.inputs.prompts import bos_id as tokenizer_bos_id
 from backend.inputs.prompts import decode_text, model_bos_id
 
@@ -492,15 +492,18 @@ def custom_pair(model: Any, clean_text: str | bytes, corrupt_text: str | bytes, 
             raise InputError(f"The {label} is empty: type the token you expect, e.g. ' Mary' with a leading space.")
         toks = _encode(tokenizer, word)
         if len(toks) != 1:
-            pieces = " + ".join(repr(tokenizer.decode([t])) for t in toks)
-            hint = f" (try {' ' + word.strip()!r} with a leading space)" if not word.startswith(" ") else ""
+            # Typed text is echoed as literal() code spans: pages show these messages as markdown.
+            pieces = " + ".join(literal(repr(tokenizer.decode([t])), 30) for t in toks[:8]) + (" + …" if len(toks) > 8
+                                                                                               else "")
+            hint = f" (try {literal(repr(' ' + word.strip()))} with a leading space)" if not word.startswith(" ") else ""
             raise InputError(
-                f"The {label} {word!r} is {len(toks)} tokens ({pieces}), but it must be a single token{hint}."
+                f"The {label} {literal(repr(word))} is {len(toks)} tokens ({pieces}), but it must be a single "
+                f"token{hint}."
             )
         ids[label] = toks[0]
     if ids["answer"] == ids["wrong answer"]:
         raise InputError(
-            f"The answer and the wrong answer are the same token ({answer!r}): choose two different tokens."
+            f"The answer and the wrong answer are the same token ({literal(repr(answer))}): choose two different tokens."
         )
     prefix = _prefix(model_bos_id(model))
     clean_ids = prefix + _encode(tokenizer, clean_text)

@@ -174,7 +174,7 @@ def precompute(
     transcoder layer selection (same syntax as ``layers``, which does not affect transcoders).
     """
     from backend.model.registry import get_spec, load_model
-    from backend.store.access import StoreWriter
+    from backend.store.access import StoreWriter, check_writable
 
     chosen = get_preset(preset, n_contexts)
     spec = get_spec(model_name)
@@ -184,6 +184,9 @@ def precompute(
         from backend.dictionaries.steps import check_transcoder_sources
 
         check_transcoder_sources(transcoders, tc_layers)  # an unknown release fails now, not after minutes
+    # Before the model loads: a store that cannot be written (read-only or special directory, a name too long, a
+    # corrupt / hostile / newer file) fails now with one sentence, not after minutes of work.
+    check_writable(store_path)
     t0 = time.perf_counter()
     if model is None:
         model = load_model(model_name, progress=say)

@@ -206,3 +206,7 @@ MIGRATIONS: dict[int, list[str]] = {
 EXPECTED_TABLES: frozenset[str] = frozenset(
     stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in DDL
 )
+
+# Tables every store has had since schema v1 and that opening a store reads (backend.store.queries.summary): a store
+# without one of them is damaged or was not written by circuitscope.
+CORE_TABLES: frozenset[str] = frozenset({"meta", "runs", "models", "corpora", "dictionaries", "task_baselines"})

@@ -68,7 +68,7 @@ def test_deep_link_opens_a_comparison(app_stores_dir: Path) -> None:
 def test_unknown_deep_link_warns_and_falls_back(app_stores_dir: Path) -> None:
     at = _app(comparison="nope").run()
     _clean(at)
-    assert any("no comparison 'nope'" in w.value for w in at.warning)
+    assert any("no comparison `nope`" in w.value for w in at.warning)
     assert at.query_params["comparison"] == at.selectbox(key="af_comparison").value != "nope"
 
 

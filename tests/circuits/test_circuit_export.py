@@ -350,6 +350,10 @@ def test_registry_and_files(graph, tmp_path):
         assert fmt.name == name and fmt.extension.startswith(".") and "/" in fmt.mime
     data = ex.export(graph, "json")
     assert neuronpedia.validate_neuronpedia(json.loads(data)) == []
+    with pytest.raises(InputError, match="does not exist"):  # a typo in a directory never creates directories
+        ex.export_to_file(graph, tmp_path / "sub" / "g.graphml")
+    assert not (tmp_path / "sub").exists()
+    (tmp_path / "sub").mkdir()
     path = ex.export_to_file(graph, tmp_path / "sub" / "g.graphml")
     assert nx.read_graphml(path).number_of_nodes() == len(graph.nodes)
     path = ex.export_to_file(graph, tmp_path / "g.gv")

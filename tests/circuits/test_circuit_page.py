@@ -75,7 +75,7 @@ def test_threshold_slider_changes_the_graph(app_stores_dir: Path) -> None:
 def test_unknown_graph_link_says_what_to_do(app_stores_dir: Path) -> None:
     at = _app(graph="g-nope").run()
     assert not at.exception
-    assert any("no graph 'g-nope'" in e.value and "pick one" in e.value for e in at.error)
+    assert any("no graph `g-nope`" in e.value and "pick one" in e.value for e in at.error)
     assert len(at.get("plotly_chart")) == 1  # falls back to a stored graph
 
 
