@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from backend.errors import InputError
+from backend.errors import InputError, literal
 from backend.interventions.spec import Intervention
 from backend.model.hooks import FINAL_SCALE, hook_name
 
@@ -228,7 +228,7 @@ def run_intervention(model: Any, token_ids: Sequence[int], interventions: Sequen
     import torch
 
     if mode not in MODES:
-        raise InputError(f"Unknown intervention model {mode!r}: use one of {', '.join(MODES)}.")
+        raise InputError(f"Unknown intervention model {literal(mode)}: use one of {', '.join(MODES)}.")
     if mode == "frozen" and continue_tokens:
         raise InputError("The frozen replacement model is defined on the prompt's positions only: it has no "
                          "continuation (use the live model for one).")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from backend.errors import InputError
+from backend.errors import InputError, literal
 
 KINDS: tuple[str, ...] = ("transcoder", "attn", "head")
 MODES: tuple[str, ...] = ("zero", "scale", "set")
@@ -60,9 +60,9 @@ def check(intervention: Intervention, n_layers: int, n_heads: int, widths: dict[
     dictionary's number of features for the dictionaries available."""
     i = intervention
     if i.kind not in KINDS:
-        raise InputError(f"Unknown intervention kind {i.kind!r}: use one of {', '.join(KINDS)}.")
+        raise InputError(f"Unknown intervention kind {literal(i.kind)}: use one of {', '.join(KINDS)}.")
     if i.mode not in MODES:
-        raise InputError(f"Unknown intervention mode {i.mode!r}: use one of {', '.join(MODES)}.")
+        raise InputError(f"Unknown intervention mode {literal(i.mode)}: use one of {', '.join(MODES)}.")
     if not 0 <= i.layer < n_layers:
         raise InputError(f"Layer {i.layer} does not exist: the model has layers 0-{n_layers - 1}.")
     if i.kind == "head":
@@ -97,22 +97,22 @@ def parse(text: str) -> list[Intervention]:
     for part in parts:
         m = _PATTERN.match(part)
         if not m:
-            raise InputError(f"{part[:80]!r} is not an intervention: write KIND:LAYER:INDEX[@POSITIONS]=MODE[:VALUE], "
+            raise InputError(f"{literal(part, 80)} is not an intervention: write KIND:LAYER:INDEX[@POSITIONS]=MODE[:VALUE], "
                              "e.g. 'transcoder:12:1034@3,4=scale:2' (KIND transcoder, attn or head).")
         kind, layer, index, positions, mode, value = m.groups()
         if mode != "zero" and value is None:
-            raise InputError(f"{part!r} needs a value after '{mode}:', e.g. '{part}:2'.")
+            raise InputError(f"{literal(part)} needs a value after '{mode}:', e.g. {literal(part + ':2')}.")
         if mode == "zero" and value is not None:
-            raise InputError(f"{part!r}: 'zero' takes no value.")
+            raise InputError(f"{literal(part)}: 'zero' takes no value.")
         try:
             number = float(value) if value is not None else 0.0
         except ValueError:
-            raise InputError(f"{value!r} in {part!r} is not a number.") from None
+            raise InputError(f"{literal(value)} in {literal(part)} is not a number.") from None
         pos = None
         if positions is not None:
             items = [p for p in positions.split(",") if p]
             if not items:
-                raise InputError(f"{part!r} names no position after '@'.")
+                raise InputError(f"{literal(part)} names no position after '@'.")
             pos = tuple(sorted({int(p) for p in items}))
         out.append(Intervention(kind=kind, layer=int(layer), index=int(index), mode=mode, value=number, positions=pos))
     return out
