@@ -47,10 +47,13 @@ def run(model_name: str = "smollm2-135m", layer: int = 15, sizes: tuple[int, ...
     held = slice(n_train_max * rows_per, None)
     keep_held = ~sink_positions(tokens[n_train_max:], separator)[:, 1:].reshape(-1)
     hx, hy = x_all[held][keep_held], y_all[held][keep_held]
+    _, limit_all = training_rows(tokens[:n_train_max], y_all[: n_train_max * rows_per], separator, cfg.massive_ratio)
+    ordinary = hy.norm(dim=-1) <= limit_all  # massive activations are not scored (as in the precompute)
+    hx, hy = hx[ordinary], hy[ordinary]
     points = []
     for n in sizes:
         x, y = x_all[: n * rows_per], y_all[: n * rows_per]
-        rows = training_rows(tokens[:n], y, separator)
+        rows, limit = training_rows(tokens[:n], y, separator, cfg.massive_ratio)
         x, y = x[rows], y[rows]
         t1 = time.perf_counter()
         linear = data_statistics((x, y), ridge=cfg.ridge)

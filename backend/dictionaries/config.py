@@ -48,6 +48,10 @@ class TranscoderConfig:
     lr: float = 3e-3
     batch_size: int = 256
     ridge: float = 1e-4  # relative ridge of the dense linear baseline (and the skip path's initialisation)
+    # Rows whose MLP output norm exceeds this multiple of the layer's median are massive activations (attention-sink
+    # positions: separators, some first tokens; SmolLM2 L11 / L28 reach 500x): not trained on, not scored, kept exact
+    # when spliced. Frequent large outputs (e.g. " the" at SmolLM2 L2, 10-40x) stay the transcoder's job.
+    massive_ratio: float = 50.0
     train_contexts: int | None = None  # cap on training contexts (None: all but the held-out ones)
     eval_contexts: int = 32
     ce_contexts: int | None = 4  # None: all held-out contexts

@@ -254,6 +254,7 @@ class TranscoderEvaluation:
     baselines: dict[int, DictionaryMetrics]
     replaced: ReplacementMetrics | None
     baseline_replaced: ReplacementMetrics | None
+    massive_rows: dict[int, int] = field(default_factory=dict)  # held-out rows kept exact as massive activations
 
 
 def final_logprobs(model: Any, resid_final: "torch.Tensor", chunk: int = 1024) -> Iterator["torch.Tensor"]:
@@ -309,7 +310,8 @@ def _final_resid(model: Any, inp: "torch.Tensor", tokens: "torch.Tensor", hooks:
 
 
 def _single_layer_ce(model: Any, replacements: list[Callable[["torch.Tensor"], "torch.Tensor"]], layer: int,
-                     resid_pre: "torch.Tensor", tokens: "torch.Tensor", exact: "torch.Tensor") -> list[float]:
+                     resid_pre: "torch.Tensor", tokens: "torch.Tensor", exact: "torch.Tensor",
+                     limit: float | None) -> list[float]:
     """Summed CE with ``layer``'s MLP output replaced by each of ``replacements`` and, last, zeroed (except at the
     ``exact`` positions), as ONE run of the stacked batch restarting at ``layer``: the same result as separate runs,
     and measured faster for the small batches per-layer CE uses."""
@@ -326,7 +328,10 @@ def _single_layer_ce(model: Any, replacements: list[Callable[["torch.Tensor"], "
         x = stash.pop("x")
         parts = [fn(x[i * b : (i + 1) * b].float()).to(y.dtype) for i, fn in enumerate(replacements)]
         new = torch.cat([*parts, torch.zeros_like(y[:b])])
-        return torch.where(exact.repeat(copies, 1)[..., None], y, new)
+        keep = exact.repeat(copies, 1)
+        if limit is not None:
+            keep = keep | (y.norm(dim=-1) > limit)
+        return torch.where(keep[..., None], y, new)
 
     hooks = [(hook_name("mlp_in", layer), keep_input), (hook_name("mlp_out", layer), replace)]
     stacked = tokens.repeat(copies, 1)
@@ -393,6 +398,7 @@ def evaluate_transcoders(
     baselines: Mapping[int, Callable[["torch.Tensor"], "torch.Tensor"]] | None = None,
     per_layer_ce: bool = True,
     replacement: bool = True,
+    massive: Mapping[int, float | None] | None = None,
 ) -> TranscoderEvaluation:
     """Evaluate one transcoder per layer (``{layer: tc}``), and optionally a dense linear baseline per layer
     (``baselines``: ``{layer: x -> ŷ}``), on held-out ``tokens`` ``[n, n_ctx]`` (BOS at 0).
@@ -401,13 +407,15 @@ def evaluate_transcoders(
     baseline's, and the MLP zeroed) over the first ``ce_contexts`` contexts (None = all). If ``replacement``: every
     layer replaced at once, by the transcoders and by the baselines: CE, KL to the clean model, top-1 agreement, with
     95% bootstrap intervals over contexts. Sink positions (:func:`~backend.dictionaries.transcoder.sink_positions`)
-    keep the real MLP output everywhere. ``train_fired``: per layer, the features that fired on the training tokens
-    (for the dead fraction).
+    keep the real MLP output everywhere, and so do massive activations (real output norm above ``massive[layer]``,
+    default: the limit stored with each transcoder, :func:`~backend.dictionaries.transcoder.massive_norm`), which are
+    not scored either. ``train_fired``: per layer, the features that fired on the training tokens (for the dead
+    fraction).
     """
     import numpy as np
     import torch
 
-    from backend.dictionaries.transcoder import sink_positions
+    from backend.dictionaries.transcoder import massive_norm, sink_positions
     from backend.inputs.corpus import document_separator_id
     from backend.stats import bootstrap_interval
 
@@ -415,6 +423,8 @@ def evaluate_transcoders(
     if not layers:
         return TranscoderEvaluation({}, {}, None, None)
     baselines = dict(baselines or {})
+    limits = {l: (massive or {}).get(l, massive_norm(transcoders[l])) for l in layers}
+    n_massive = {l: 0 for l in layers}
     separator = document_separator_id(model.tokenizer) if model.tokenizer is not None else None
     n, n_ctx = tokens.shape
     n_ce = n if ce_contexts is None else max(1, min(int(ce_contexts), n))
@@ -449,6 +459,10 @@ def evaluate_transcoders(
             for layer in layers:
                 x = cache[hook_name("mlp_in", layer)][:, 1:].reshape(-1, d_out)[rows]
                 y = cache[hook_name("mlp_out", layer)][:, 1:].reshape(-1, d_out)[rows]
+                if limits[layer] is not None:
+                    ordinary = y.norm(dim=-1) <= limits[layer]
+                    n_massive[layer] += int((~ordinary).sum())
+                    x, y = x[ordinary], y[ordinary]
                 tc = transcoders[layer]
                 stats[layer].add(lambda v, tc=tc: transcode(tc, v), lambda v, tc=tc: encode(tc, v), x, y)
                 if layer in baselines:
@@ -457,17 +471,18 @@ def evaluate_transcoders(
                 for key, reps in (("tc", dict(transcoders)), ("lin", baselines)):
                     if len(reps) != len(layers):
                         continue
-                    other = _final_resid(model, batch, batch, splice_hooks(reps, exact))
+                    other = _final_resid(model, batch, batch, splice_hooks(reps, exact, limits))
                     got = compare_with_clean(model, clean, other, batch)
                     for name in ("ce", "kl", "top1"):
                         per_ctx[f"{key}_{name}"].append(got[name].double().mean(-1).numpy())
-                ablated = _final_resid(model, batch, batch, ablate_hooks(layers, exact))
+                ablated = _final_resid(model, batch, batch, ablate_hooks(layers, exact, limits))
                 per_ctx["ablated"].append(next_token_ce(model, ablated, batch).double().mean(-1).numpy())
             if in_ce:
                 n_pred_ce += clean_ce.numel()
                 for layer in layers:
                     reps = [transcoders[layer]] + ([baselines[layer]] if layer in baselines else [])
-                    sums = _single_layer_ce(model, reps, layer, cache[hook_name("resid_pre", layer)], batch, exact)
+                    sums = _single_layer_ce(model, reps, layer, cache[hook_name("resid_pre", layer)], batch, exact,
+                                            limits[layer])
                     ce[layer] += [float(clean_ce.sum(dtype=torch.float64)), sums[0], sums[-1]]
                     if layer in baselines:
                         base_ce[layer] += sums[1]
@@ -507,7 +522,7 @@ def evaluate_transcoders(
         replaced = summary("tc")
         if per_ctx["lin_ce"]:
             baseline_replaced = summary("lin")
-    return TranscoderEvaluation(out, base_out, replaced, baseline_replaced)
+    return TranscoderEvaluation(out, base_out, replaced, baseline_replaced, n_massive)
 
 
 def _metrics(l0: float, fve: float, ce_clean: float, ce_spliced: float, ce_ablated: float, dead: float,

@@ -256,21 +256,19 @@ def transcoder_precollect_wants(ctx: "RunContext") -> dict[tuple[str, int], int]
     return {(kind, int(layer)): len(train_idx) for layer in layers for kind in ("mlp_in", "mlp_out")}
 
 
-OUTLIER_NORM_RATIO = 10.0  # training drops rows whose MLP output norm exceeds this multiple of the median
-
-
-def training_rows(tokens: "torch.Tensor", y: "torch.Tensor", separator_id: int | None) -> "torch.Tensor":
-    """Bool mask of the rows a transcoder trains on, for rows laid out as :func:`backend.model.activations.collect`
-    does (context-major, positions 1..n_ctx-1) over ``tokens`` ``[n, n_ctx]``: not a sink position (a document
-    separator; BOS has no row), and an MLP output norm at most :data:`OUTLIER_NORM_RATIO` × the median. The few such
-    outliers (SmolLM2 layers 11 and 28: separators and some first tokens) otherwise dominate the loss and ruin the
-    fit on every ordinary token."""
-
+def training_rows(tokens: "torch.Tensor", y: "torch.Tensor", separator_id: int | None,
+                  massive_ratio: float) -> tuple["torch.Tensor", float]:
+    """The rows a transcoder trains on, for rows laid out as :func:`backend.model.activations.collect` does
+    (context-major, positions 1..n_ctx-1) over ``tokens`` ``[n, n_ctx]``: not a sink position (a document separator;
+    BOS has no row) and not a massive activation — an MLP output norm above ``massive_ratio`` × the median of the
+    other rows. Returns the bool mask and that norm limit (stored with the transcoder: splicing keeps such positions
+    exact). Massive rows otherwise dominate the loss and ruin the fit on every ordinary token."""
     from backend.dictionaries.transcoder import sink_positions
 
     rows = ~sink_positions(tokens, separator_id)[:, 1:].reshape(-1)
     norm = y.norm(dim=-1)
-    return rows & (norm <= OUTLIER_NORM_RATIO * norm[rows].median().clamp_min(1e-12))
+    limit = float(massive_ratio * norm[rows].median().clamp_min(1e-12))
+    return rows & (norm <= limit), limit
 
 
 def step_transcoders(ctx: "RunContext") -> None:
@@ -310,6 +308,7 @@ def step_transcoders(ctx: "RunContext") -> None:
     timing = {"collect": 0.0, "fit": 0.0}
     transcoders: dict[int, Any] = {}
     baselines: dict[int, Any] = {}
+    massive: dict[int, float] = {}
     infos: dict[int, dict[str, Any]] = {}
     # The transcoder feature step scores the first transcoder_feature_contexts contexts: when those are training
     # contexts, keep their MLP inputs (the first rows of each layer's x) so that step needs no forward pass.
@@ -338,23 +337,25 @@ def step_transcoders(ctx: "RunContext") -> None:
                 x, y = acts.pop(layer)  # free each layer's activations once trained
                 if keep:
                     kept[("mlp_in", layer)] = x[: n_keep * (n_ctx - 1)].clone()
-                rows = training_rows(train_tokens, y, separator)
+                rows, limit = training_rows(train_tokens, y, separator, cfg.massive_ratio)
                 x, y = x[rows], y[rows]
                 linear = data_statistics((x, y), ridge=cfg.ridge)  # the dense linear baseline, same tokens
                 dict_id = transcoder_dict_id(spec.name, layer, inference_architecture(cfg.skip), d_sae)
                 transcoders[layer], infos[layer] = train_transcoder(
                     (x, y), d_sae, k=cfg.k, skip=cfg.skip, architecture=cfg.architecture, epochs=cfg.epochs,
                     lr=cfg.lr, batch_size=cfg.batch_size, ridge=cfg.ridge, seed=layer, linear=linear,
-                    metadata=_metadata(ctx, layer, dict_id, n_ctx), progress=True, desc=f"Training {dict_id}")
+                    metadata={**_metadata(ctx, layer, dict_id, n_ctx), "massive_norm": limit},
+                    progress=True, desc=f"Training {dict_id}")
                 infos[layer]["train_fired"] = transcoder_fired_features(transcoders[layer], x)
                 infos[layer]["dropped_rows"] = int((~rows).sum())
                 baselines[layer] = linear.predict
+                massive[layer] = limit
                 del x, y
             timing["fit"] += time.perf_counter() - t
         t = time.perf_counter()
         summary = _evaluate_and_save(ctx, transcoders, eval_idx, source="trained",
                                      train_fired={l: i.pop("train_fired") for l, i in infos.items()},
-                                     baselines=baselines)
+                                     baselines=baselines, massive=massive)
         timing["evaluate"] = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
@@ -368,8 +369,8 @@ def step_transcoders(ctx: "RunContext") -> None:
 
 
 def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_idx: Sequence[int], source: Any,
-                       train_fired: Mapping[int, Any] | None = None,
-                       baselines: Mapping[int, Any] | None = None) -> dict[str, Any]:
+                       train_fired: Mapping[int, Any] | None = None, baselines: Mapping[int, Any] | None = None,
+                       massive: Mapping[int, float] | None = None) -> dict[str, Any]:
     """Evaluate ``transcoders`` ({layer: tc}) and their ``baselines`` ({layer: x -> ŷ}, optional) on the held-out
     contexts ``eval_idx``, store one ``dictionaries`` row per layer and one ``replacement_evals`` row for the
     transcoders all at once (and one for the baselines); ``source``: a string or {layer: string}."""
@@ -383,7 +384,8 @@ def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_i
     eval_tokens = tokens[eval_idx[0] : eval_idx[-1] + 1]
     t = time.perf_counter()
     ev = evaluate_transcoders(ctx.model, transcoders, eval_tokens, batch_size=preset.batch_size,
-                              ce_contexts=preset.transcoder.ce_contexts, train_fired=train_fired, baselines=baselines)
+                              ce_contexts=preset.transcoder.ce_contexts, train_fired=train_fired, baselines=baselines,
+                              massive=massive)
     eval_seconds = time.perf_counter() - t
     ablation = "hook_mlp_out zeroed except at sink positions (BOS, document separators keep their MLP output)"
     summary: dict[str, Any] = {"layers": {}, "eval_contexts": len(eval_idx), "eval_seconds": round(eval_seconds, 1)}
@@ -398,7 +400,9 @@ def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_i
             "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]), "ce_tokens": m.ce_tokens,
             "ce_contexts": min(len(eval_idx), preset.transcoder.ce_contexts or len(eval_idx)),
             "delta_ce": m.delta_ce, "ablation": ablation,
-            "sink_positions": "BOS and document separators: not scored, real MLP output kept when spliced",
+            "sink_positions": "BOS, document separators and massive activations: not scored, real MLP output kept "
+                              "when spliced",
+            "massive_rows": ev.massive_rows.get(layer, 0),
             **({"baseline": {"fve": base.fve, "delta_ce": base.delta_ce}} if base is not None else {}),
         }
         training = tc.cfg.metadata.get("training") or {}

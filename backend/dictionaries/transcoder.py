@@ -10,9 +10,11 @@ Conventions the rest of the code relies on:
   ``y = blocks.L.hook_mlp_out``: ``f = act(x·W_enc + b_enc)``, ``ŷ = f·W_dec + b_dec`` (+ ``x·W_skipᵀ`` for a skip
   transcoder: a dense linear path, not a feature). :func:`transcode` returns ŷ whatever the class.
 * Decoder rows have unit norm, so a feature's activation is the size of what it writes into the residual stream.
-* **Sink positions** (:func:`sink_positions`): BOS (position 0) and every document separator token. These tokens are
-  attention sinks whose MLP outputs at some layers are hundreds of times larger than any other token's (SmolLM2
-  layers 11 and 28: ~20 of 8128 tokens held 91–99.6% of the output variance; "massive activations"). They are never
+* **Sink positions and massive activations.** BOS (position 0) and every document separator token are attention
+  sinks (:func:`sink_positions`), and at some layers a few other positions (a context's first token) join them: their
+  MLP outputs are hundreds of times larger than any other token's (SmolLM2 layers 11 and 28: ~20 of 8128 tokens held
+  91–99.6% of the output variance; "massive activations"). Sinks, and rows whose output norm exceeds
+  ``massive_ratio`` × the layer's median training norm (:func:`massive_norm`, stored with each transcoder), are never
   trained on or scored, and :func:`splice_hooks` leaves the real MLP output there, as it does at BOS.
 * Stored in the ``dictionaries`` table with ``kind = 'transcoder'``, ``hook_name`` = the input hook, weights as a
   safetensors blob (:mod:`backend.dictionaries.storage`; sae-lens' ``SAE.from_dict`` rebuilds the class from its
@@ -135,14 +137,26 @@ def sink_positions(tokens: "torch.Tensor", separator_id: int | None) -> "torch.T
     return sink
 
 
+def massive_norm(replacement: Any) -> float | None:
+    """The MLP-output norm above which a position is a massive activation for this transcoder's layer (stored with it
+    at training: :data:`backend.dictionaries.config.TranscoderConfig.massive_ratio` × the median training norm), or
+    None (imported transcoders, plain maps)."""
+    meta = getattr(getattr(replacement, "cfg", None), "metadata", None)
+    value = meta.get("massive_norm") if meta is not None else None
+    return float(value) if value is not None else None
+
+
 def splice_hooks(replacements: Mapping[int, Callable[["torch.Tensor"], "torch.Tensor"]],
-                 exact: "torch.Tensor | None" = None) -> list[tuple[str, Any]]:
+                 exact: "torch.Tensor | None" = None,
+                 massive: Mapping[int, float | None] | None = None) -> list[tuple[str, Any]]:
     """TransformerLens ``fwd_hooks`` that replace ``hook_mlp_out`` of every layer in ``replacements`` (``{layer:
     transcoder}`` or any ``x -> ŷ`` map, e.g. a dense linear baseline) by its prediction from that run's own
-    ``ln2.hook_normalized``, except at the positions where the bool ``exact`` ``[batch, pos]`` is True (default: BOS
-    only; pass :func:`sink_positions` to keep every sink exact): the replacement model with the error terms dropped.
-    With several layers replaced the later ones see the earlier replacements' effects. Differentiable: with grad
-    enabled, gradients flow through the replacements to their inputs (and weights).
+    ``ln2.hook_normalized``, except where the real output must stay: positions where the bool ``exact``
+    ``[batch, pos]`` is True (default: BOS only; pass :func:`sink_positions` to keep every sink exact) and massive
+    activations, whose real output norm exceeds ``massive[layer]`` (default: :func:`massive_norm` of the
+    replacement). That is the replacement model with the error terms dropped. With several layers replaced the later
+    ones see the earlier replacements' effects. Differentiable: with grad enabled, gradients flow through the
+    replacements to their inputs (and weights).
 
     Use as ``model.run_with_hooks(tokens, fwd_hooks=splice_hooks({3: tc3, 4: tc4}, sink_positions(tokens, sep)))``.
     """
@@ -151,38 +165,47 @@ def splice_hooks(replacements: Mapping[int, Callable[["torch.Tensor"], "torch.Te
     hooks: list[tuple[str, Any]] = []
     for layer, replace in sorted(replacements.items()):
         stash: dict[str, Any] = {}
+        limit = massive.get(layer) if massive is not None else massive_norm(replace)
 
         def keep_input(x: Any, hook: Any, stash: dict[str, Any] = stash) -> None:
             stash["x"] = x
 
-        def replace_output(y: Any, hook: Any, stash: dict[str, Any] = stash, replace: Any = replace) -> Any:
+        def replace_output(y: Any, hook: Any, stash: dict[str, Any] = stash, replace: Any = replace,
+                           limit: float | None = limit) -> Any:
             x = stash.pop("x")
             new = replace(x.float()).to(y.dtype)  # the module itself, not transcode(): keeps grad
-            return torch.where(_exact_mask(exact, y), y, new)
+            return torch.where(_exact_mask(exact, y, limit), y, new)
 
         hooks += [(hook_name("mlp_in", layer), keep_input), (hook_name("mlp_out", layer), replace_output)]
     return hooks
 
 
-def ablate_hooks(layers: Iterable[int], exact: "torch.Tensor | None" = None) -> list[tuple[str, Any]]:
-    """``fwd_hooks`` zeroing ``hook_mlp_out`` of ``layers`` except where ``exact`` is True (the positions
-    :func:`splice_hooks` leaves alone): the baseline of CE-loss recovered."""
+def ablate_hooks(layers: Iterable[int], exact: "torch.Tensor | None" = None,
+                 massive: Mapping[int, float | None] | None = None) -> list[tuple[str, Any]]:
+    """``fwd_hooks`` zeroing ``hook_mlp_out`` of ``layers`` except where :func:`splice_hooks` keeps the real output
+    (``exact`` positions, massive activations above ``massive[layer]``): the baseline of CE-loss recovered."""
     import torch
 
-    def zero(y: Any, hook: Any) -> Any:
-        return torch.where(_exact_mask(exact, y), y, torch.zeros_like(y))
+    def make(limit: float | None) -> Any:
+        def zero(y: Any, hook: Any) -> Any:
+            return torch.where(_exact_mask(exact, y, limit), y, torch.zeros_like(y))
+        return zero
 
-    return [(hook_name("mlp_out", int(layer)), zero) for layer in sorted(set(layers))]
+    return [(hook_name("mlp_out", int(layer)), make((massive or {}).get(int(layer)))) for layer in sorted(set(layers))]
 
 
-def _exact_mask(exact: "torch.Tensor | None", y: "torch.Tensor") -> "torch.Tensor":
-    """``[batch, pos, 1]`` bool: where a spliced or ablated MLP output keeps its real value (BOS by default)."""
+def _exact_mask(exact: "torch.Tensor | None", y: "torch.Tensor", limit: float | None = None) -> "torch.Tensor":
+    """``[batch, pos, 1]`` bool: where a spliced or ablated MLP output keeps its real value — the ``exact`` positions
+    (BOS by default) and, with ``limit``, every position whose real output norm exceeds it."""
     import torch
 
     if exact is None:
         exact = torch.zeros(y.shape[:2], dtype=torch.bool)
         exact[:, 0] = True
-    return exact.to(y.device)[..., None]
+    mask = exact.to(y.device)
+    if limit is not None:
+        mask = mask | (y.norm(dim=-1) > limit)
+    return mask[..., None]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -136,15 +136,40 @@ def test_sink_positions_keep_the_real_mlp_output(tiny_model, tokens):
     assert not torch.allclose(seen["y"][:, 6], real[:, 6])  # an ordinary position is replaced
 
 
-def test_training_rows_drop_sinks_and_outliers():
-    from backend.dictionaries.steps import OUTLIER_NORM_RATIO, training_rows
+def test_training_rows_drop_sinks_and_massive_rows():
+    from backend.dictionaries.steps import training_rows
 
     tokens = torch.tensor([[1, 7, 0, 8, 9], [1, 4, 4, 0, 5]])  # BOS=1 at position 0, separator id 0
     y = torch.ones(8, 3)
-    y[3] *= 2 * OUTLIER_NORM_RATIO  # an outlier (context 0, position 4)
-    rows = training_rows(tokens, y, separator_id=0)
-    # rows are positions 1..4 of each context: separators at (0, 2) and (1, 3) and the outlier are dropped
+    y[3] *= 60.0  # a massive activation (context 0, position 4): norm 60x the median
+    y[5] *= 20.0  # large but ordinary at ratio 50 (context 1, position 2)
+    rows, limit = training_rows(tokens, y, separator_id=0, massive_ratio=50.0)
+    # rows are positions 1..4 of each context: the separators at (0, 2) and (1, 3) and the massive row are dropped
     assert rows.tolist() == [True, False, True, False, True, True, False, True]
+    assert limit == pytest.approx(50.0 * 3 ** 0.5)  # 50 x the median norm (sqrt 3) of the non-sink rows
+
+
+def test_splicing_keeps_massive_activations_exact(tiny_model, tokens):
+    """Positions whose real MLP output norm is above the transcoder's stored limit keep the real output."""
+    tc = make_random_transcoder(64, 256, 64, seed=2, l0=8)
+    batch = tokens[:4]
+    with torch.no_grad():
+        _, clean = tiny_model.run_with_cache(batch, names_filter=[hook_name("mlp_out", 1)])
+    real = clean[hook_name("mlp_out", 1)]
+    norms = real.norm(dim=-1)
+    limit = float(norms[:, 1:].median())  # half of the positions count as massive at this limit
+    tc.cfg.metadata["massive_norm"] = limit
+    seen = {}
+
+    def after(act, hook):
+        seen["y"] = act.clone()
+
+    with torch.no_grad():
+        tiny_model.run_with_hooks(batch, fwd_hooks=splice_hooks({1: tc}) + [(hook_name("mlp_out", 1), after)])
+    big = norms > limit
+    assert big[:, 1:].any() and (~big[:, 1:]).any()
+    assert torch.equal(seen["y"][big], real[big])
+    assert not torch.allclose(seen["y"][~big][4:], real[~big][4:])
 
 
 def test_splice_hooks_are_differentiable(tiny_model, tokens):
