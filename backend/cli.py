@@ -208,13 +208,13 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
     from backend.circuits import faithfulness as faith
     from backend.circuits.build import BuildParams, build_graph
+    from backend.circuits.export import check_export_path
     from backend.circuits.prune import prune
     from backend.circuits.storage import read_graph, save_graph
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.circuits.export import check_export_path
     from backend.store.access import check_writable, reading
 
     if (args.prompt is None) == (args.graph_id is None):

@@ -32,7 +32,7 @@ PLOT_KEY = "cg_plot"
 
 
 def _dictionaries(ctx: shell.PageContext, attn_saes: bool) -> tuple[dict, dict]:
-    return cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn_saes)
+    return cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.file_key, ctx.model, attn_saes)
 
 
 def _build(ctx: shell.PageContext, prompt: str, answer: str, wrong: str, max_nodes: int, attn_saes: bool) -> Any:

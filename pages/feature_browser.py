@@ -176,7 +176,7 @@ def _invariant(ctx: shell.PageContext, layer: int, feature: int) -> None:
 
     st.markdown("**Input-invariant connections** (decoder · encoder, the same for every prompt)")
     with st.spinner("Loading the store's transcoders…"):
-        transcoders, _ = cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, False)
+        transcoders, _ = cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.file_key, ctx.model, False)
     if layer not in transcoders:
         st.caption(f"The store's current transcoder for layer {layer} is another one: no connections to show.")
         return
@@ -206,7 +206,7 @@ def _live_logits(ctx: shell.PageContext, dict_id: str, layer: int, kind: str, fe
     from backend.inputs.prompts import token_strings
 
     model = cache.get_model(ctx.model)
-    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
+    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.file_key, dict_id)
     df = top_logits(model, sae, layer, kind=kind, features=[feature])  # weights only: no hooks, no lock needed
     df["token_str"] = token_strings(model.tokenizer, [int(t) for t in df["token_id"]])
     return df

@@ -307,7 +307,7 @@ def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None
     tokens = list(df["token"])
     with st.spinner(f"Encoding with {len(layer_dicts)} attention SAE(s)…"):
         try:
-            res = cache.cached_prompt_features(ctx.model, ids, str(ctx.store.path), ctx.store.key, layer_dicts,
+            res = cache.cached_prompt_features(ctx.model, ids, str(ctx.store.path), ctx.store.file_key, layer_dicts,
                                             FEATURE_TOP_N)
         except ValueError as exc:  # e.g. an SAE built for another model's shapes: one sentence, not a traceback
             st.error(str(exc))
@@ -319,7 +319,7 @@ def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None
         st.info("Position 0 is the BOS token: SAEs do not score it (it is an attention-sink outlier). "
                 "Choose another position above.")
         return
-    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
+    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.file_key, dict_id)
     feature = _choose_feature(res, layer, pos, dict_id, int(sae.cfg.d_sae))
     if feature is None:
         return

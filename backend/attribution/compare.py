@@ -202,15 +202,28 @@ def comparison_db(comparison: Comparison, tokenizer: Any = None) -> "duckdb.Duck
 
 def save_comparison(store_path: "str | Path", comparison: Comparison, model: Any, spec: "ModelSpec",
                     source: str | None = None) -> str:
-    """Write ``comparison`` into the store at ``store_path`` as one atomic write (the CLI's ``attribute`` and the
-    Attribution Faithfulness page's save button), recording the model and its vocabulary first; returns its id."""
+    """Save ``comparison`` into the store at ``store_path`` (the CLI's ``attribute`` and the Attribution Faithfulness
+    page's save button), recording the model and its vocabulary too when the store lacks them; returns its id. An
+    existing store gets a small save file beside it (:mod:`backend.store.saves`: no copy of the store); a missing one
+    is created by a run of its own."""
+    from pathlib import Path
+
     from backend.model.record import record_model
-    from backend.store.access import StoreWriter
+    from backend.store.access import StoreWriter, reading, real_path
+    from backend.store.saves import saving
 
     params = {"comparison_id": comparison.comparison_id, "task": comparison.task,
               "methods": list(comparison.runs), "kinds": comparison.kinds, "source": source or comparison.source}
-    with StoreWriter(store_path, kind="attribution", model=spec.name, params=params) as writer:
-        record_model(writer, model, spec)
+    if not Path(real_path(store_path)).exists():
+        with StoreWriter(store_path, kind="attribution", model=spec.name, params=params) as writer:
+            record_model(writer, model, spec)
+            write_comparison(writer.con, comparison, writer.run_id)
+        return comparison.comparison_id
+    with reading(store_path) as con:
+        have_vocab = con.execute("SELECT count(*) FROM vocab WHERE model = ?", [spec.name]).fetchall()[0][0]
+    with saving(store_path, kind="attribution", model=spec.name, params=params) as writer:
+        if have_vocab != int(model.cfg.d_vocab):
+            record_model(writer, model, spec)
         write_comparison(writer.con, comparison, writer.run_id)
     return comparison.comparison_id
 

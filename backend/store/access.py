@@ -45,7 +45,7 @@ from backend.errors import StoreError, literal
 
 if TYPE_CHECKING:
     import pandas as pd
-from backend.store import schema
+from backend.store import saves, schema
 
 log = logging.getLogger("circuitscope.store")
 
@@ -190,14 +190,18 @@ def open_store(path: str | Path) -> duckdb.DuckDBPyConnection:
         escaped = str(path).replace("'", "''")
         con.execute(f"ATTACH '{escaped}' AS store (READ_ONLY)")
         con.execute("USE store")
+        aliases = saves.attach(con, real_path(path))  # the committed saves beside the store, also read-only
         _lock_down(con)
+    except StoreError:
+        con.close()
+        raise
     except duckdb.Error as exc:
         con.close()
         raise StoreError(f"{shown} could not be opened ({literal(_duckdb_message(exc))}): if it is corrupt, delete it "
                          f"and {_hint(path)}.") from None
     try:
         version = check_schema(con, path)
-        _read_older_version(con, version)
+        saves.union_views(con, _current_tables(con, version), aliases)
     except StoreError:
         con.close()
         raise
@@ -208,30 +212,39 @@ def open_store(path: str | Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _read_older_version(con: duckdb.DuckDBPyConnection, version: int) -> None:
-    """Let a reader query a store written by an older schema version as if it were current: temporary views add the
-    columns later versions added (as NULL) and empty temporary tables stand in for tables it does not have yet. They
-    live in this connection only (the store stays read-only) and shadow the store's own names."""
+def _current_tables(con: duckdb.DuckDBPyConnection, version: int) -> dict[str, str]:
+    """Let a reader query a store written by an older schema version as if it were current, and return, per table, a
+    SELECT of its rows as the current schema has them (what saves are unioned with). Temporary views add the columns
+    later versions added (as NULL) and empty temporary tables stand in for tables it does not have yet; they live in
+    this connection only (the store stays read-only) and shadow the store's own names."""
+    db = con.execute("SELECT current_database()").fetchall()[0][0]
+    names = [stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in schema.DDL]
+    bases = {name: f'SELECT * FROM "{db}".main."{name}"' for name in names}
     if version >= schema.SCHEMA_VERSION:
-        return
+        return bases
     rows = con.execute("SELECT table_name, column_name FROM information_schema.columns "
                        "WHERE table_catalog = current_database()").fetchall()
     columns: dict[str, set[str]] = {}
     for table, column in rows:
         columns.setdefault(table, set()).add(column)
-    for stmt in schema.DDL:
-        table = stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip()
+    for table, stmt in zip(names, schema.DDL):
         if table not in columns:
-            con.execute(stmt.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE IF NOT EXISTS", 1))
+            # An empty stand-in under another name, shown through a view named like the table (a view over the
+            # saves may replace that view later).
+            stand_in = stmt.replace(f"CREATE TABLE IF NOT EXISTS {table}", f'CREATE TEMP TABLE "_missing_{table}"', 1)
+            con.execute(stand_in)
+            bases[table] = f'SELECT * FROM temp.main."_missing_{table}"'
+            con.execute(f'CREATE TEMP VIEW "{table}" AS {bases[table]}')
     added: dict[str, list[str]] = {}
     for v in range(version + 1, schema.SCHEMA_VERSION + 1):
         for table, column in schema.ADDED_COLUMNS.get(v, []):
             name, sql_type = column.split(" ", 1)
             if table in columns and name not in columns[table]:
                 added.setdefault(table, []).append(f"NULL::{sql_type} AS {name}")
-    db = con.execute("SELECT current_database()").fetchall()[0][0]
     for table, extra in added.items():
-        con.execute(f'CREATE TEMP VIEW "{table}" AS SELECT *, {", ".join(extra)} FROM "{db}".main."{table}"')
+        bases[table] = f'SELECT *, {", ".join(extra)} FROM "{db}".main."{table}"'
+        con.execute(f'CREATE TEMP VIEW "{table}" AS {bases[table]}')
+    return bases
 
 
 def check_writable(path: str | Path) -> Path:
@@ -279,18 +292,25 @@ def _lock_path(real: Path) -> Path:
 
 @dataclass
 class StoreFingerprint:
-    """Identifies one version of a store file: changes whenever a writer swaps a new file in."""
+    """Identifies one version of a store: changes whenever a writer swaps a new file in or a save is listed."""
 
     path: str
     inode: int
     mtime_ns: int
     size: int
+    saves: tuple[int, int] = (0, 0)  # the saves manifest's (mtime_ns, size)
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """The fingerprint as a cache key."""
+        return (self.inode, self.mtime_ns, self.size, *self.saves)
 
 
 def fingerprint(path: str | Path) -> StoreFingerprint:
-    """Fingerprint of the store file now (for cache keys: a swapped-in store gets a new inode)."""
-    st = Path(path).stat()
-    return StoreFingerprint(str(Path(path).resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    """Fingerprint of the store now (for cache keys: a swapped-in store gets a new inode, a save a new manifest)."""
+    real = real_path(path)
+    st = real.stat()
+    return StoreFingerprint(str(real), st.st_ino, st.st_mtime_ns, st.st_size, saves.manifest_stamp(real))
 
 
 def _temp_prefix(path: Path) -> str:
@@ -395,13 +415,18 @@ class StoreWriter:
             "UPDATE runs SET status = 'complete', finished_at = ?, seconds = ?, summary = ? WHERE run_id = ?",
             [finished, (finished - self._started).total_seconds(), json.dumps(getattr(self, "summary", {})), self.run_id],
         )
-        self.con.execute("CHECKPOINT")
-        self.con.close()
-        self.con = None
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)  # the real file: a symlink to it stays a symlink
-        _fsync_dir(self.path.parent)
+        # Saves listed since this run copied the store are folded into the copy before it replaces the store, under
+        # the saves lock so that none can be listed between the fold and the swap (backend.store.saves).
+        with saves.manifest_lock(self.path):
+            folded = saves.fold_into(self.con, self.path)
+            self.con.execute("CHECKPOINT")
+            self.con.close()
+            self.con = None
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)  # the real file: a symlink to it stays a symlink
+            _fsync_dir(self.path.parent)
+            saves.forget(self.path, folded)
         self._release()
 
     # -- helpers -----------------------------------------------------------------------------------------
