@@ -328,10 +328,14 @@ def prompt_features(tab: Tab, text: str) -> Features:
     return features
 
 
-def feature_rows(tab: Tab) -> list[list[str]]:
+def feature_rows(tab: Tab, tokens: list[str]) -> list[list[str]]:
     """The visible rows of the Prompt Explorer's per-token feature table (the second dataframe: pos, token, then
-    one column per SAE layer)."""
-    tab.page.wait_for_function(f"() => {{ const r = ({GRID_JS})(1); return r && r.length > 1; }}")
+    one column per SAE layer), once its token column spells ``tokens``: the grid redraws its cells a frame or more
+    after the run ends, so until then it can still show the previous prompt's rows."""
+    tab.page.wait_for_function(
+        f"""(want) => {{ const r = ({GRID_JS})(1);
+            return !!r && r.length > 1 && r.every((row, i) => i < want.length && row[1] === want[i]); }}""",
+        arg=tokens)
     return tab.page.evaluate(GRID_JS, 1)
 
 

@@ -94,7 +94,7 @@ def test_prompt_explorer_journey(tab: Tab, tiny_model: Any) -> None:
     features = prompt_features(tab, BOS + prompt)  # per SAE layer, per token: (feature, activation), best first
     assert features and all(len(per_pos) == len(tokens) for per_pos in features.values())
     assert all(per_pos[0] == [] and all(per_pos[1:]) for per_pos in features.values())  # BOS is not scored
-    rows = feature_rows(tab)  # the table beside it, as far as it is in view: pos, token, one column per layer
+    rows = feature_rows(tab, tokens)  # the table beside it, as far as it is in view: pos, token, one column per layer
     assert len(rows) >= 8 and [r[1] for r in rows] == tokens[:len(rows)]
     assert rows[0][2] == "BOS · not scored"
     first = next(iter(features.values()))
