@@ -66,12 +66,16 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--graph-id", default=None, help="instead of --prompt: a graph stored in --store")
     gr.add_argument("--answer", default=None, help="target token (default: the model's top prediction), e.g. ' Paris'")
     gr.add_argument("--wrong", default=None, help="explain the logit difference answer - wrong instead")
-    gr.add_argument("--max-nodes", type=int, default=400, help="candidate nodes kept when building (default 400)")
+    gr.add_argument("--max-nodes", type=int, default=400, help="feature nodes kept when building (default 400; "
+                                                               "embeddings and error nodes are always kept)")
     gr.add_argument("--no-attn-saes", action="store_true", help="use heads even where the store has attention SAEs")
     gr.add_argument("--node-threshold", type=float, default=0.8, help="cumulative node influence kept (default 0.8)")
     gr.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (default 0.98)")
     gr.add_argument("--faithfulness", choices=["zero", "mean", "none"], default="zero",
                     help="ablate everything outside the pruned circuit this way and report the metric kept")
+    gr.add_argument("--heads", action="append", default=None, metavar="NODE_ID",
+                    help="print NODE_ID's strongest incoming edges split by the attention heads that carry them; "
+                         "repeatable")
     gr.add_argument("--save", action="store_true", help="store the (unpruned) graph in --store")
     gr.add_argument("--export", action="append", default=None, metavar="FILE",
                     help="write the pruned graph to FILE; the format follows the suffix: .svg .png .graphml .dot "
@@ -145,7 +149,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
     from backend.circuits import faithfulness as faith
     from backend.circuits.build import BuildParams, build_graph
-    from backend.circuits.prune import prune
+    from backend.circuits.prune import graph_scores, prune
+    from backend.circuits.quality import describe
     from backend.circuits.storage import read_graph, save_graph
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
@@ -159,7 +164,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise InputError(f"--{name.replace('_', '-')} is a fraction between 0 and 1, not {getattr(args, name)}.")
     spec = get_spec(args.model)
-    need_model = args.prompt is not None or args.faithfulness != "none"
+    need_model = args.prompt is not None or args.faithfulness != "none" or bool(args.heads)
     with reading(args.store) as con:
         transcoders, saes = graph_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
         graph = read_graph(con, args.graph_id) if args.graph_id else None
@@ -174,17 +179,29 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         for warning in graph.metadata.get("warnings", []):
             say(warning)
     t = graph.metadata["target"]
+    metric = "logit − mean logit" if t.get("demeaned") else "logit difference" if t.get("wrong") is not None else "logit"
     print(f"graph of {graph.metadata['prompt']!r} -> {t['token']!r}"
           + (f" - {t['wrong']!r}" if t.get("wrong") is not None else "")
-          + f" (metric {t['value']:.3f}): {len(graph.nodes)} nodes, {len(graph.edges)} edges")
+          + f" ({metric} {t['value']:.3f}): {len(graph.nodes)} nodes, {len(graph.edges)} edges")
+    for line in describe(graph.metadata.get("conservation"), graph.metadata.get("scores") or graph_scores(graph)):
+        print("  " + line)
     pruned = prune(graph, args.node_threshold, args.edge_threshold)
     print(f"pruned (node {args.node_threshold}, edge {args.edge_threshold}): {len(pruned.nodes)} nodes, "
           f"{len(pruned.edges)} edges")
+    for line in describe(None, pruned.metadata["pruning"]["scores"]):
+        print("  " + line)
     if args.faithfulness != "none":
-        result = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name)
-        pruned.metadata["faithfulness"] = result.as_dict()
-        print(f"faithfulness ({args.faithfulness} ablation): circuit {result.metric_circuit:.3f}, full "
-              f"{result.metric_full:.3f}, nothing {result.metric_empty:.3f} -> fraction kept {result.fraction:.3f}")
+        results = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name)
+        pruned.metadata["faithfulness"] = {k: r.as_dict() for k, r in results.items()}
+        for result in results.values():
+            print(f"faithfulness ({result.summary()})")
+    for node in args.heads or []:
+        from backend.circuits.split import incoming_heads, summarise
+
+        split = incoming_heads(model, graph, transcoders, saes, node)
+        labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
+        print(f"strongest inputs of {labels.get(node, node)} ({node}) and the heads that carry them:")
+        print(summarise(split, labels).drop(columns=["source_id"]).to_string(index=False))
     if args.save:
         gid = save_graph(args.store, graph, source="cli")
         print(f"saved as {gid} in {args.store}")

@@ -3,17 +3,28 @@
 The run is the real (nonlinear) replacement model — live attention patterns and norms, every transcoder's
 features recomputed from its live input — built from TransformerLens hooks:
 
-* each MLP with a transcoder outputs ``Σ_{i in circuit} f_i W_dec[i] + b_dec`` plus its error node's clean
-  value if that error node is in the circuit; features outside the circuit are ablated;
-* heads (hook_z at their destination position) and attention-SAE features / error nodes likewise;
+* each MLP with a transcoder outputs ``Σ_{i in circuit} f_i W_dec[i] + b_dec`` plus its skip term ``x W_skipᵀ``
+  (skip transcoders: a path, never ablated) plus its error node if that error node is in the circuit; features
+  outside the circuit are ablated;
+* attention-SAE layers likewise (features recomputed from the live ``hook_z``, plus the attention-error node);
+* attention of every other layer runs live and is always kept: it is a pass-through of the graph, not a node
+  (graphs stored with ``head`` nodes, before that change, still ablate their heads as they were built to);
 * layers without a transcoder: the MLP error node is the whole MLP output (kept or ablated);
 * token embeddings and everything at BOS (position 0) are always kept: they are the input.
 
+**Error nodes** (``errors``): ``"frozen"`` keeps a kept error node at its clean value (the graph's own
+assumption); ``"live"`` recomputes it on the current input, ``MLP(x') − transcoder(x')`` (and
+``z' − SAE(z')``), so a kept error also carries the part of the MLP the transcoder misses on the ablated run.
+Both are reported side by side: a circuit that is only faithful with frozen errors leans on the errors' clean
+values.
+
 **Ablation** (``mode``): ``"zero"`` sets an ablated node to 0; ``"mean"`` sets it to its mean over reference
-tokens (non-BOS positions of corpus contexts: a feature's mean activation, a head's mean ``z``, an error node's
-mean vector), which keeps activations on-distribution — the usual choice when a circuit is judged (Wang et al.
-2022). Reported: the metric with the circuit, with everything kept (equals the clean metric: error nodes make
-the replacement exact), with every node ablated, and ``fraction = (circuit − none) / (full − none)``.
+tokens (non-BOS positions of corpus contexts: a feature's mean activation, an error node's mean vector), which
+keeps activations on-distribution — the usual choice when a circuit is judged (Wang et al. 2022). Reported: the
+metric with the circuit, with everything kept (equals the clean metric: error nodes make the replacement exact),
+with every node ablated, and ``fraction = (circuit − none) / (full − none)`` — unless that ratio means nothing
+(:attr:`Faithfulness.caveat`): when everything-ablated is on the wrong side of the full model, or the two differ
+by less than :data:`SMALL_DENOMINATOR` of the metric, one sentence says so instead.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from backend.circuits.graph import Graph
+from backend.circuits.graph import Graph, has_head_nodes
 from backend.model.hooks import hook_name
 
 if TYPE_CHECKING:
@@ -30,6 +41,8 @@ if TYPE_CHECKING:
     import torch
 
 MODES: tuple[str, ...] = ("zero", "mean")
+ERROR_MODES: tuple[str, ...] = ("frozen", "live")
+SMALL_DENOMINATOR = 0.1  # |full − none| below this share of max(|full|, |none|): no fraction is reported
 
 
 @dataclass
@@ -41,27 +54,59 @@ class Faithfulness:
     metric_circuit: float
     metric_empty: float
     n_nodes: int
+    errors: str = "frozen"
 
     @property
     def fraction(self) -> float:
-        """(circuit − empty) / (full − empty): the share of the metric the circuit keeps."""
+        """(circuit − empty) / (full − empty): the share of the metric the circuit keeps (read it only when
+        :attr:`caveat` is None)."""
         denom = self.metric_full - self.metric_empty
         return (self.metric_circuit - self.metric_empty) / denom if denom != 0 else float("nan")
 
+    @property
+    def caveat(self) -> str | None:
+        """One sentence when the fraction kept means nothing — everything-ablated on the wrong side of the full
+        model, or a denominator that is small next to the metric — else None."""
+        full, empty, circuit = self.metric_full, self.metric_empty, self.metric_circuit
+        denom = full - empty
+        if denom * full <= 0 and full != 0:
+            return (f"With everything ablated the metric is {empty:.3f}, at or beyond the full model's {full:.3f}: "
+                    f"ablation does not remove the behaviour, so no fraction kept is given (circuit alone "
+                    f"{circuit:.3f}).")
+        if abs(denom) < SMALL_DENOMINATOR * max(abs(full), abs(empty), 1e-9):
+            return (f"The full model ({full:.3f}) and everything ablated ({empty:.3f}) differ by only "
+                    f"{abs(denom):.3f}, too little for a fraction kept to mean anything (circuit alone "
+                    f"{circuit:.3f}).")
+        return None
+
+    def summary(self) -> str:
+        """One line: the three metrics and the fraction kept, or the caveat in its place."""
+        head = (f"{self.errors} errors, {self.mode} ablation: circuit {self.metric_circuit:.3f}, full "
+                f"{self.metric_full:.3f}, nothing {self.metric_empty:.3f}")
+        return f"{head} -> {self.caveat}" if self.caveat else f"{head} -> fraction kept {self.fraction:.3f}"
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "fraction": self.fraction}
+        return {**asdict(self), "fraction": self.fraction, "caveat": self.caveat}
 
 
 @dataclass
 class Means:
-    """Reference means for mean ablation, per layer: transcoder activations [d_sae], z [H, d_head], MLP error
-    [d_model], attention-SAE activations [d_sae] and attention error (in z space) [H, d_head]."""
+    """Reference means for mean ablation, per layer: transcoder activations [d_sae], z [H, d_head] (for graphs
+    with head nodes), MLP error [d_model], attention-SAE activations [d_sae] and attention error (in z space)
+    [H, d_head]."""
 
     tc_acts: dict[int, "torch.Tensor"]
     z: dict[int, "torch.Tensor"]
     mlp_error: dict[int, "torch.Tensor"]
     sae_acts: dict[int, "torch.Tensor"]
     z_error: dict[int, "torch.Tensor"]
+
+
+def _skip(tc: Any, x: "torch.Tensor") -> "torch.Tensor | float":
+    from backend.circuits.replacement import skip_weight
+
+    W = skip_weight(tc)
+    return 0.0 if W is None else x @ W.T
 
 
 def reference_means(model: Any, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None,
@@ -83,9 +128,9 @@ def reference_means(model: Any, transcoders: dict[int, Any], attn_saes: dict[int
         tc = transcoders.get(layer)
         with torch.no_grad():
             if tc is not None:
-                f = tc.encode(cache[hook_name("mlp_in", layer)][:, 1:].float())
-                m.tc_acts[layer] = f.mean((0, 1))
-                m.mlp_error[layer] = (y - tc.decode(f)).mean((0, 1))
+                x = cache[hook_name("mlp_in", layer)][:, 1:].float()
+                m.tc_acts[layer] = tc.encode(x).mean((0, 1))
+                m.mlp_error[layer] = (y - tc.forward(x)).mean((0, 1))
             else:
                 m.mlp_error[layer] = y.mean((0, 1))
             if layer in attn_saes:
@@ -125,17 +170,26 @@ def _masks(graph: Graph, n_layers: int, n_heads: int, n_pos: int, transcoders: d
 
 
 def check(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None = None,
-          mode: str = "zero", means: Means | None = None) -> Faithfulness:
-    """Run the faithfulness check of the (pruned) ``graph``: see the module docstring."""
+          mode: str = "zero", means: Means | None = None, errors: str = "frozen") -> Faithfulness:
+    """Run the faithfulness check of the (pruned) ``graph`` with error nodes ``errors`` ("frozen" or "live"):
+    see the module docstring."""
     if mode not in MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
+    if errors not in ERROR_MODES:
+        raise ValueError(f"unknown error-node mode {errors!r}; use one of {', '.join(ERROR_MODES)}")
     if mode == "mean" and means is None:
         raise ValueError("mean ablation needs reference means (reference_means)")
     clean = _clean_state(model, graph, transcoders, attn_saes or {})  # shared by the three runs
-    full, circuit, empty = (_metric(model, graph, transcoders, attn_saes or {}, mode, means, which, clean)
+    full, circuit, empty = (_metric(model, graph, transcoders, attn_saes or {}, mode, means, which, clean, errors)
                             for which in ("all", "circuit", "none"))
     return Faithfulness(mode=mode, metric_full=full, metric_circuit=circuit, metric_empty=empty,
-                        n_nodes=len(graph.nodes))
+                        n_nodes=len(graph.nodes), errors=errors)
+
+
+def check_both(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None = None,
+               mode: str = "zero", means: Means | None = None) -> dict[str, Faithfulness]:
+    """:func:`check` with frozen and with live error nodes, ``{"frozen": ..., "live": ...}``."""
+    return {e: check(model, graph, transcoders, attn_saes, mode, means, errors=e) for e in ERROR_MODES}
 
 
 def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any]) -> dict[str, Any]:
@@ -150,8 +204,7 @@ def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_sae
         _, cache = model.run_with_cache(tokens[None], names_filter=[hook_name(k, l) for l in range(n_layers)
                                                                     for k in ("mlp_in", "mlp_out", "z")])
         mlp_out = {l: cache[hook_name("mlp_out", l)][0] for l in range(n_layers)}
-        mlp_err = {l: mlp_out[l] - tc.decode(tc.encode(cache[hook_name("mlp_in", l)][0]))
-                   for l, tc in transcoders.items()}
+        mlp_err = {l: mlp_out[l] - tc.forward(cache[hook_name("mlp_in", l)][0]) for l, tc in transcoders.items()}
         z_err = {}
         for l, sae in attn_saes.items():
             zc = cache[hook_name("z", l)][0].reshape(P, -1)
@@ -160,7 +213,7 @@ def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_sae
 
 
 def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any], mode: str,
-            means: Means | None, which: str, clean: dict[str, Any]) -> float:
+            means: Means | None, which: str, clean: dict[str, Any], errors: str = "frozen") -> float:
     import torch
 
     from backend.dictionaries.attention_sae import encode_z
@@ -169,6 +222,8 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
     target = graph.metadata["target"]
     cfg = model.cfg
     P, H = len(tokens), cfg.n_heads
+    heads_are_nodes = has_head_nodes(graph)
+    live_errors = errors == "live"
     keep = _masks(graph, cfg.n_layers, H, P, transcoders, attn_saes)
     if which != "circuit":
         value = which == "all"
@@ -187,23 +242,27 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
     def save_in(act: torch.Tensor, hook: Any) -> None:
         live[hook.name] = act
 
+    def fill(kind: str, layer: int, like: torch.Tensor) -> torch.Tensor:
+        if mode == "zero":
+            return torch.zeros_like(like)
+        return getattr(means, kind)[layer].reshape(-1).expand_as(like)
+
     def mlp_hook(layer: int) -> Any:
         def hook(out: torch.Tensor, hook: Any) -> torch.Tensor:
-            y_clean = clean["mlp_out"][layer]
+            y_live = out[0]
             tc = transcoders.get(layer)
             if tc is None:
-                err = y_clean
-                ablated = torch.zeros_like(err) if mode == "zero" else means.mlp_error[layer].expand_as(err)  # type: ignore[union-attr]
-                return torch.where(keep["mlp_error"][layer][:, None], err, ablated)[None]
+                err = y_live if live_errors else clean["mlp_out"][layer]
+                y = torch.where(keep["mlp_error"][layer][:, None], err, fill("mlp_error", layer, err))
+                y[0] = y_live[0]  # BOS: untouched
+                return y[None]
             x = live[hook_name("mlp_in", layer)][0]
             f = tc.encode(x)
-            fill = torch.zeros_like(f) if mode == "zero" else means.tc_acts[layer].expand_as(f)  # type: ignore[union-attr]
-            f = torch.where(keep["tc"][layer], f, fill)
-            err = clean["mlp_error"][layer]
-            err_fill = torch.zeros_like(err) if mode == "zero" else means.mlp_error[layer].expand_as(err)  # type: ignore[union-attr]
-            err = torch.where(keep["mlp_error"][layer][:, None], err, err_fill)
-            y = tc.decode(f) + err
-            y[0] = y_clean[0]  # BOS: untouched
+            f = torch.where(keep["tc"][layer], f, fill("tc_acts", layer, f))
+            err = y_live - tc.forward(x) if live_errors else clean["mlp_error"][layer]
+            err = torch.where(keep["mlp_error"][layer][:, None], err, fill("mlp_error", layer, err))
+            y = tc.decode(f) + _skip(tc, x) + err  # the skip term is a path: always live
+            y[0] = y_live[0]  # BOS: untouched
             return y[None]
         return hook
 
@@ -213,17 +272,17 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
             if layer in attn_saes:
                 sae = attn_saes[layer]
                 flat = z0.reshape(P, -1)
-                f = encode_z(sae, flat)
-                fill = torch.zeros_like(f) if mode == "zero" else means.sae_acts[layer].expand_as(f)  # type: ignore[union-attr]
-                f = torch.where(keep["sae"][layer], f, fill)
-                err = clean["z_error"][layer]
-                e_fill = torch.zeros_like(err) if mode == "zero" else means.z_error[layer].reshape(-1).expand_as(err)  # type: ignore[union-attr]
-                err = torch.where(keep["attn_error"][layer][:, None], err, e_fill)
+                f_live = encode_z(sae, flat)
+                f = torch.where(keep["sae"][layer], f_live, fill("sae_acts", layer, f_live))
+                err = flat - sae.decode(f_live) if live_errors else clean["z_error"][layer]
+                err = torch.where(keep["attn_error"][layer][:, None], err, fill("z_error", layer, err))
                 new = (sae.decode(f) + err).reshape(z0.shape)
                 new[0] = z0[0]
                 return new[None]
-            fill = torch.zeros_like(z0) if mode == "zero" else means.z[layer].expand_as(z0)  # type: ignore[union-attr]
-            return torch.where(keep["head"][layer][:, :, None], z0, fill)[None]
+            if not heads_are_nodes:
+                return z  # attention is a pass-through: live and always kept
+            ablated = torch.zeros_like(z0) if mode == "zero" else means.z[layer].expand_as(z0)  # type: ignore[union-attr]
+            return torch.where(keep["head"][layer][:, :, None], z0, ablated)[None]
         return hook
 
     hooks = []
@@ -236,6 +295,8 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
     value = logits[int(target["token_id"])]
     if target.get("wrong_id") is not None:
         value = value - logits[int(target["wrong_id"])]
+    elif target.get("demeaned"):
+        value = value - logits.mean()
     return float(value)
 
 
@@ -261,9 +322,9 @@ def reference_tokens(con: Any, model_name: str, n_contexts: int = 16) -> "torch.
 
 
 def check_in_store(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None,
-                   mode: str, store_path: "str | Path", model_name: str) -> Faithfulness:
-    """:func:`check` with the means of ``mean`` ablation taken over the store's corpus contexts (the CLI's
-    ``--faithfulness`` and the Circuit Graph page's button)."""
+                   mode: str, store_path: "str | Path", model_name: str) -> dict[str, Faithfulness]:
+    """:func:`check_both` (frozen and live error nodes) with the means of ``mean`` ablation taken over the store's
+    corpus contexts (the CLI's ``--faithfulness`` and the Circuit Graph page's button)."""
     from backend.store.access import reading
 
     means = None
@@ -271,4 +332,4 @@ def check_in_store(model: Any, graph: Graph, transcoders: dict[int, Any], attn_s
         with reading(store_path) as con:
             tokens = reference_tokens(con, model_name)
         means = reference_means(model, transcoders, attn_saes, tokens)
-    return check(model, graph, transcoders, attn_saes, mode=mode, means=means)
+    return check_both(model, graph, transcoders, attn_saes, mode=mode, means=means)

@@ -146,7 +146,9 @@ def test_cli_builds_saves_checks_and_exports_a_graph(tiny_store: Path, tmp_path:
                "--save", "--export", str(out_graphml), "--export", str(out_json), "--faithfulness", "zero"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "faithfulness (zero ablation)" in text and "saved as g-" in text
+    assert "frozen errors, zero ablation" in text and "live errors, zero ablation" in text and "saved as g-" in text
+    assert "replacement score" in text and "completeness score" in text and "cancellation:" in text
+    assert "logit − mean logit" in text
     graphs = _stored(store)
     assert len(graphs) == before + 1 and graphs.iloc[0]["source"] == "cli"
     g = nx.read_graphml(out_graphml)
