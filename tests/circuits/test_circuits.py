@@ -22,50 +22,17 @@ import pandas as pd
 import pytest
 import torch
 
+from circuit_fixtures import random_sae, random_transcoders
+
 from backend.circuits.build import BuildParams, build_graph
 from backend.circuits.faithfulness import Faithfulness, check, reference_means
 from backend.circuits.prune import graph_scores, influence, prune, strongest_paths
-from backend.dictionaries.attention_sae import encode_z, make_random_sae
+from backend.dictionaries.attention_sae import encode_z
 from backend.model.hooks import EMBED, FINAL_SCALE, hook_name
 from backend.model.registry import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "When Mary and John went to the store, John gave a drink to"
-
-
-def random_transcoders(model: Any, layers: dict[int, str] | list[int], seed: int = 0) -> dict[int, Any]:
-    """Random sae-lens transcoders (``{layer: architecture}``, default plain ``transcoder``) whose features fire on
-    real activations (a few per token); skip transcoders get a random ``W_skip``, JumpReLU ones a threshold."""
-    from sae_lens.registry import SAE_CLASS_REGISTRY
-
-    arch = layers if isinstance(layers, dict) else {l: "transcoder" for l in layers}
-    d = model.cfg.d_model
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer, name in arch.items():
-        cls, cfg_cls = SAE_CLASS_REGISTRY[name]
-        tc = cls(cfg_cls(d_in=d, d_sae=4 * d, d_out=d, apply_b_dec_to_input=False))
-        with torch.no_grad():
-            tc.W_enc.copy_(torch.randn(d, 4 * d, generator=gen) / d ** 0.5)
-            tc.b_enc.fill_(-1.0)
-            tc.W_dec.copy_(torch.randn(4 * d, d, generator=gen) * 0.05)
-            tc.b_dec.copy_(torch.randn(d, generator=gen) * 0.01)
-            if hasattr(tc, "W_skip"):
-                tc.W_skip.copy_(torch.randn(d, d, generator=gen) * 0.3 / d ** 0.5)
-            if hasattr(tc, "threshold"):
-                tc.threshold.fill_(0.2)
-        out[layer] = tc.eval()
-    return out
-
-
-def random_sae(model: Any, seed: int = 1) -> Any:
-    """A random TopK hook_z SAE with nonzero biases (so b_dec is a real constant)."""
-    sae = make_random_sae(model.cfg.n_heads * model.cfg.d_head, 64, k=4, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=gen) * 0.05)
-        sae.b_enc.copy_(torch.randn(sae.b_enc.shape, generator=gen) * 0.05)
-    return sae
 
 
 def perturbed(model: Any, seed: int = 3) -> Any:
