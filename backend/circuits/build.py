@@ -38,6 +38,7 @@ from backend.circuits.replacement import (
     freeze,
     node_ids,
     node_labels,
+    record,
     total_attribution,
 )
 from backend.errors import InputError
@@ -61,9 +62,10 @@ class BuildParams:
 
 
 def resolve_target(model: Any, token_ids: Sequence[int], answer: str | int | None = None,
-                   wrong: str | int | None = None) -> Target:
+                   wrong: str | int | None = None, last_logits: "torch.Tensor | None" = None) -> Target:
     """The target: ``answer`` (a single-token string or id; default: the model's top prediction at the last
-    position), minus ``wrong``'s logit if given. Multi-token answers get one clear sentence."""
+    position, from ``last_logits`` when given, else one forward pass), minus ``wrong``'s logit if given.
+    Multi-token answers get one clear sentence."""
     import torch
 
     def one(tok: str | int, what: str) -> int:
@@ -78,9 +80,10 @@ def resolve_target(model: Any, token_ids: Sequence[int], answer: str | int | Non
         return int(ids[0])
 
     if answer is None or answer == "":
-        with torch.no_grad():
-            logits = model(torch.tensor([list(token_ids)]))[0, -1]
-        token = int(logits.argmax())
+        if last_logits is None:
+            with torch.no_grad():
+                last_logits = model(torch.tensor([list(token_ids)]))[0, -1]
+        token = int(last_logits.argmax())
     else:
         token = one(answer, "answer")
     wrong_id = None if wrong in (None, "") else one(wrong, "wrong answer")  # type: ignore[arg-type]
@@ -132,10 +135,11 @@ def build_graph(
         strings = token_strings(model.tokenizer, ids) if model.tokenizer is not None else [str(i) for i in ids]
     if len(ids) < 2:
         raise InputError("The prompt needs at least one token after BOS to build a graph: type more text.")
-    target = resolve_target(model, ids, answer, wrong)
     tokens = torch.tensor(ids)
     with torch.no_grad():
-        fz = freeze(model, tokens, target, transcoders, attn_saes)
+        rec = record(model, tokens)  # the clean run also names the default target: no second forward pass
+        target = resolve_target(model, ids, answer, wrong, last_logits=rec.logits[-1])
+        fz = freeze(model, tokens, target, transcoders, attn_saes, rec=rec)
         cand = fz.cand
         attribution = total_attribution(fz)
         keep = select_nodes(cand, attribution, params.max_nodes)

@@ -138,7 +138,7 @@ def reference_means(model: Any, transcoders: dict[int, Any], attn_saes: dict[int
                 flat = z.reshape(*z.shape[:2], -1)
                 f = encode_z(sae, flat)
                 m.sae_acts[layer] = f.mean((0, 1))
-                m.z_error[layer] = (flat - sae.decode(f)).mean((0, 1)).reshape(z.shape[-2], -1)
+                m.z_error[layer] = (flat - _decode(sae, f)).mean((0, 1)).reshape(z.shape[-2], -1)
     return m
 
 
@@ -173,27 +173,39 @@ def check(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict
           mode: str = "zero", means: Means | None = None, errors: str = "frozen") -> Faithfulness:
     """Run the faithfulness check of the (pruned) ``graph`` with error nodes ``errors`` ("frozen" or "live"):
     see the module docstring."""
-    if mode not in MODES:
-        raise ValueError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
-    if errors not in ERROR_MODES:
-        raise ValueError(f"unknown error-node mode {errors!r}; use one of {', '.join(ERROR_MODES)}")
-    if mode == "mean" and means is None:
-        raise ValueError("mean ablation needs reference means (reference_means)")
-    clean = _clean_state(model, graph, transcoders, attn_saes or {})  # shared by the three runs
-    full, circuit, empty = (_metric(model, graph, transcoders, attn_saes or {}, mode, means, which, clean, errors)
-                            for which in ("all", "circuit", "none"))
-    return Faithfulness(mode=mode, metric_full=full, metric_circuit=circuit, metric_empty=empty,
-                        n_nodes=len(graph.nodes), errors=errors)
+    return _checks(model, graph, transcoders, attn_saes, mode, means, (errors,))[errors]
 
 
 def check_both(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None = None,
                mode: str = "zero", means: Means | None = None) -> dict[str, Faithfulness]:
-    """:func:`check` with frozen and with live error nodes, ``{"frozen": ..., "live": ...}``."""
-    return {e: check(model, graph, transcoders, attn_saes, mode, means, errors=e) for e in ERROR_MODES}
+    """:func:`check` with frozen and with live error nodes, ``{"frozen": ..., "live": ...}`` (one batched run)."""
+    return _checks(model, graph, transcoders, attn_saes, mode, means, ERROR_MODES)
+
+
+def _checks(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None, mode: str,
+            means: Means | None, error_modes: tuple[str, ...]) -> dict[str, Faithfulness]:
+    if mode not in MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
+    for errors in error_modes:
+        if errors not in ERROR_MODES:
+            raise ValueError(f"unknown error-node mode {errors!r}; use one of {', '.join(ERROR_MODES)}")
+    if mode == "mean" and means is None:
+        raise ValueError("mean ablation needs reference means (reference_means)")
+    attn_saes = attn_saes or {}
+    clean = _clean_state(model, graph, transcoders, attn_saes)
+    # every (kept set, error mode) is one row of a single batched forward pass
+    configs = [(which, errors) for errors in error_modes for which in ("all", "circuit", "none")]
+    values = _metrics(model, graph, transcoders, attn_saes, mode, means, configs, clean)
+    out = {}
+    for errors in error_modes:
+        full, circuit, empty = (values[configs.index((w, errors))] for w in ("all", "circuit", "none"))
+        out[errors] = Faithfulness(mode=mode, metric_full=full, metric_circuit=circuit, metric_empty=empty,
+                                   n_nodes=len(graph.nodes), errors=errors)
+    return out
 
 
 def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any]) -> dict[str, Any]:
-    """The clean run's MLP outputs and z, and each dictionary's error on it (the error nodes' values)."""
+    """The clean run's MLP outputs and each dictionary's error on it (the frozen error nodes' values)."""
     import torch
 
     from backend.dictionaries.attention_sae import encode_z
@@ -208,12 +220,19 @@ def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_sae
         z_err = {}
         for l, sae in attn_saes.items():
             zc = cache[hook_name("z", l)][0].reshape(P, -1)
-            z_err[l] = zc - sae.decode(encode_z(sae, zc))
+            z_err[l] = zc - _decode(sae, encode_z(sae, zc))
     return {"mlp_out": mlp_out, "mlp_error": mlp_err, "z_error": z_err}
 
 
-def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any], mode: str,
-            means: Means | None, which: str, clean: dict[str, Any], errors: str = "frozen") -> float:
+def _decode(sae: Any, f: "torch.Tensor") -> "torch.Tensor":
+    """An attention SAE's reconstruction, flat (sae-lens' hook_z mode would return it as [..., heads, d_head])."""
+    return sae.decode(f).reshape(*f.shape[:-1], -1)
+
+
+def _metrics(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any], mode: str,
+             means: Means | None, configs: list[tuple[str, str]], clean: dict[str, Any]) -> list[float]:
+    """The metric for each ``(which, errors)`` config — which nodes are kept ("all", "circuit", "none") and how
+    kept error nodes are valued ("frozen", "live") — as the rows of one batched forward pass."""
     import torch
 
     from backend.dictionaries.attention_sae import encode_z
@@ -221,22 +240,22 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
     tokens = torch.tensor(graph.metadata["token_ids"])
     target = graph.metadata["target"]
     cfg = model.cfg
-    P, H = len(tokens), cfg.n_heads
+    P, H, B = len(tokens), cfg.n_heads, len(configs)
     heads_are_nodes = has_head_nodes(graph)
-    live_errors = errors == "live"
-    keep = _masks(graph, cfg.n_layers, H, P, transcoders, attn_saes)
-    if which != "circuit":
-        value = which == "all"
-        for group in ("tc", "sae"):
-            for l in keep[group]:
-                keep[group][l][:] = value
-        for k in ("head", "mlp_error", "attn_error"):
-            keep[k][:] = value
-    for k in ("head", "mlp_error", "attn_error"):
-        keep[k][:, 0] = True  # BOS is always kept
-    for group in ("tc", "sae"):
-        for l in keep[group]:
-            keep[group][l][0] = True
+    live_errors = torch.tensor([errors == "live" for _, errors in configs])
+    circuit = _masks(graph, cfg.n_layers, H, P, transcoders, attn_saes)
+
+    def rows(kind: str, layer: int | None = None) -> torch.Tensor:
+        """The keep mask of ``kind`` (at ``layer``) for every row: the circuit's, everything or nothing; BOS kept."""
+        base = circuit[kind] if layer is None else circuit[kind][layer]
+        out = torch.stack([base if which == "circuit" else torch.full_like(base, which == "all")
+                           for which, _ in configs])
+        out[(slice(None), 0) if layer is not None else (slice(None), slice(None), 0)] = True
+        return out
+
+    keep_tc = {l: rows("tc", l) for l in transcoders}
+    keep_sae = {l: rows("sae", l) for l in attn_saes}
+    keep_head, keep_mlp_err, keep_attn_err = rows("head"), rows("mlp_error"), rows("attn_error")  # [B, L, P(, H)]
     live: dict[str, torch.Tensor] = {}
 
     def save_in(act: torch.Tensor, hook: Any) -> None:
@@ -247,42 +266,43 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
             return torch.zeros_like(like)
         return getattr(means, kind)[layer].reshape(-1).expand_as(like)
 
+    def choose_error(err_live: torch.Tensor, err_frozen: torch.Tensor) -> torch.Tensor:
+        return torch.where(live_errors[:, None, None], err_live, err_frozen[None].expand_as(err_live))
+
     def mlp_hook(layer: int) -> Any:
-        def hook(out: torch.Tensor, hook: Any) -> torch.Tensor:
-            y_live = out[0]
+        def hook(y_live: torch.Tensor, hook: Any) -> torch.Tensor:
             tc = transcoders.get(layer)
+            keep_err = keep_mlp_err[:, layer][..., None]
             if tc is None:
-                err = y_live if live_errors else clean["mlp_out"][layer]
-                y = torch.where(keep["mlp_error"][layer][:, None], err, fill("mlp_error", layer, err))
-                y[0] = y_live[0]  # BOS: untouched
-                return y[None]
-            x = live[hook_name("mlp_in", layer)][0]
-            f = tc.encode(x)
-            f = torch.where(keep["tc"][layer], f, fill("tc_acts", layer, f))
-            err = y_live - tc.forward(x) if live_errors else clean["mlp_error"][layer]
-            err = torch.where(keep["mlp_error"][layer][:, None], err, fill("mlp_error", layer, err))
-            y = tc.decode(f) + _skip(tc, x) + err  # the skip term is a path: always live
-            y[0] = y_live[0]  # BOS: untouched
-            return y[None]
+                err = choose_error(y_live, clean["mlp_out"][layer])
+                y = torch.where(keep_err, err, fill("mlp_error", layer, err))
+            else:
+                x = live[hook_name("mlp_in", layer)]
+                f = tc.encode(x)
+                f = torch.where(keep_tc[layer], f, fill("tc_acts", layer, f))
+                err = choose_error(y_live - tc.forward(x), clean["mlp_error"][layer])
+                err = torch.where(keep_err, err, fill("mlp_error", layer, err))
+                y = tc.decode(f) + _skip(tc, x) + err  # the skip term is a path: always live
+            y[:, 0] = y_live[:, 0]  # BOS: untouched
+            return y
         return hook
 
     def z_hook(layer: int) -> Any:
         def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
-            z0 = z[0]
             if layer in attn_saes:
                 sae = attn_saes[layer]
-                flat = z0.reshape(P, -1)
+                flat = z.reshape(B, P, -1)
                 f_live = encode_z(sae, flat)
-                f = torch.where(keep["sae"][layer], f_live, fill("sae_acts", layer, f_live))
-                err = flat - sae.decode(f_live) if live_errors else clean["z_error"][layer]
-                err = torch.where(keep["attn_error"][layer][:, None], err, fill("z_error", layer, err))
-                new = (sae.decode(f) + err).reshape(z0.shape)
-                new[0] = z0[0]
-                return new[None]
+                f = torch.where(keep_sae[layer], f_live, fill("sae_acts", layer, f_live))
+                err = choose_error(flat - _decode(sae, f_live), clean["z_error"][layer])
+                err = torch.where(keep_attn_err[:, layer][..., None], err, fill("z_error", layer, err))
+                new = _decode(sae, f) + err
+                new[:, 0] = flat[:, 0]
+                return new.reshape(z.shape)
             if not heads_are_nodes:
                 return z  # attention is a pass-through: live and always kept
-            ablated = torch.zeros_like(z0) if mode == "zero" else means.z[layer].expand_as(z0)  # type: ignore[union-attr]
-            return torch.where(keep["head"][layer][:, :, None], z0, ablated)[None]
+            ablated = torch.zeros_like(z) if mode == "zero" else means.z[layer].expand_as(z)  # type: ignore[union-attr]
+            return torch.where(keep_head[:, layer][..., None], z, ablated)
         return hook
 
     hooks = []
@@ -291,13 +311,13 @@ def _metric(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
         hooks.append((hook_name("mlp_out", layer), mlp_hook(layer)))
         hooks.append((hook_name("z", layer), z_hook(layer)))
     with torch.no_grad():
-        logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0, -1]
-    value = logits[int(target["token_id"])]
+        logits = model.run_with_hooks(tokens[None].expand(B, -1), fwd_hooks=hooks)[:, -1]
+    value = logits[:, int(target["token_id"])]
     if target.get("wrong_id") is not None:
-        value = value - logits[int(target["wrong_id"])]
+        value = value - logits[:, int(target["wrong_id"])]
     elif target.get("demeaned"):
-        value = value - logits.mean()
-    return float(value)
+        value = value - logits.mean(-1)
+    return [float(v) for v in value]
 
 
 def reference_tokens(con: Any, model_name: str, n_contexts: int = 16) -> "torch.Tensor":

@@ -427,13 +427,14 @@ def candidates(model: Any, rec: Recording, target: Target, transcoders: dict[int
 
 
 def freeze(model: Any, tokens: "torch.Tensor", target: Target, transcoders: dict[int, Any],
-           attn_saes: dict[int, Any] | None = None) -> Frozen:
-    """Record ``tokens`` (``[pos]``, BOS first) and build its frozen linear system."""
+           attn_saes: dict[int, Any] | None = None, rec: Recording | None = None) -> Frozen:
+    """Record ``tokens`` (``[pos]``, BOS first; or take the recording ``rec`` of them) and build its frozen
+    linear system."""
     import torch
 
     attn_saes = attn_saes or {}
     with torch.no_grad():
-        rec = record(model, tokens)
+        rec = rec if rec is not None else record(model, tokens)
         cand = candidates(model, rec, target, transcoders, attn_saes)
         attn, skip = pass_throughs(model, rec, transcoders, attn_saes)
     return Frozen(rec=rec, cand=cand, attn=attn, skip=skip)
