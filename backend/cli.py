@@ -76,6 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--heads", action="append", default=None, metavar="NODE_ID",
                     help="print NODE_ID's strongest incoming edges split by the attention heads that carry them; "
                          "repeatable")
+    gr.add_argument("--timings", action="store_true", help="print the seconds spent in each phase (one JSON line)")
     gr.add_argument("--save", action="store_true", help="store the (unpruned) graph in --store")
     gr.add_argument("--export", action="append", default=None, metavar="FILE",
                     help="write the pruned graph to FILE; the format follows the suffix: .svg .png .graphml .dot "
@@ -145,7 +146,17 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
+    import json
+    import time
     from pathlib import Path
+
+    clock = {"start": time.perf_counter()}
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock.pop("last", clock["start"]), 3)
+        clock["last"] = now
 
     from backend.circuits import faithfulness as faith
     from backend.circuits.build import BuildParams, build_graph
@@ -165,12 +176,18 @@ def _cmd_graph(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} is a fraction between 0 and 1, not {getattr(args, name)}.")
     spec = get_spec(args.model)
     need_model = args.prompt is not None or args.faithfulness != "none" or bool(args.heads)
+    if need_model and args.timings:
+        import torch  # noqa: F401 - imported here only so that --timings reports the heavy imports on their own
+        import transformer_lens  # noqa: F401
+    lap("imports")
     with reading(args.store) as con:
         transcoders, saes = graph_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
         graph = read_graph(con, args.graph_id) if args.graph_id else None
     if graph is not None:
         saes = saes if graph.metadata.get("dictionaries", {}).get("attn_sae_layers") else {}
+    lap("dictionaries")
     model = load_model(args.model, progress=say) if need_model else None
+    lap("model")
     if graph is None:
         if not transcoders:
             say("This store has no transcoders: every MLP is one error node (build them with the precompute).")
@@ -178,6 +195,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
                             params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
         for warning in graph.metadata.get("warnings", []):
             say(warning)
+    lap("build")
     t = graph.metadata["target"]
     metric = "logit − mean logit" if t.get("demeaned") else "logit difference" if t.get("wrong") is not None else "logit"
     print(f"graph of {graph.metadata['prompt']!r} -> {t['token']!r}"
@@ -190,11 +208,13 @@ def _cmd_graph(args: argparse.Namespace) -> int:
           f"{len(pruned.edges)} edges")
     for line in describe(None, pruned.metadata["pruning"]["scores"]):
         print("  " + line)
+    lap("prune")
     if args.faithfulness != "none":
         results = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name)
         pruned.metadata["faithfulness"] = {k: r.as_dict() for k, r in results.items()}
         for result in results.values():
             print(f"faithfulness ({result.summary()})")
+        lap("faithfulness")
     for node in args.heads or []:
         from backend.circuits.split import incoming_heads, summarise
 
@@ -210,6 +230,10 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
         export_to_file(pruned, Path(path))
         print(f"wrote {path}")
+    if args.timings:
+        lap("rest")
+        timings["total"] = round(time.perf_counter() - clock["start"], 3)
+        print("timings " + json.dumps(timings))
     return 0
 
 
