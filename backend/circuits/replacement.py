@@ -520,7 +520,7 @@ def edges(fz: Frozen, keep: "torch.Tensor") -> Edges:
     n, N, P, d = len(keep), len(c), c.n_pos, c.out.shape[1]
     local = torch.full((N,), -1, dtype=torch.long)
     local[keep] = torch.arange(n)
-    # kept readers, as (reader, selection within it, global node ids), ordered by level (deepest first)
+    # kept readers as (level, reader, which of its nodes are kept), deepest level first
     pieces = []
     for r in c.readers:
         sel = torch.nonzero(local[r.nodes] >= 0, as_tuple=True)[0]
