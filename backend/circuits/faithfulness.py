@@ -21,8 +21,8 @@ values.
 **Ablation** (``mode``): ``"zero"`` sets an ablated node to 0; ``"mean"`` sets it to its mean over reference
 tokens (non-BOS positions of corpus contexts: a feature's mean activation, an error node's mean vector), which
 keeps activations on-distribution — the usual choice when a circuit is judged (Wang et al. 2022). Reported: the
-metric with the circuit, with everything kept (equals the clean metric: error nodes make the replacement exact),
-with every node ablated, and ``fraction = (circuit − none) / (full − none)`` — unless that ratio means nothing
+metric with the circuit, with everything kept (the clean metric: error nodes make the replacement exact, so it is
+read from the clean run), with every node ablated, and ``fraction = (circuit − none) / (full − none)`` — unless that ratio means nothing
 (:attr:`Faithfulness.caveat`): when everything-ablated is on the wrong side of the full model, or the two differ
 by less than :data:`SMALL_DENOMINATOR` of the metric, one sentence says so instead.
 """
@@ -193,19 +193,20 @@ def _checks(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
         raise ValueError("mean ablation needs reference means (reference_means)")
     attn_saes = attn_saes or {}
     clean = _clean_state(model, graph, transcoders, attn_saes)
-    # every (kept set, error mode) is one row of a single batched forward pass
-    configs = [(which, errors) for errors in error_modes for which in ("all", "circuit", "none")]
+    # With every node kept the replacement is exact (error nodes hold the rest), so "full" is the clean run's metric.
+    # The circuit with each error mode and the empty circuit (the same for both modes: no error node is kept) are
+    # the rows of one batched forward pass.
+    configs = [("circuit", errors) for errors in error_modes] + [("none", error_modes[0])]
     values = _metrics(model, graph, transcoders, attn_saes, mode, means, configs, clean)
     out = {}
     for errors in error_modes:
-        full, circuit, empty = (values[configs.index((w, errors))] for w in ("all", "circuit", "none"))
-        out[errors] = Faithfulness(mode=mode, metric_full=full, metric_circuit=circuit, metric_empty=empty,
-                                   n_nodes=len(graph.nodes), errors=errors)
+        out[errors] = Faithfulness(mode=mode, metric_full=clean["metric"], metric_circuit=values[configs.index(
+            ("circuit", errors))], metric_empty=values[-1], n_nodes=len(graph.nodes), errors=errors)
     return out
 
 
 def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any]) -> dict[str, Any]:
-    """The clean run's MLP outputs and each dictionary's error on it (the frozen error nodes' values)."""
+    """The clean run's MLP outputs, each dictionary's error on it (the frozen error nodes' values) and the metric."""
     import torch
 
     from backend.dictionaries.attention_sae import encode_z
@@ -213,15 +214,16 @@ def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_sae
     tokens = torch.tensor(graph.metadata["token_ids"])
     n_layers, P = model.cfg.n_layers, len(tokens)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens[None], names_filter=[hook_name(k, l) for l in range(n_layers)
-                                                                    for k in ("mlp_in", "mlp_out", "z")])
+        logits, cache = model.run_with_cache(tokens[None], names_filter=[hook_name(k, l) for l in range(n_layers)
+                                                                         for k in ("mlp_in", "mlp_out", "z")])
         mlp_out = {l: cache[hook_name("mlp_out", l)][0] for l in range(n_layers)}
         mlp_err = {l: mlp_out[l] - tc.forward(cache[hook_name("mlp_in", l)][0]) for l, tc in transcoders.items()}
         z_err = {}
         for l, sae in attn_saes.items():
             zc = cache[hook_name("z", l)][0].reshape(P, -1)
             z_err[l] = zc - _decode(sae, encode_z(sae, zc))
-    return {"mlp_out": mlp_out, "mlp_error": mlp_err, "z_error": z_err}
+    return {"mlp_out": mlp_out, "mlp_error": mlp_err, "z_error": z_err,
+            "metric": _metric_of(logits[:, -1], graph.metadata["target"])[0]}
 
 
 def _decode(sae: Any, f: "torch.Tensor") -> "torch.Tensor":
@@ -312,6 +314,11 @@ def _metrics(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: d
         hooks.append((hook_name("z", layer), z_hook(layer)))
     with torch.no_grad():
         logits = model.run_with_hooks(tokens[None].expand(B, -1), fwd_hooks=hooks)[:, -1]
+    return _metric_of(logits, target)
+
+
+def _metric_of(logits: "torch.Tensor", target: dict[str, Any]) -> list[float]:
+    """The target's metric for each row of last-position logits ``[B, vocab]``."""
     value = logits[:, int(target["token_id"])]
     if target.get("wrong_id") is not None:
         value = value - logits[:, int(target["wrong_id"])]
