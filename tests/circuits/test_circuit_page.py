@@ -161,6 +161,15 @@ def test_cli_builds_saves_checks_and_exports_a_graph(tiny_store: Path, tmp_path:
                  "--export", str(again)]) == 0
     assert set(nx.read_graphml(again).nodes) == set(g.nodes)
     ET.parse(again)
+    # the heads that carry the target's strongest inputs, for a stored graph
+    with reading(store) as con:
+        target = read_graph(con, gid).target_id
+    capsys.readouterr()
+    assert main(["graph", "--store", str(store), "--model", MODEL, "--graph-id", gid, "--faithfulness", "none",
+                 "--heads", target, "--timings"]) == 0
+    text = capsys.readouterr().out
+    assert "heads that carry them" in text and "carried by" in text and ("L0.H" in text or "L1.H" in text)
+    assert '"total"' in text.splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, needle", [
