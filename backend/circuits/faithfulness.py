@@ -280,11 +280,12 @@ def _metrics(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: d
                 y = torch.where(keep_err, err, fill("mlp_error", layer, err))
             else:
                 x = live[hook_name("mlp_in", layer)]
-                f = tc.encode(x)
-                f = torch.where(keep_tc[layer], f, fill("tc_acts", layer, f))
-                err = choose_error(y_live - tc.forward(x), clean["mlp_error"][layer])
+                f_live = tc.encode(x)
+                skip = _skip(tc, x)  # the skip term is a path: always live
+                err = choose_error(y_live - (tc.decode(f_live) + skip), clean["mlp_error"][layer])
                 err = torch.where(keep_err, err, fill("mlp_error", layer, err))
-                y = tc.decode(f) + _skip(tc, x) + err  # the skip term is a path: always live
+                f = torch.where(keep_tc[layer], f_live, fill("tc_acts", layer, f_live))
+                y = tc.decode(f) + skip + err
             y[:, 0] = y_live[:, 0]  # BOS: untouched
             return y
         return hook
