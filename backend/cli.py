@@ -159,7 +159,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         clock["last"] = now
 
     from backend.circuits import faithfulness as faith
-    from backend.circuits.build import BuildParams, build_graph
+    from backend.circuits.build import BuildParams, build
     from backend.circuits.prune import graph_scores, prune
     from backend.circuits.quality import describe
     from backend.circuits.storage import read_graph, save_graph
@@ -185,14 +185,15 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         graph = read_graph(con, args.graph_id) if args.graph_id else None
     if graph is not None:
         saes = saes if graph.metadata.get("dictionaries", {}).get("attn_sae_layers") else {}
+    system = None  # the prompt's frozen system, when built here (reused by the faithfulness check and --heads)
     lap("dictionaries")
     model = load_model(args.model, progress=say) if need_model else None
     lap("model")
     if graph is None:
         if not transcoders:
             say("This store has no transcoders: every MLP is one error node (build them with the precompute).")
-        graph = build_graph(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
-                            params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
+        graph, system = build(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
+                              params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
         for warning in graph.metadata.get("warnings", []):
             say(warning)
     lap("build")
@@ -210,7 +211,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         print("  " + line)
     lap("prune")
     if args.faithfulness != "none":
-        results = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name)
+        results = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name,
+                                       recording=system.rec if system is not None else None)
         pruned.metadata["faithfulness"] = {k: r.as_dict() for k, r in results.items()}
         for result in results.values():
             print(f"faithfulness ({result.summary()})")
@@ -218,7 +220,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     for node in args.heads or []:
         from backend.circuits.split import incoming_heads, summarise
 
-        split = incoming_heads(model, graph, transcoders, saes, node)
+        split = incoming_heads(model, graph, transcoders, saes, node, fz=system)
         labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
         print(f"strongest inputs of {labels.get(node, node)} ({node}) and the heads that carry them:")
         print(summarise(split, labels).drop(columns=["source_id"]).to_string(index=False))

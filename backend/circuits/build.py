@@ -33,6 +33,7 @@ from backend.circuits.quality import conservation
 from backend.circuits.replacement import (
     FEATURE_KINDS,
     Candidates,
+    Frozen,
     Target,
     edges,
     freeze,
@@ -117,7 +118,22 @@ def build_graph(
 ) -> Graph:
     """The attribution graph of ``prompt`` (text, or token ids with BOS first) for its target (see
     :func:`resolve_target`), with ``transcoders`` ``{layer: sae-lens Transcoder}`` replacing MLPs (layers without
-    one become error nodes) and ``attn_saes`` ``{layer: hook_z SAE}`` replacing those layers' heads."""
+    one become error nodes) and ``attn_saes`` ``{layer: hook_z SAE}`` replacing those layers' attention."""
+    return build(model, prompt, transcoders, attn_saes, answer, wrong, params, model_name)[0]
+
+
+def build(
+    model: Any,
+    prompt: str | bytes | Sequence[int],
+    transcoders: dict[int, Any],
+    attn_saes: dict[int, Any] | None = None,
+    answer: str | int | None = None,
+    wrong: str | int | None = None,
+    params: BuildParams | None = None,
+    model_name: str | None = None,
+) -> tuple[Graph, Frozen]:
+    """:func:`build_graph`, also returning the prompt's frozen system (its clean recording included), for callers
+    that go on to split edges by head or check faithfulness on the same prompt without running it again."""
     import torch
 
     from backend.inputs.prompts import encode_prompt, token_strings
@@ -187,7 +203,7 @@ def build_graph(
     graph = Graph(nodes=nodes, edges=edge_rows, metadata=metadata)
     graph.metadata["scores"] = graph_scores(graph)
     graph.metadata["seconds"] = round(time.perf_counter() - t0, 3)
-    return graph
+    return graph, fz
 
 
 def _node_frame(c: Candidates, keep: "torch.Tensor", attribution: "torch.Tensor", bias: "torch.Tensor",

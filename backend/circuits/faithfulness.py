@@ -177,13 +177,15 @@ def check(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict
 
 
 def check_both(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None = None,
-               mode: str = "zero", means: Means | None = None) -> dict[str, Faithfulness]:
-    """:func:`check` with frozen and with live error nodes, ``{"frozen": ..., "live": ...}`` (one batched run)."""
-    return _checks(model, graph, transcoders, attn_saes, mode, means, ERROR_MODES)
+               mode: str = "zero", means: Means | None = None, recording: Any = None) -> dict[str, Faithfulness]:
+    """:func:`check` with frozen and with live error nodes, ``{"frozen": ..., "live": ...}`` (one batched run).
+    ``recording``: the clean run of the graph's prompt if the caller has it (the build's
+    :class:`backend.circuits.replacement.Recording`), which saves a forward pass."""
+    return _checks(model, graph, transcoders, attn_saes, mode, means, ERROR_MODES, recording)
 
 
 def _checks(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None, mode: str,
-            means: Means | None, error_modes: tuple[str, ...]) -> dict[str, Faithfulness]:
+            means: Means | None, error_modes: tuple[str, ...], recording: Any = None) -> dict[str, Faithfulness]:
     if mode not in MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
     for errors in error_modes:
@@ -192,7 +194,7 @@ def _checks(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
     if mode == "mean" and means is None:
         raise ValueError("mean ablation needs reference means (reference_means)")
     attn_saes = attn_saes or {}
-    clean = _clean_state(model, graph, transcoders, attn_saes)
+    clean = _clean_state(model, graph, transcoders, attn_saes, recording)
     # With every node kept the replacement is exact (error nodes hold the rest), so "full" is the clean run's metric.
     # The circuit with each error mode and the empty circuit (the same for both modes: no error node is kept) are
     # the rows of one batched forward pass.
@@ -205,17 +207,22 @@ def _checks(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: di
     return out
 
 
-def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any]) -> dict[str, Any]:
-    """The clean run's MLP outputs, each dictionary's error on it (the frozen error nodes' values) and the metric."""
+def _clean_state(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any],
+                 recording: Any = None) -> dict[str, Any]:
+    """The clean run's MLP outputs, each dictionary's error on it (the frozen error nodes' values) and the metric,
+    from ``recording`` (the same prompt's clean run, batch dim dropped) or a new run."""
     import torch
 
     from backend.dictionaries.attention_sae import encode_z
 
     tokens = torch.tensor(graph.metadata["token_ids"])
     n_layers, P = model.cfg.n_layers, len(tokens)
+    names = [hook_name(k, l) for l in range(n_layers) for k in ("mlp_in", "mlp_out", "z")]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens[None], names_filter=[hook_name(k, l) for l in range(n_layers)
-                                                                         for k in ("mlp_in", "mlp_out", "z")])
+        if recording is not None and torch.equal(recording.tokens, tokens):
+            logits, cache = recording.logits[None], {n: recording.acts[n][None] for n in names}
+        else:
+            logits, cache = model.run_with_cache(tokens[None], names_filter=names)
         mlp_out = {l: cache[hook_name("mlp_out", l)][0] for l in range(n_layers)}
         mlp_err = {l: mlp_out[l] - tc.forward(cache[hook_name("mlp_in", l)][0]) for l, tc in transcoders.items()}
         z_err = {}
@@ -350,7 +357,8 @@ def reference_tokens(con: Any, model_name: str, n_contexts: int = 16) -> "torch.
 
 
 def check_in_store(model: Any, graph: Graph, transcoders: dict[int, Any], attn_saes: dict[int, Any] | None,
-                   mode: str, store_path: "str | Path", model_name: str) -> dict[str, Faithfulness]:
+                   mode: str, store_path: "str | Path", model_name: str, recording: Any = None
+                   ) -> dict[str, Faithfulness]:
     """:func:`check_both` (frozen and live error nodes) with the means of ``mean`` ablation taken over the store's
     corpus contexts (the CLI's ``--faithfulness`` and the Circuit Graph page's button)."""
     from backend.store.access import reading
@@ -360,4 +368,4 @@ def check_in_store(model: Any, graph: Graph, transcoders: dict[int, Any], attn_s
         with reading(store_path) as con:
             tokens = reference_tokens(con, model_name)
         means = reference_means(model, transcoders, attn_saes, tokens)
-    return check_both(model, graph, transcoders, attn_saes, mode=mode, means=means)
+    return check_both(model, graph, transcoders, attn_saes, mode=mode, means=means, recording=recording)

@@ -726,6 +726,12 @@ def test_partial_ablation_matches_an_independent_hook_computation(setup: dict[st
         assert result.metric_circuit == pytest.approx(_independent_ablation(setup, small, errors), abs=1e-3)
         nothing = graph.subgraph({graph.target_id})
         assert result.metric_empty == pytest.approx(_independent_ablation(setup, nothing, errors), abs=1e-3)
+    from backend.circuits.faithfulness import check_both
+    from backend.circuits.split import refreeze
+
+    reused = check_both(model, small, tcs, saes, recording=refreeze(model, graph, tcs, saes).rec)  # no clean rerun
+    for errors, result in reused.items():
+        assert result.as_dict() == pytest.approx(check(model, small, tcs, saes, errors=errors).as_dict())
     tokens = torch.randint(0, model.cfg.d_vocab, (3, 12))
     tokens[:, 0] = graph.metadata["token_ids"][0]
     mean = check(model, small, tcs, saes, mode="mean", means=reference_means(model, tcs, saes, tokens), errors="live")
