@@ -123,7 +123,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: int = 3,
-        trust: bool = True, cli: bool = True) -> dict[str, Any]:
+        trust: bool = True, cli: bool = True, cli_repeats: int = 3) -> dict[str, Any]:
     """Seconds per stage and their ratios to a bare forward pass, the CLI-vs-in-process ratio, and the trust
     numbers on the evaluation prompts."""
     import torch
@@ -178,13 +178,19 @@ def run(model_name: str = "smollm2-135m", store: Path | None = None, repeats: in
         "build_over_forward": round(build_s / forward_s, 1), "torch_threads": torch.get_num_threads(),
     }
     if cli and store is not None:
-        # the in-process build is timed again right before the CLI, so the ratio compares like with like
-        t0 = time.perf_counter()
-        build_graph(model, PROMPT, transcoders, saes, params=BuildParams(), model_name=spec.name)
-        build_again = time.perf_counter() - t0
-        c = _cli(store, model_name)
-        result["cli"] = c | {"build_in_process_s": round(build_again, 3),
-                             "cli_over_build": round(c["wall_s"] / build_again, 2) if "error" not in c else None}
+        # in-process builds and CLI runs interleaved (medians of cli_repeats each), so a load change on the machine
+        # hits both sides of the ratio alike
+        builds, runs = [], []
+        for _ in range(cli_repeats):
+            t0 = time.perf_counter()
+            build_graph(model, PROMPT, transcoders, saes, params=BuildParams(), model_name=spec.name)
+            builds.append(time.perf_counter() - t0)
+            runs.append(_cli(store, model_name))
+        ok = [r for r in runs if "error" not in r]
+        wall = statistics.median(r["wall_s"] for r in ok) if ok else None
+        result["cli"] = {"command": "python -m backend graph --store STORE --prompt PROMPT", "runs": runs,
+                         "wall_s": wall, "build_in_process_s": round(statistics.median(builds), 3),
+                         "cli_over_build": round(wall / statistics.median(builds), 2) if wall else None}
     if trust:
         means = None
         if store is not None:
