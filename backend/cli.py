@@ -111,12 +111,17 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--graph-id", default=None, help="instead of --prompt: a graph stored in --store")
     gr.add_argument("--answer", default=None, help="target token (default: the model's top prediction), e.g. ' Paris'")
     gr.add_argument("--wrong", default=None, help="explain the logit difference answer - wrong instead")
-    gr.add_argument("--max-nodes", type=_whole(1, MAX_NODES), default=400, help="candidate nodes kept when building (default 400)")
+    gr.add_argument("--max-nodes", type=_whole(1, MAX_NODES), default=400,
+                    help="feature nodes kept when building (default 400; embeddings and error nodes are always kept)")
     gr.add_argument("--no-attn-saes", action="store_true", help="use heads even where the store has attention SAEs")
     gr.add_argument("--node-threshold", type=_fraction(), default=0.8, help="cumulative node influence kept (default 0.8)")
     gr.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="cumulative edge influence kept (default 0.98)")
     gr.add_argument("--faithfulness", choices=["zero", "mean", "none"], default="zero",
                     help="ablate everything outside the pruned circuit this way and report the metric kept")
+    gr.add_argument("--heads", action="append", default=None, metavar="NODE_ID",
+                    help="print NODE_ID's strongest incoming edges split by the attention heads that carry them; "
+                         "repeatable")
+    gr.add_argument("--timings", action="store_true", help="print the seconds spent in each phase (one JSON line)")
     gr.add_argument("--save", action="store_true", help="store the (unpruned) graph in --store")
     gr.add_argument("--export", action="append", default=None, metavar="FILE",
                     help="write the pruned graph to FILE; the format follows the suffix: .svg .png .graphml .dot "
@@ -204,12 +209,23 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
+    import json
+    import time
     from pathlib import Path
 
+    clock = {"start": time.perf_counter()}
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock.pop("last", clock["start"]), 3)
+        clock["last"] = now
+
     from backend.circuits import faithfulness as faith
-    from backend.circuits.build import BuildParams, build_graph
+    from backend.circuits.build import BuildParams, build
     from backend.circuits.export import check_export_path
-    from backend.circuits.prune import prune
+    from backend.circuits.prune import graph_scores, prune
+    from backend.circuits.quality import describe
     from backend.circuits.storage import read_graph, save_graph
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
@@ -224,32 +240,55 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     spec = get_spec(args.model)
     if args.save:
         check_writable(args.store)
-    need_model = args.prompt is not None or args.faithfulness != "none"
+    need_model = args.prompt is not None or args.faithfulness != "none" or bool(args.heads)
+    if need_model and args.timings:
+        import torch  # noqa: F401 - imported here only so that --timings reports the heavy imports on their own
+        import transformer_lens  # noqa: F401
+    lap("imports")
     with reading(args.store) as con:
         transcoders, saes = graph_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
         graph = read_graph(con, args.graph_id) if args.graph_id else None
     if graph is not None:
         saes = saes if graph.metadata.get("dictionaries", {}).get("attn_sae_layers") else {}
+    system = None  # the prompt's frozen system, when built here (reused by the faithfulness check and --heads)
+    lap("dictionaries")
     model = load_model(args.model, progress=say) if need_model else None
+    lap("model")
     if graph is None:
         if not transcoders:
             say("This store has no transcoders: every MLP is one error node (build them with the precompute).")
-        graph = build_graph(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
-                            params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
+        graph, system = build(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
+                              params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
         for warning in graph.metadata.get("warnings", []):
             say(warning)
+    lap("build")
     t = graph.metadata["target"]
+    metric = "logit − mean logit" if t.get("demeaned") else "logit difference" if t.get("wrong") is not None else "logit"
     print(f"graph of {graph.metadata['prompt']!r} -> {t['token']!r}"
           + (f" - {t['wrong']!r}" if t.get("wrong") is not None else "")
-          + f" (metric {t['value']:.3f}): {len(graph.nodes)} nodes, {len(graph.edges)} edges")
+          + f" ({metric} {t['value']:.3f}): {len(graph.nodes)} nodes, {len(graph.edges)} edges")
+    for line in describe(graph.metadata.get("conservation"), graph.metadata.get("scores") or graph_scores(graph)):
+        print("  " + line)
     pruned = prune(graph, args.node_threshold, args.edge_threshold)
     print(f"pruned (node {args.node_threshold}, edge {args.edge_threshold}): {len(pruned.nodes)} nodes, "
           f"{len(pruned.edges)} edges")
+    for line in describe(None, pruned.metadata["pruning"]["scores"]):
+        print("  " + line)
+    lap("prune")
     if args.faithfulness != "none":
-        result = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name)
-        pruned.metadata["faithfulness"] = result.as_dict()
-        print(f"faithfulness ({args.faithfulness} ablation): circuit {result.metric_circuit:.3f}, full "
-              f"{result.metric_full:.3f}, nothing {result.metric_empty:.3f} -> fraction kept {result.fraction:.3f}")
+        results = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name,
+                                       recording=system.rec if system is not None else None)
+        pruned.metadata["faithfulness"] = {k: r.as_dict() for k, r in results.items()}
+        for result in results.values():
+            print(f"faithfulness ({result.summary()})")
+        lap("faithfulness")
+    for node in args.heads or []:
+        from backend.circuits.split import incoming_heads, summarise
+
+        split = incoming_heads(model, graph, transcoders, saes, node, fz=system)
+        labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
+        print(f"strongest inputs of {labels.get(node, node)} ({node}) and the heads that carry them:")
+        print(summarise(split, labels).drop(columns=["source_id"]).to_string(index=False))
     if args.save:
         gid = save_graph(args.store, graph, source="cli")
         print(f"saved as {gid} in {args.store}")
@@ -258,6 +297,10 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
         export_to_file(pruned, Path(path))
         print(f"wrote {path}")
+    if args.timings:
+        lap("rest")
+        timings["total"] = round(time.perf_counter() - clock["start"], 3)
+        print("timings " + json.dumps(timings))
     return 0
 
 

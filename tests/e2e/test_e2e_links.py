@@ -60,7 +60,7 @@ def test_a_crafted_link_shows_its_value_as_text_and_loads_nothing_from_another_h
     params = {k: v.replace("{dict}", _dict_id(tiny_store)) for k, v in params.items()}
     tab.open(path, **params)
     message = tab.wait_for_alert(kind, text)
-    assert f"![x](http:" in message and f"{EVIL}/p.png" in message  # shown as the characters it is (a path
+    assert "![x](http:" in message and f"{EVIL}/p.png" in message  # shown as the characters it is (a path
     # collapses the "//")
     assert _evil_elements(tab) == []
     assert [u for u in tab.external if EVIL in u] == []  # no tracking pixel was requested

@@ -248,8 +248,8 @@ def test_an_older_store_reads_as_current_without_being_written(tmp_path: Path) -
             if table == "replacement_evals":
                 continue
             con.execute(f"DROP INDEX IF EXISTS idx_{table}")
-            con.execute(f"DROP INDEX IF EXISTS idx_graph_nodes")
-            con.execute(f"DROP INDEX IF EXISTS idx_graph_edges")
+            con.execute("DROP INDEX IF EXISTS idx_graph_nodes")
+            con.execute("DROP INDEX IF EXISTS idx_graph_edges")
             con.execute(f"ALTER TABLE {table} DROP COLUMN {column.split()[0]}")
     con.execute("INSERT INTO dictionaries (dict_id, model, kind, layer, fve) VALUES ('d', 'a', 'transcoder', 0, 0.5)")
     con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
