@@ -75,7 +75,7 @@ from backend.model.hooks import FINAL_SCALE, hook_name
 Hook = tuple[str, Callable[..., Any]]
 
 NormRule = Literal["identity", "gradient"]
-AttentionRule = Literal["detach", "half", "attnlrp", "gradient"]
+AttentionRule = Literal["detach", "cp-lrp", "half", "attnlrp", "gradient"]
 ActivationRule = Literal["identity", "gradient"]
 GateRule = Literal["half", "value", "gradient"]
 
@@ -110,6 +110,15 @@ PAPER_RULES = RelPRules()
 DEFAULT_RULES = RelPRules(attention="gradient")
 # AtP expressed as rules: every piece passes its true derivative (the hooks then change nothing).
 GRADIENT_RULES = RelPRules(norm="gradient", attention="gradient", activation="gradient", gate="gradient", epsilon=0.0)
+# The two rule sets LXT (LRP-eXplains-Transformers) implements for Llama, as it implements them:
+# AttnLRP — identity rule on RMSNorm and SiLU, uniform rule on the gate product, on pattern ⊙ values and on q·k
+# (LXT divides the gradient of q and k by 4 and of v by 2), softmax by its gradient, linear maps by LRP-0;
+ATTNLRP_RULES = RelPRules(norm="identity", attention="attnlrp", activation="identity", gate="half", epsilon=0.0)
+# CP-LRP — identity rule on RMSNorm, q and k detached (the pattern a constant), the gate's SiLU branch detached so
+# all of the gate product's relevance flows through the up-projection, linear maps by LRP-0.
+CP_LRP_RULES = RelPRules(norm="identity", attention="cp-lrp", activation="identity", gate="value", epsilon=0.0)
+RULE_SETS: dict[str, RelPRules] = {"paper": PAPER_RULES, "attnlrp": ATTNLRP_RULES, "cp-lrp": CP_LRP_RULES,
+                                   "gradient": GRADIENT_RULES}
 
 
 def _swap_grad(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -184,6 +193,13 @@ def _mlp_hooks(model: Any, layer: int, rules: RelPRules) -> list[Hook]:
     return names
 
 
+def _qk_hook_names(model: Any, layer: int) -> list[str]:
+    """The hook points of the queries and keys that enter the attention scores (after rotary, if any)."""
+    if model.cfg.positional_embedding_type == "rotary":
+        return [f"blocks.{layer}.attn.hook_rot_q", f"blocks.{layer}.attn.hook_rot_k"]
+    return [hook_name("q", layer), hook_name("k", layer)]
+
+
 def rule_hooks(model: Any, rules: RelPRules | None = None) -> list[Hook]:
     """The TransformerLens forward hooks that turn a clean forward + backward into an LRP pass under ``rules``."""
     rules = rules or DEFAULT_RULES
@@ -203,6 +219,10 @@ def rule_hooks(model: Any, rules: RelPRules | None = None) -> list[Hook]:
             hooks += [(hook_name("attn_scale", layer), _detach_hook), (hook_name("mlp_scale", layer), _detach_hook)]
         if rules.attention == "detach":
             hooks.append((hook_name("pattern", layer), _detach_hook))
+        elif rules.attention == "cp-lrp":
+            # CP-LRP as LXT implements it: queries and keys (after rotary) detached, so the softmax pattern is a
+            # constant computed from detached q·k; relevance reaches the residual stream through the values only.
+            hooks += [(name, _detach_hook) for name in _qk_hook_names(model, layer)]
         elif rules.attention == "half":
             hooks += [(hook_name("pattern", layer), _half_hook), (hook_name("v", layer), _half_hook)]
         elif rules.attention == "attnlrp":
