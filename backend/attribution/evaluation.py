@@ -45,7 +45,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "ioi": {},
     "greater-than": {},
     "factual": {},
-    "induction": {"length": 10},  # two copies of 10 random word tokens (21 tokens with BOS)
+    "induction": {"length": 6},  # two copies of 6 random word tokens (13 tokens with BOS; patching cost grows ~ seq²)
     "sva": {},
 }
 FAMILY_TITLES = {"ioi": "IOI", "greater-than": "greater-than", "factual": "factual recall",
@@ -89,7 +89,12 @@ class Setting:
 
     def options_json(self) -> dict[str, Any]:
         """The options as JSON values (rule sets as dicts)."""
-        return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in self.options.items()}
+        def plain(v: Any) -> Any:
+            if hasattr(v, "to_dict"):
+                return v.to_dict()
+            return {k: plain(x) for k, x in v.items()} if isinstance(v, Mapping) else v
+
+        return {k: plain(v) for k, v in self.options.items()}
 
 
 def _compact(t: Any) -> dict[str, Any]:
@@ -115,7 +120,8 @@ def run_setting(model: Any, batch: "TaskBatch", setting: Setting, kinds: Sequenc
 
 def load_records(path: Path | str) -> list[dict[str, Any]]:
     """The JSON lines of a protocol run: one JSONL file, or every ``*.jsonl`` in a directory (one per worker), in
-    name order; an absent path has none, a torn last line is skipped."""
+    name order; an absent path has none, a torn last line is skipped. Chunk records (:func:`run_chunk`) are merged
+    into one record per (family, split, label) once every chunk is there, and left out before."""
     path = Path(path)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path] if path.exists() else []
     out = []
@@ -125,7 +131,76 @@ def load_records(path: Path | str) -> list[dict[str, Any]]:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    return out
+    return _merge_chunks(out)
+
+
+def _merge_chunks(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    whole = [r for r in records if "chunk" not in r]
+    have = {_key(r["model"], r["family"], r["split"], r["label"]) for r in whole}
+    groups: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = {}
+    for r in records:
+        if "chunk" in r:
+            groups.setdefault(_key(r["model"], r["family"], r["split"], r["label"]), {})[r["chunk"][0]] = r
+    for key, parts in groups.items():
+        n_chunks = next(iter(parts.values()))["chunk"][1]
+        if key in have or len(parts) < n_chunks:
+            continue
+        ordered = [parts[i] for i in range(n_chunks)]
+        merged = {k: v for k, v in ordered[0].items() if k != "chunk"}
+        for field_ in ("indices", "pair_seeds", "clean_metric", "corrupt_metric"):
+            merged[field_] = [x for p in ordered for x in p[field_]]
+        # CPU seconds add up; the chunks ran side by side, so the wall time is the longest chunk's
+        merged["cpu_s"] = round(sum(p["cpu_s"] for p in ordered), 4)
+        merged["wall_s"] = round(max(p["wall_s"] for p in ordered), 4)
+        merged["chunks"] = n_chunks
+        merged["scores"] = {}
+        for kind in ordered[0]["scores"]:
+            arrays = [_expand(p["scores"][kind]) for p in ordered]
+            cat = np.concatenate(arrays, 0)
+            merged["scores"][kind] = {"shape": list(cat.shape), "values": cat.ravel().tolist()}
+        whole.append(merged)
+    return whole
+
+
+def run_chunk(model: Any, model_name: str, setting: Setting, family: str, split: str, chunk: int, n_chunks: int,
+              out: Path | str, kinds: Sequence[str] = KINDS) -> None:
+    """Run ``setting`` on chunk ``chunk`` of ``n_chunks`` of a split's pairs (a contiguous slice, in index order) and
+    append it as a chunk record; :func:`load_records` merges the chunks. Lets one expensive (family, split) — the
+    patching of 8 pairs — run in several processes at once."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = _key(model_name, family, split, setting.label)
+    existing = [r for r in _raw_records(out) if _key(r["model"], r["family"], r["split"], r["label"]) == key]
+    if any("chunk" not in r or r["chunk"][0] == chunk for r in existing):
+        return
+    batch = family_batch(model, family)
+    indices = split_indices(family, len(batch))[split]
+    size = -(-len(indices) // n_chunks)
+    mine = indices[chunk * size:(chunk + 1) * size]
+    sub = batch.select(mine)
+    with torch.no_grad():
+        clean = sub.metric_per_example(model(sub.clean)).double()
+        corrupt = sub.metric_per_example(model(sub.corrupt)).double()
+    record = {"model": model_name, "family": family, "split": split, "label": setting.label, "method": setting.method,
+              "options": setting.options_json(), "indices": mine, "pair_seeds": [pair_seed(family, i) for i in mine],
+              "seq_len": sub.seq_len, "clean_metric": clean.tolist(), "corrupt_metric": corrupt.tolist(),
+              "torch_threads": torch.get_num_threads(), "chunk": [chunk, n_chunks],
+              **run_setting(model, sub, setting, kinds)}
+    with (out / f"{family}-{split}-{setting.method}-chunk{chunk}.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _raw_records(out: Path) -> list[dict[str, Any]]:
+    recs = []
+    for file in sorted(out.glob("*.jsonl")):
+        for line in file.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return recs
 
 
 def _key(model: str, family: str, split: str, label: str) -> tuple[str, str, str, str]:
@@ -230,11 +305,43 @@ def select_setting(table: "pd.DataFrame", candidates: Sequence[str]) -> tuple[st
 
 
 def load_summary(path: Path | str | None = None) -> dict[str, Any] | None:
-    """The committed evaluation summary (``benchmarks/results/attribution-eval.json``), or None when absent."""
-    path = Path(path) if path is not None else SUMMARY_PATH
-    if not path.exists():
+    """The committed evaluation summary (``benchmarks/results/attribution-eval.json``; the environment variable
+    ``CIRCUITSCOPE_ATTRIBUTION_EVAL`` names another file), or None when absent or unreadable."""
+    import os
+
+    path = Path(path or os.environ.get("CIRCUITSCOPE_ATTRIBUTION_EVAL") or SUMMARY_PATH)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
         return None
-    return json.loads(path.read_text())
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else "—"
+
+
+def summary_view(summary: Mapping[str, Any]) -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """Display frames of a summary: (faithfulness per family × kind × method with 95% intervals as text, cost per
+    method over all families with its ratio to activation patching)."""
+    import pandas as pd
+
+    table = pd.DataFrame(summary.get("table", []))
+    if table.empty:
+        return table, pd.DataFrame()
+    view = pd.DataFrame({
+        "family": [FAMILY_TITLES.get(f, f) for f in table["family"]], "kind": table["kind"], "method": table["label"],
+        "pairs": table["n_pairs"], "Pearson r": table["r"],
+        "r 95% CI": [_interval(a, b) for a, b in zip(table["r_lo"], table["r_hi"])],
+        "Spearman ρ": table["rho"], "ρ 95% CI": [_interval(a, b) for a, b in zip(table["rho_lo"], table["rho_hi"])],
+        "top-10 overlap": table["top10"],
+        "top-10 95% CI": [_interval(a, b) for a, b in zip(table["top10_lo"], table["top10_hi"])],
+    })
+    timing = summary.get("timing_eval_records", {})
+    patch = timing.get("patching", {})
+    cost = pd.DataFrame([{"method": label, "wall s": t["wall_s"], "CPU s": t["cpu_s"],
+                          "× cheaper than patching (CPU)": (patch.get("cpu_s", float("nan")) / t["cpu_s"])
+                          if t["cpu_s"] else float("nan")} for label, t in timing.items()])
+    return view, cost
 
 
 def summary_frame(summary: Mapping[str, Any], model: str | None = None) -> "pd.DataFrame":

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from backend.inputs.tasks import TaskBatch
 
 DEFAULT_STEPS = 8
-MAX_TOKENS = 512  # tokens per forward + backward pass (activations for the backward dominate memory)
+MAX_TOKENS = 2048  # tokens per forward + backward pass: few large passes (see patching.py); ~1 GB of activations
 
 
 def gauss_legendre(steps: int) -> tuple["torch.Tensor", "torch.Tensor"]:

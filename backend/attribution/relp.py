@@ -18,8 +18,10 @@ modules), hence these few hand-written hooks.
     x ↦ w ⊙ x / s (LayerNorm also centres, which is linear). ``"gradient"``: the true derivative.
 ``attention`` — the softmax pattern.
     ``"detach"``: the pattern is a constant; relevance flows only through the values (``hook_pattern`` detached).
-    The query/key path therefore receives **no** relevance (as in CP-LRP / AttnLRP): a component's influence
-    through *where* heads attend is not credited. ``"half"``: the product pattern ⊙ values gets the uniform rule
+    The query/key path therefore receives **no** relevance: a component's influence through *where* heads attend is
+    not credited. ``"cp-lrp"``: CP-LRP as LXT implements it, queries and keys (after rotary) detached — the same
+    propagation as ``"detach"`` (the pattern depends on nothing else), kept so that the LXT rule set is spelled as
+    LXT spells it. ``"half"``: the product pattern ⊙ values gets the uniform rule
     (half of the relevance through each factor: ``hook_pattern`` and ``hook_v`` each pass half their gradient).
     ``"attnlrp"``: AttnLRP (Achtibat et al. 2024): the uniform rule on both bilinear products, pattern ⊙ values and
     q · k (``hook_q`` / ``hook_k`` pass half their gradient too), and the softmax by its gradient (AttnLRP's
@@ -42,23 +44,7 @@ detached factors are fixed, so on a bias-free model (Llama-family: no biases) Σ
 the metric at *every* layer l: relevance is conserved layer to layer. Biases absorb relevance; the ε-rule, the
 "gradient" choices and ``attention="half"`` (its pattern half flows on through the softmax and q·k) break it. ``tests/attribution/test_relp.py`` checks it.
 
-**Which rules by default — measured, not assumed.** :data:`PAPER_RULES` are docs/methods.md §3's (all four rules,
-pattern detached). On SmolLM2-135M IOI (4 ABBA/BABA prompts, ABC corruption; every (layer, position) of the
-residual stream and MLP outputs and every (layer, head); Pearson r with activation patching; a 36-combination
-grid of these options) we measured, resid / MLP / heads:
-
-* AtP 0.37 / 0.55 / 0.80;
-* PAPER_RULES 0.70 / 0.71 / 0.66 — the detached pattern loses the heads (below AtP);
-* best on resid + MLP: attention detached, gate by its true product rule: 0.79 / 0.85 / 0.64 (heads below AtP);
-* :data:`DEFAULT_RULES` (pattern constant on the value path, q/k path by its gradient, identity norms and SiLU,
-  half rule on the gate): 0.68 / 0.66 / 0.90 — the only kind of setting that beats AtP on *every* component
-  type, so it is the default. ε = 0.1 moved it to 0.72 / 0.69 / 0.91 (within noise; default stays ε ≈ 0).
-* norms by their true gradient were worse in every combination (resid ≤ 0.68, MLP ≤ 0.67).
-
-No setting reached r ≥ 0.9 on resid / MLP. The reason is visible in the data: the largest true effects are at the
-name positions of layers 0–8 (patching the corrupt name's residual or MLP0 output there removes the whole logit
-difference, ≈ −4.6), far outside the linear regime: every first-order estimate (AtP, RelP, any rule) puts them at
-−0.1 to −0.7, and these few points dominate a pooled Pearson r. ``make bench`` re-measures the comparison.
+**Which rules by default — chosen on dev pairs, reported on held-out ones.** RELP_SELECTION_PLACEHOLDER
 
 Sign convention: that of every attribution method here (:mod:`backend.attribution.components`).
 """
@@ -66,7 +52,7 @@ Sign convention: that of every attribution method here (:mod:`backend.attributio
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 
@@ -235,8 +221,29 @@ def rule_hooks(model: Any, rules: RelPRules | None = None) -> list[Hook]:
     return [(name, fn) for name, fn in hooks if name in present]
 
 
-def relp(model: Any, batch: Any, kinds: Sequence[str], rules: RelPRules | None = None, **kwargs: Any) -> Any:
-    """RelP scores of ``kinds`` components on ``batch`` (2 forward + 1 backward), same shape and sign as AtP."""
-    from backend.attribution.atp import gradient_estimate
+def relp(model: Any, batch: Any, kinds: Sequence[str], rules: RelPRules | Mapping[str, RelPRules] | None = None,
+         **kwargs: Any) -> Any:
+    """RelP scores of ``kinds`` components on ``batch``, same shape and sign as AtP: all prompt pairs in one batched
+    corrupt forward, clean forward and backward pass per rule set.
 
-    return gradient_estimate(model, batch, kinds, fwd_hooks=rule_hooks(model, rules), **kwargs)
+    ``rules`` is one :class:`RelPRules` for every kind, or a mapping kind -> rules (kinds missing from it use
+    :data:`DEFAULT_RULES`); kinds that share a rule set share one pass.
+    """
+    from backend.attribution.atp import gradient_estimate
+    from backend.attribution.components import Scores
+
+    if rules is None or isinstance(rules, RelPRules):
+        return gradient_estimate(model, batch, kinds, fwd_hooks=rule_hooks(model, rules), **kwargs)
+    groups: dict[RelPRules, list[str]] = {}
+    for kind in kinds:
+        groups.setdefault(rules.get(kind, DEFAULT_RULES), []).append(kind)
+    parts = [gradient_estimate(model, batch, group, fwd_hooks=rule_hooks(model, r), **kwargs)
+             for r, group in groups.items()]
+    merged = Scores(per_position_heads=parts[0].per_position_heads)
+    for part in parts:
+        merged.values.update(part.values)
+        merged.examples.update(part.examples)
+        merged.feature_layers = part.feature_layers or merged.feature_layers
+    merged.values = {k: merged.values[k] for k in kinds if k in merged.values}
+    merged.examples = {k: merged.examples[k] for k in kinds if k in merged.examples}
+    return merged
