@@ -84,11 +84,12 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="layers that get transcoders, same syntax as --layers (default: the preset's, 'all'); "
                           "--layers does not change them")
 
-    att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, RelP, IG) on a task or a "
+    att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, AtP*, RelP, IG) on a task or a "
                                            "clean/corrupt pair and store the comparison")
     att.add_argument("--store", required=True, help="path of the .duckdb store to write into (created if missing)")
     att.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
-    att.add_argument("--task", default=None, help="a built-in task: ioi, greater-than, induction, induction-text")
+    att.add_argument("--task", default=None, help="a built-in task: ioi, greater-than, induction, induction-text, "
+                                                  "factual, sva")
     att.add_argument("--examples", type=_whole(1, MAX_EXAMPLES), default=4, help="prompt pairs of the task (default 4)")
     att.add_argument("--seed", type=_whole(0, MAX_SEED), default=0, help="task prompt seed")
     att.add_argument("--clean", default=None, help="instead of --task: the clean prompt")
@@ -96,7 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     att.add_argument("--answer", default=None, help="the clean answer token, e.g. ' Mary'")
     att.add_argument("--wrong", default=None, help="the wrong answer token, e.g. ' John'")
     att.add_argument("--methods", default=None, help="comma-separated methods (default: every available one of "
-                                                     "patching, atp, relp, ig)")
+                                                     "patching, atp, atpstar, relp, ig)")
     att.add_argument("--kinds", default="resid,mlp,head", help="comma-separated component kinds: resid, mlp, head, "
                                                                "feature (the store's attention SAEs)")
     att.add_argument("--ig-steps", type=_whole(1, MAX_IG_STEPS), default=8, help="integrated-gradient steps (default 8)")

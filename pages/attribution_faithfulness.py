@@ -18,6 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from backend.attribution import GROUND_TRUTH, METHODS
+from backend.attribution import evaluation as attribution_evaluation
 from backend.attribution import queries as attribution_queries
 from backend.attribution.components import DEFAULT_KINDS, KINDS
 from backend.errors import CircuitscopeError
@@ -28,7 +29,7 @@ _CMP_KEY = "af_comparison"
 _LIVE = "_af_live"  # session key: the last live comparison (Comparison object)
 LIVE_MAX_TOKENS = 48  # patching runs one pass per component: ~1000 components for 12 tokens on SmolLM2
 KIND_TITLES = {"resid": "Residual stream", "mlp": "MLP outputs", "head": "Attention heads", "feature": "SAE features"}
-METHOD_COLORS = {"atp": "#1f77b4", "relp": "#d62728", "ig": "#2ca02c"}
+METHOD_COLORS = {"atp": "#1f77b4", "atpstar": "#9467bd", "relp": "#d62728", "ig": "#2ca02c"}
 Query = Callable[..., Any]
 
 
@@ -308,11 +309,44 @@ def _save(ctx: shell.PageContext, live: Any) -> None:
                    f"(link: {shell.literal(f'?{COMPARISON_PARAM}={live.comparison_id}')}).")
 
 
+def _evaluation(ctx: shell.PageContext) -> None:
+    """The evaluation protocol's table (held-out pairs of every task family), from the committed summary."""
+    summary = attribution_evaluation.load_summary()
+    if summary is None:
+        st.info("No evaluation summary yet: `python -m benchmarks.attribution_eval` records it (see "
+                "benchmarks/attribution_eval.py).")
+        return
+    if summary.get("model") != ctx.model:
+        st.info(f"The evaluation across task families was measured on {summary.get('model')}; this store's model is "
+                f"{ctx.model}. Open a {summary.get('model')} store to see it.")
+        return
+    view, cost = attribution_evaluation.summary_view(summary)
+    split = summary.get("split", {})
+    n_eval = sum(len(v.get("eval", [])) for v in split.values())
+    rules = summary.get("relp_rules") or {}
+    st.markdown(f"**Evaluation set** ({n_eval} held-out prompt pairs, "
+                f"{len(split)} task families): these pairs were never used to choose a rule or a setting.")
+    st.caption("RelP's rules (" + ", ".join(f"{k} {v}" for k, v in rules.items()) + ") and IG's steps were chosen "
+               "on the separate dev pairs. Per family and component kind: each method's scores averaged over the "
+               "pairs, against activation patching's — Pearson r, Spearman ρ, and the share of patching's 10 largest "
+               "effects among the method's 10 largest scores — with 95% bootstrap intervals over pairs. "
+               f"Measured {summary.get('when', '')[:10]} (benchmarks/results/attribution-eval.json).")
+    st.dataframe(view, hide_index=True, column_config={
+        c: st.column_config.NumberColumn(format="%.2f") for c in ("Pearson r", "Spearman ρ", "top-10 overlap")})
+    if not cost.empty:
+        st.caption("Cost of the evaluation runs (all families; wall time varies with the shared machine's load, CPU "
+                   "time far less):")
+        st.dataframe(cost, hide_index=True, column_config={
+            "× cheaper than patching (CPU)": st.column_config.NumberColumn(format="%.1f×")})
+
+
 def body(ctx: shell.PageContext) -> None:
-    """Stored comparisons, then the live pair form."""
+    """The held-out evaluation, stored comparisons, then the live pair form."""
     if ctx.model is None:
         st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
         return
+    st.subheader("How faithful is each method? (held-out evaluation)")
+    _evaluation(ctx)
     st.subheader("Stored comparisons")
     _stored(ctx)
     st.subheader("Your own clean/corrupted pair")

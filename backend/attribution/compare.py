@@ -87,10 +87,12 @@ def _method_params(name: str, ig_steps: int, rules: Any) -> dict[str, Any]:
 
 
 def _params_json(params: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in params.items():
-        out[k] = v.to_dict() if hasattr(v, "to_dict") else v
-    return out
+    def plain(v: Any) -> Any:  # rule sets (and kind -> rule set mappings) as JSON
+        if hasattr(v, "to_dict"):
+            return v.to_dict()
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, Mapping) else v
+
+    return {k: plain(v) for k, v in params.items()}
 
 
 def run_comparison(model: Any, batch: "TaskBatch", model_name: str, methods: Sequence[str] | None = None,
