@@ -147,6 +147,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
+
+    cp = sub.add_parser("compact", help="fold the graphs and comparisons saved beside a store into the store itself")
+    cp.add_argument("store", help="path of the .duckdb store")
     return parser
 
 
@@ -373,6 +376,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from backend.store.access import compact
+
+    n = compact(args.store)
+    print(f"{args.store}: {n} save file{'s' if n != 1 else ''} folded into the store")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     try:
@@ -388,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_intervene(args)
         if args.command == "graph":
             return _cmd_graph(args)
+        if args.command == "compact":
+            return _cmd_compact(args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

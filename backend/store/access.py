@@ -325,6 +325,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def compact(path: str | Path) -> int:
+    """Fold every listed save of the store at ``path`` into the store itself (one copy of the store, as a precompute
+    run makes) and return how many save files were folded. Readers keep serving meanwhile; the copy also drops the
+    space of deleted rows."""
+    real = real_path(path)
+    if not real.exists():
+        raise StoreError(f"There is no store at {literal(path)}.")
+    n = len(saves.listed(real))
+    with StoreWriter(path, kind="compact", model=""):
+        pass
+    return n
+
+
 class StoreWriter:
     """Context manager that writes one precompute run atomically (see module docstring).
 

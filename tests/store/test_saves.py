@@ -171,3 +171,24 @@ def test_a_save_cannot_create_a_store_or_write_other_tables(tmp_path: Path) -> N
         with saves.saving(store, kind="x", model="m") as w:
             w.insert_df("dictionaries", pd.DataFrame({"dict_id": ["d"]}))
     assert saves.listed(store.resolve()) == []  # the failed save was not listed
+
+
+def test_compact_cli_folds_saves_and_refuses_a_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.cli import main
+
+    store = _store(tmp_path / "s.duckdb")
+    _save_graph(store, "g-new", "new", ["x"])
+    _save_graph(store, "g-other", "other", ["y"])
+    assert main(["compact", str(store)]) == 0
+    assert "2 save files folded" in capsys.readouterr().out
+    assert saves.listed(store.resolve()) == []
+    import duckdb
+
+    con = duckdb.connect(str(store), read_only=True)  # the store file alone, without its saves directory
+    try:
+        got = dict(con.execute("SELECT graph_id, title FROM graphs").fetchall())
+    finally:
+        con.close()
+    assert got == {"g-main": "main", "g-shared": "old title", "g-new": "new", "g-other": "other"}
+    assert main(["compact", str(tmp_path / "missing.duckdb")]) == 2
+    assert "There is no store at" in capsys.readouterr().err
