@@ -219,7 +219,7 @@ def _current_tables(con: duckdb.DuckDBPyConnection, version: int) -> dict[str, s
     this connection only (the store stays read-only) and shadow the store's own names."""
     db = con.execute("SELECT current_database()").fetchall()[0][0]
     names = [stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in schema.DDL]
-    bases = {name: f'SELECT * FROM "{db}".main."{name}"' for name in names}
+    bases = {name: f'SELECT {saves.select_list(name)} FROM "{db}".main."{name}"' for name in names}
     if version >= schema.SCHEMA_VERSION:
         return bases
     rows = con.execute("SELECT table_name, column_name FROM information_schema.columns "
@@ -233,7 +233,7 @@ def _current_tables(con: duckdb.DuckDBPyConnection, version: int) -> dict[str, s
             # saves may replace that view later).
             stand_in = stmt.replace(f"CREATE TABLE IF NOT EXISTS {table}", f'CREATE TEMP TABLE "_missing_{table}"', 1)
             con.execute(stand_in)
-            bases[table] = f'SELECT * FROM temp.main."_missing_{table}"'
+            bases[table] = f'SELECT {saves.select_list(table)} FROM temp.main."_missing_{table}"'
             con.execute(f'CREATE TEMP VIEW "{table}" AS {bases[table]}')
     added: dict[str, list[str]] = {}
     for v in range(version + 1, schema.SCHEMA_VERSION + 1):
@@ -242,7 +242,7 @@ def _current_tables(con: duckdb.DuckDBPyConnection, version: int) -> dict[str, s
             if table in columns and name not in columns[table]:
                 added.setdefault(table, []).append(f"NULL::{sql_type} AS {name}")
     for table, extra in added.items():
-        bases[table] = f'SELECT *, {", ".join(extra)} FROM "{db}".main."{table}"'
+        bases[table] = f'SELECT {saves.select_list(table, ", ".join(extra))} FROM "{db}".main."{table}"'
         con.execute(f'CREATE TEMP VIEW "{table}" AS {bases[table]}')
     return bases
 

@@ -48,6 +48,9 @@ SAVE_TABLES: dict[str, str] = {
     "attribution_runs": "comparison_id",
     "attributions": "attr_id",
 }
+# Tables read back in the order their rows were written (``ORDER BY rowid``; one graph's rows live in one source): a
+# view over them carries each source table's rowid as a column of that name, which a view has not otherwise.
+ORDERED_TABLES = frozenset({"graph_nodes", "graph_edges"})
 MANIFEST = "manifest.json"
 LOCK_WAIT_S = 60.0  # a save waits this long for another save's (or a precompute's fold's) manifest update
 CONSOLIDATE_AT = 8  # with this many saves listed, the next save merges them into one file (readers attach fewer)
@@ -295,6 +298,12 @@ def attach(con: duckdb.DuckDBPyConnection, real: Path) -> list[str]:
     return aliases
 
 
+def select_list(table: str, extra: str = "") -> str:
+    """The select list of a view over one source of ``table``: every column, the source's rowid for
+    :data:`ORDERED_TABLES`, then ``extra``."""
+    return ", ".join(["*"] + (["rowid AS rowid"] if table in ORDERED_TABLES else []) + ([extra] if extra else []))
+
+
 def union_views(con: duckdb.DuckDBPyConnection, bases: dict[str, str], aliases: list[str]) -> None:
     """Temporary views that show each save table as the store's rows (``bases[table]``: a SELECT over the store,
     adding columns an older store lacks) plus the saves', a newer source's rows replacing older rows with the same
@@ -302,7 +311,7 @@ def union_views(con: duckdb.DuckDBPyConnection, bases: dict[str, str], aliases: 
     if not aliases:
         return
     for table, key in SAVE_TABLES.items():
-        sources = [bases[table]] + [f'SELECT * FROM {a}.main."{table}"' for a in aliases]
+        sources = [bases[table]] + [f'SELECT {select_list(table)} FROM {a}.main."{table}"' for a in aliases]
         parts = []
         for i, src in enumerate(sources):
             newer = [f'SELECT "{key}" FROM {a}.main."{table}"' for a in aliases[i:]]

@@ -192,3 +192,14 @@ def test_compact_cli_folds_saves_and_refuses_a_missing_store(tmp_path: Path, cap
     assert got == {"g-main": "main", "g-shared": "old title", "g-new": "new", "g-other": "other"}
     assert main(["compact", str(tmp_path / "missing.duckdb")]) == 2
     assert "There is no store at" in capsys.readouterr().err
+
+
+def test_graph_rows_read_back_in_the_order_they_were_written(tmp_path: Path) -> None:
+    store = _store(tmp_path / "s.duckdb")
+    order = ["n9", "n1", "n5", "n3"]  # not sorted: the order a graph was built in
+    _save_graph(store, "g-new", "new", order)
+    with reading(store) as con:
+        got = [r[0] for r in con.execute("SELECT node_id FROM graph_nodes WHERE graph_id = 'g-new' ORDER BY rowid")
+               .fetchall()]
+        main = con.execute("SELECT node_id FROM graph_nodes WHERE graph_id = 'g-main' ORDER BY rowid").fetchall()
+    assert got == order and main == [("a",)]
