@@ -64,8 +64,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="python -m backend", description="circuitscope backend")
     sub = parser.add_subparsers(dest="command", required=True)
+    on_device = argparse.ArgumentParser(add_help=False)
+    on_device.add_argument("--device", default=None,
+                           help="auto (default: a CUDA GPU when torch sees one, else mps, else the CPU), cpu, cuda, "
+                                "cuda:N or mps; the CIRCUITSCOPE_DEVICE environment variable sets the default")
 
-    pre = sub.add_parser("precompute", help="build a store (or add a run to one) from a model and a corpus")
+    pre = sub.add_parser("precompute", help="build a store (or add a run to one) from a model and a corpus",
+                         parents=[on_device])
     pre.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
     pre.add_argument("--store", required=True, help="path of the .duckdb store to create or extend")
     pre.add_argument("--preset", default="demo", help="demo (<= 10 min on 2 cores) or full")
@@ -85,7 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           "--layers does not change them")
 
     att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, AtP*, RelP, IG) on a task or a "
-                                           "clean/corrupt pair and store the comparison")
+                                           "clean/corrupt pair and store the comparison",
+                         parents=[on_device])
     att.add_argument("--store", required=True, help="path of the .duckdb store to write into (created if missing)")
     att.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
     att.add_argument("--task", default=None, help="a built-in task: ioi, greater-than, induction, induction-text, "
@@ -104,7 +110,8 @@ def _build_parser() -> argparse.ArgumentParser:
     att.add_argument("--per-position-heads", action="store_true", help="score heads per position too")
 
     gr = sub.add_parser("graph", help="build (or load) an attribution graph for a prompt, prune it, check its "
-                                      "faithfulness, store it and export it")
+                                      "faithfulness, store it and export it",
+                        parents=[on_device])
     gr.add_argument("--store", required=True, help="path of the .duckdb store (its transcoders and attention SAEs "
                                                   "are used; the graph is saved into it with --save)")
     gr.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
@@ -129,7 +136,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          ".json (Neuronpedia / circuit-tracer schema); repeatable")
 
     iv = sub.add_parser("intervene", help="set, scale or zero features or heads on a prompt and compare the next-token "
-                                          "prediction (and a greedy continuation) with the unchanged model's")
+                                          "prediction (and a greedy continuation) with the unchanged model's",
+                        parents=[on_device])
     iv.add_argument("--store", required=True, help="path of the .duckdb store whose transcoders and attention SAEs "
                                                    "are intervened on")
     iv.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
@@ -391,6 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # returned, not raised, so in-process callers get the status like any other error
         return stop.code if isinstance(stop.code, int) else 2
     try:
+        if getattr(args, "device", None) is not None:
+            from backend.model.device import use_device
+
+            use_device(args.device)  # before anything is loaded: the model, dictionaries and training follow it
         if args.command == "precompute":
             return _cmd_precompute(args)
         if args.command == "attribute":

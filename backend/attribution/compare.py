@@ -212,7 +212,7 @@ def save_comparison(store_path: "str | Path", comparison: Comparison, model: Any
 
     from backend.model.record import record_model
     from backend.store.access import StoreWriter, reading, real_path
-    from backend.store.saves import saving
+    from backend.store.access import saving
 
     params = {"comparison_id": comparison.comparison_id, "task": comparison.task,
               "methods": list(comparison.runs), "kinds": comparison.kinds, "source": source or comparison.source}

@@ -213,7 +213,7 @@ class Scores:
 
         frames = []
         for kind, t in self.values.items():
-            v = t.detach().cpu().double().numpy()
+            v = t.detach().cpu().double().cpu().numpy()
             idx = np.indices(v.shape).reshape(v.ndim, -1)
             flat = v.reshape(-1)
             cols: dict[str, Any] = {"component": kind, "layer": idx[0], "head": None, "pos": None, "feature": None}

@@ -98,7 +98,7 @@ class Setting:
 
 
 def _compact(t: Any) -> dict[str, Any]:
-    arr = t.detach().cpu().double().numpy()
+    arr = t.detach().cpu().double().cpu().numpy()
     return {"shape": list(arr.shape), "values": [float(f"{v:.7g}") for v in arr.ravel().tolist()]}
 
 

@@ -266,6 +266,6 @@ def _edge_frame(model: Any, c: Candidates, keep: "torch.Tensor", W: "torch.Tenso
             norm_factor[both] = 1.0 / scale[c.layer[g_t], c.pos[g_t]]
     return pd.DataFrame({
         "source": [ids[i] for i in s_idx.tolist()], "target": [ids[i] for i in t_idx.tolist()],
-        "weight": weight.double().numpy(), "source_factor": source_factor.double().numpy(),
-        "invariant": invariant.double().numpy(), "norm_factor": norm_factor.double().numpy(),
+        "weight": weight.double().cpu().numpy(), "source_factor": source_factor.double().cpu().numpy(),
+        "invariant": invariant.double().cpu().numpy(), "norm_factor": norm_factor.double().cpu().numpy(),
     })

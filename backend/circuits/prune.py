@@ -78,7 +78,7 @@ def influence(graph: Graph) -> "pd.Series":
     # x (I − Â) = e Â  <=>  (I − Â)ᵀ xᵀ = (e Â)ᵀ
     x = torch.linalg.solve((torch.eye(len(ids), dtype=torch.float64) - An).T, An.T @ e)
     x[t] = 1.0
-    return pd.Series(x.numpy(), index=ids, name="influence")
+    return pd.Series(x.cpu().numpy(), index=ids, name="influence")
 
 
 def with_influence(graph: Graph) -> Graph:

@@ -106,7 +106,7 @@ def save_graph(store_path: "str | Path", graph: Graph, source: str, title: str |
     """Save ``graph`` into the store at ``store_path`` (the CLI's ``--save``, the Circuit Graph page's save button): a
     small file of its own beside the store, visible to readers at once, no copy of the store
     (:mod:`backend.store.saves`); returns its id."""
-    from backend.store.saves import saving
+    from backend.store.access import saving
 
     model = str(graph.metadata.get("model"))
     with saving(store_path, kind="graph", model=model,

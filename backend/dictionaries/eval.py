@@ -454,7 +454,7 @@ def evaluate_transcoders(
                 names += [hook_name("resid_pre", layer) for layer in layers]
             clean = _final_resid(model, batch, batch, [(name, keep) for name in names])
             clean_ce = next_token_ce(model, clean, batch)
-            per_ctx["clean"].append(clean_ce.double().mean(-1).numpy())
+            per_ctx["clean"].append(clean_ce.double().mean(-1).cpu().numpy())
             rows = ~exact[:, 1:].reshape(-1)  # scored rows: non-sink positions after BOS
             for layer in layers:
                 x = cache[hook_name("mlp_in", layer)][:, 1:].reshape(-1, d_out)[rows]
@@ -474,9 +474,9 @@ def evaluate_transcoders(
                     other = _final_resid(model, batch, batch, splice_hooks(reps, exact, limits))
                     got = compare_with_clean(model, clean, other, batch)
                     for name in ("ce", "kl", "top1"):
-                        per_ctx[f"{key}_{name}"].append(got[name].double().mean(-1).numpy())
+                        per_ctx[f"{key}_{name}"].append(got[name].double().mean(-1).cpu().numpy())
                 ablated = _final_resid(model, batch, batch, ablate_hooks(layers, exact, limits))
-                per_ctx["ablated"].append(next_token_ce(model, ablated, batch).double().mean(-1).numpy())
+                per_ctx["ablated"].append(next_token_ce(model, ablated, batch).double().mean(-1).cpu().numpy())
             if in_ce:
                 n_pred_ce += clean_ce.numel()
                 for layer in layers:

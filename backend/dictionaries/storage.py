@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from backend.dictionaries.kinds import ATTN_SAE, TRANSCODER
 from backend.errors import InputError, ModelUnavailableError, StoreError
+from backend.model.device import resolve_device
 from backend.paths import CACHE_DIR
 
 # Dictionary weights read from stores, as safetensors files (see load_dictionaries): git-ignored, like the model cache.
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def load_transcoders(con: Any, model_name: str) -> dict[int, "Transcoder"]:
-    """Every transcoder of ``model_name`` in the store, by layer (eval mode, CPU float32).
+    """Every transcoder of ``model_name`` in the store, by layer (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`).
 
     Where a layer has several (different widths or sources), the one written by the most recent run wins (ties:
     smallest dict_id). Each transcoder's ``cfg.metadata.dict_id`` is set to its store dict_id (graph nodes cite it).
@@ -128,12 +129,12 @@ def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
 
 
 def load_dictionary(con: Any, dict_id: str) -> "SAE":
-    """Rebuild the sae-lens SAE stored under ``dict_id`` (eval mode, CPU float32)."""
+    """Rebuild the sae-lens SAE stored under ``dict_id`` (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`)."""
     return load_dictionaries(con, [dict_id])[dict_id]
 
 
 def load_dictionaries(con: Any, dict_ids: Sequence[str]) -> dict[str, "SAE"]:
-    """Rebuild the sae-lens SAEs stored under ``dict_ids`` (eval mode, CPU float32), by dict_id.
+    """Rebuild the sae-lens SAEs stored under ``dict_ids`` (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`), by dict_id.
 
     Reading a weights blob out of DuckDB runs at tens of MB/s here — seconds for the ~30 dictionaries of a graph —
     so each blob, once read, is also written to :data:`WEIGHTS_CACHE` as the safetensors file it already is, keyed by
@@ -220,12 +221,13 @@ def _rebuild(dict_id: str, cfg_json: str, fmt: str, blob: bytes | None, path: "P
     cfg["dtype"] = "float32"
     tensors = load(blob) if blob is not None else load_file(str(path))
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
+    device = str(resolve_device())
     sae = SAE.from_dict({**cfg, "device": "meta"})
-    sae.cfg.device = "cpu"
+    sae.cfg.device = device
     sae.load_state_dict(state, assign=True)
-    sae = sae.to(device="cpu")
+    sae = sae.to(device=device)
     if any(t.is_meta for t in [*sae.parameters(), *sae.buffers()]):
-        sae = SAE.from_dict({**cfg, "device": "cpu"})
+        sae = SAE.from_dict({**cfg, "device": device})
         sae.load_state_dict(state)
     return sae.eval()
 
@@ -249,7 +251,7 @@ def load_pretrained(release: str, sae_id: str) -> "SAE":
     if sae_id not in ids:
         raise InputError(f"Release {release!r} has no SAE {sae_id!r}: use one of {', '.join(ids[:4])}, ...")
     try:
-        sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
+        sae = SAE.from_pretrained(release, sae_id, device=str(resolve_device()), dtype="float32")
     except Exception as exc:  # noqa: BLE001 - offline/hub failures come as OSError, HTTP or hub errors
         raise ModelUnavailableError(
             f"SAE {release}/{sae_id} is not available: it is not in the local Hugging Face cache "
@@ -268,7 +270,7 @@ def load_local(path: str | Path, what: str = "SAE") -> "SAE":
     if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
         raise InputError(f"{path} is not a sae-lens {what} directory: it needs cfg.json and sae_weights.safetensors.")
     try:
-        sae = SAE.load_from_disk(path, device="cpu", dtype="float32")
+        sae = SAE.load_from_disk(path, device=str(resolve_device()), dtype="float32")
     except Exception as exc:  # noqa: BLE001 - malformed configs raise many types
         raise InputError(f"{path} could not be loaded as a sae-lens {what} ({type(exc).__name__}: {str(exc)[:120]}).") from None
     return sae.eval()
@@ -301,7 +303,7 @@ def load_by_layer(con: "duckdb.DuckDBPyConnection", ids: dict[int, str]) -> dict
 
 
 def load_attention_saes(con: "duckdb.DuckDBPyConnection", model_name: str) -> dict[int, "SAE"]:
-    """The attention SAEs of :func:`attention_sae_ids`, loaded (eval mode, CPU float32), by layer; each one's
+    """The attention SAEs of :func:`attention_sae_ids`, loaded (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`), by layer; each one's
     ``cfg.metadata.dict_id`` is its store dict_id."""
     return load_by_layer(con, attention_sae_ids(con, model_name))
 

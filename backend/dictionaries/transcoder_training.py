@@ -58,6 +58,7 @@ from sae_lens.saes.transcoder import JumpReLUSkipTranscoderConfig, JumpReLUTrans
 from torch import nn
 
 from backend.dictionaries.attention_sae import quiet_sae_lens_bar
+from backend.model.device import resolve_device
 from backend.progress import track
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -480,7 +481,7 @@ def to_inference(sae: TranscoderTrainingMixin, scale_x: float, scale_y: float, t
     meta = {k: v for k, v in cfg.metadata.to_dict().items() if not k.startswith("training_architecture")}
     meta.update(metadata or {})
     cfg_dict = {"architecture": inf_cfg_cls.architecture(), "d_in": cfg.d_in, "d_sae": cfg.d_sae, "d_out": cfg.d_out,
-                "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+                "dtype": "float32", "device": str(resolve_device()), "apply_b_dec_to_input": False, "normalize_activations": "none",
                 "metadata": meta}
     from sae_lens import SAE
 

@@ -410,11 +410,16 @@ def _load_random(spec: ModelSpec) -> "HookedTransformer":
 _LOCK = threading.Lock()
 
 
-def load_model(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None = None) -> "HookedTransformer":
-    """Load a model by registry name (or TransformerLens official name) as a CPU HookedTransformer in eval mode.
+def load_model(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None = None,
+               device: str | None = None) -> "HookedTransformer":
+    """Load a model by registry name (or TransformerLens official name) as a HookedTransformer in eval mode on
+    ``device`` (default: :func:`backend.model.device.resolve_device`'s choice; weights are read on the CPU first).
 
     Raises :class:`ModelUnavailableError` with one actionable sentence when it cannot be loaded.
     """
+    from backend.model.device import resolve_device
+
+    target = resolve_device(device)  # a device this machine lacks is refused before any loading
     configure_hf_cache()
     spec = get_spec(name)
     say = progress or (lambda msg: None)
@@ -428,6 +433,8 @@ def load_model(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None
             model = _load_transformer_lens(spec)
         say(f"Loaded {spec.name} in {time.perf_counter() - t0:.1f} s")
     model.cfg.model_name = spec.name
+    if target.type != "cpu":
+        model = model.to(target)  # HookedTransformer.to also updates cfg.device, which its own inputs follow
     return model
 
 

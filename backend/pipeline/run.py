@@ -80,7 +80,7 @@ def step_corpus(ctx: RunContext) -> None:
             # loss at position p is the loss of predicting token p+1; the last position has none (NaN).
             losses[start : start + len(batch), :-1] = ctx.model.run_with_hooks(
                 batch, return_type="loss", loss_per_token=True, fwd_hooks=gather.hooks(start, len(batch))
-            ).float().numpy()
+            ).float().cpu().numpy()
     ctx.precollected = gather.result() or None
     ctx_ids = np.repeat(np.arange(n), n_ctx)
     ctx.writer.insert_df(
@@ -88,7 +88,7 @@ def step_corpus(ctx: RunContext) -> None:
         pd.DataFrame({
             "corpus_id": ctx.corpus_id, "context_id": ctx_ids.astype(np.int32),
             "pos": np.tile(np.arange(n_ctx), n).astype(np.int16),
-            "token_id": tokens.reshape(-1).numpy().astype(np.int32), "loss": losses.reshape(-1),
+            "token_id": tokens.reshape(-1).cpu().numpy().astype(np.int32), "loss": losses.reshape(-1),
         }),
     )
     ctx.writer.insert_df(

@@ -46,6 +46,7 @@ from backend.errors import StoreError, literal
 if TYPE_CHECKING:
     import pandas as pd
 from backend.store import saves, schema
+from backend.store.files import is_duckdb_file, views_and_macros
 
 log = logging.getLogger("circuitscope.store")
 
@@ -67,17 +68,6 @@ BUILD_COMMAND = "python -m backend precompute --model smollm2-135m --store {path
 def _hint(path: Path) -> str:
     # The command is a code span built by literal(): a path holding backticks or markdown stays literal text too.
     return f"build one with {literal(BUILD_COMMAND.format(path=path), 400)} (or `make demo`)"
-
-
-def _is_duckdb_file(path: Path) -> bool:
-    # DuckDB files carry the magic "DUCK" at byte 8; checking it first turns "not a store" into a clear message
-    # without asking DuckDB to parse arbitrary bytes.
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except OSError:
-        return False
-    return len(head) >= 12 and head[8:12] == b"DUCK"
 
 
 def _describe_os_error(exc: OSError) -> str:
@@ -103,17 +93,6 @@ def real_path(path: str | Path) -> Path:
     except OSError as exc:
         raise StoreError(f"The store path {literal(path)} cannot be used ({_describe_os_error(exc)}): choose "
                          "another path.") from None
-
-
-def views_and_macros(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
-    """How many user-defined views and macros the connection's current database (the store) holds. Reads only
-    DuckDB's catalog, never the objects themselves."""
-    db = con.execute("SELECT current_database()").fetchall()[0][0]
-    n_views = con.execute("SELECT count(*) FROM duckdb_views() WHERE NOT internal AND database_name = ?",
-                          [db]).fetchall()[0][0]
-    n_macros = con.execute("SELECT count(*) FROM duckdb_functions() WHERE NOT internal AND database_name = ?",
-                           [db]).fetchall()[0][0]
-    return int(n_views), int(n_macros)
 
 
 def check_schema(con: duckdb.DuckDBPyConnection, path: Path) -> int:
@@ -178,7 +157,7 @@ def open_store(path: str | Path) -> duckdb.DuckDBPyConnection:
         raise StoreError(f"No store at {shown}: {_hint(path)}.")
     if is_dir:
         raise StoreError(f"{shown} is a directory, not a store file: pass the .duckdb file inside it.")
-    if not _is_duckdb_file(path):
+    if not is_duckdb_file(path):
         raise StoreError(f"{shown} is not a readable circuitscope store (corrupt or not a DuckDB file): delete it and "
                          f"{_hint(path)}.")
     con = duckdb.connect(":memory:")
@@ -323,6 +302,18 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def saving(store_path: str | Path, kind: str, model: str, params: dict[str, Any] | None = None
+           ) -> Iterator[saves.SaveWriter]:
+    """``with saving(path, kind="graph", model=...) as w: w.insert_df(...)`` — write one save beside the store
+    (:mod:`backend.store.saves`); it is visible only when the block ends without an exception. The store must exist:
+    saves add to a store, they never create one."""
+    real = real_path(store_path)
+    open_store(real).close()  # one sentence for a missing, corrupt, hostile or newer-schema store
+    with saves.write_save(real, store_path, kind, model, params) as writer:
+        yield writer
 
 
 def compact(path: str | Path) -> int:

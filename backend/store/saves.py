@@ -32,6 +32,7 @@ import duckdb
 
 from backend.errors import StoreError, literal
 from backend.store import schema
+from backend.store.files import is_duckdb_file, views_and_macros
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -154,13 +155,10 @@ class SaveWriter:
 
 
 @contextmanager
-def saving(store_path: str | Path, kind: str, model: str, params: dict[str, Any] | None = None) -> Iterator[SaveWriter]:
-    """``with saving(path, kind="graph", model=...) as w: ...`` — write one save; it is listed (visible) only when
-    the block ends without an exception. The store must exist (saves add to a store; they never create one)."""
-    from backend.store.access import open_store, real_path
-
-    real = real_path(store_path)
-    open_store(real).close()  # one sentence for a missing, corrupt, hostile or newer-schema store
+def write_save(real: Path, store_path: str | Path, kind: str, model: str, params: dict[str, Any] | None = None
+               ) -> Iterator[SaveWriter]:
+    """Write one save of the store whose real path is ``real`` (already checked to be a readable store; use
+    :func:`backend.store.access.saving`); it is listed (visible) only when the block ends without an exception."""
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     started = datetime.now(timezone.utc)
     try:
@@ -272,12 +270,10 @@ def attach(con: duckdb.DuckDBPyConnection, real: Path) -> list[str]:
     """Attach the listed saves of the store at ``real`` read-only to a reader connection (before its lockdown) and
     return their aliases, oldest first. A listed file that is not a DuckDB file, holds views or macros, or was written
     by a newer schema is refused with one sentence."""
-    from backend.store.access import _is_duckdb_file, views_and_macros
-
     aliases = []
     for i, f in enumerate(listed(real)):
         alias = f"save{i}"
-        if not _is_duckdb_file(f):
+        if not is_duckdb_file(f):
             raise StoreError(f"The saved file {literal(f.name)} of {literal(real)} is missing or damaged: delete "
                              f"{literal(saves_dir(real) / MANIFEST)} to drop the saves, or run `python -m backend "
                              "compact` after restoring it.")

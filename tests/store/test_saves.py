@@ -18,6 +18,7 @@ import pytest
 
 from backend.errors import StoreError
 from backend.store import saves
+from backend.store import access
 from backend.store.access import StoreWriter, fingerprint, open_store, reading
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,7 @@ def _store(path: Path) -> Path:
 
 
 def _save_graph(path: Path, graph_id: str, title: str, nodes: list[str]) -> str:
-    with saves.saving(path, kind="graph", model="m") as w:
+    with access.saving(path, kind="graph", model="m") as w:
         w.insert_df("graphs", pd.DataFrame({"graph_id": [graph_id], "title": [title], "run_id": [w.run_id]}))
         w.insert_df("graph_nodes", pd.DataFrame({"graph_id": graph_id, "node_id": nodes}))
         return w.run_id
@@ -90,8 +91,8 @@ def test_kill_9_mid_save_leaves_nothing_visible_and_the_next_save_cleans_up(tmp_
     script = textwrap.dedent(f"""
         import sys, time, pandas as pd
         sys.path.insert(0, {str(ROOT)!r})
-        from backend.store import saves
-        with saves.saving({str(store)!r}, kind="graph", model="m") as w:
+        from backend.store import access
+        with access.saving({str(store)!r}, kind="graph", model="m") as w:
             w.insert_df("graphs", pd.DataFrame({{"graph_id": ["g-killed"], "title": ["killed"]}}))
             print("writing", flush=True)
             time.sleep(60)
@@ -168,7 +169,7 @@ def test_a_save_cannot_create_a_store_or_write_other_tables(tmp_path: Path) -> N
         _save_graph(tmp_path / "missing.duckdb", "g", "t", ["n"])
     store = _store(tmp_path / "s.duckdb")
     with pytest.raises(ValueError, match="cannot write table"):
-        with saves.saving(store, kind="x", model="m") as w:
+        with access.saving(store, kind="x", model="m") as w:
             w.insert_df("dictionaries", pd.DataFrame({"dict_id": ["d"]}))
     assert saves.listed(store.resolve()) == []  # the failed save was not listed
 
