@@ -90,7 +90,7 @@ def bench_cost(model_name: str = "smollm2-135m", family: str = "ioi", split: str
     import torch
 
     from backend.attribution.evaluation import KINDS, family_batch, split_indices
-    from backend.attribution.relp import DEFAULT_RULES
+    from backend.attribution.relp import DEFAULT_RULES_BY_KIND
     from backend.model.registry import load_model
 
     chosen = _selection()
@@ -103,7 +103,8 @@ def bench_cost(model_name: str = "smollm2-135m", family: str = "ioi", split: str
     with torch.no_grad():
         model(batch.clean)  # warm-up
     out: dict[str, Any] = {"family": family, "split": split, "pairs": len(batch), "seq_len": batch.seq_len,
-                           "kinds": kinds, "ig_steps": steps, "relp_rules": DEFAULT_RULES.to_dict(),
+                           "kinds": kinds, "ig_steps": steps,
+                           "relp_rules": {k: r.to_dict() for k, r in DEFAULT_RULES_BY_KIND.items()},
                            "torch_threads": torch.get_num_threads(), "parallel_processes": parallel,
                            "load_average_before": os.getloadavg()}
     names = ["patching", f"ig{steps}", "relp", "atp", "atpstar"]

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         out = OUT / f"live-{args.model}-{device.replace(':', '-')}.pt"
         subprocess.run([sys.executable, "-m", "benchmarks.gpu_smoke", "--one", device, args.model, str(stores["cpu"]),
                         str(out)], check=True, env=env, cwd=ROOT)
-        live[device] = torch.load(out)
+        live[device] = torch.load(out, weights_only=True)
     checks = _store_checks(stores["cpu"], stores[args.device]) + _live_checks(live["cpu"], live[args.device])
     result = {"device": args.device, "model": args.model, "contexts": args.contexts, "ok": all(c["ok"] for c in checks), "checks": checks}
     (OUT / "result.json").write_text(json.dumps(result, indent=2))

@@ -323,11 +323,10 @@ def _evaluation(ctx: shell.PageContext) -> None:
     view, cost = attribution_evaluation.summary_view(summary)
     split = summary.get("split", {})
     n_eval = sum(len(v.get("eval", [])) for v in split.values())
-    rules = summary.get("relp_rules") or {}
     st.markdown(f"**Evaluation set** ({n_eval} held-out prompt pairs, "
                 f"{len(split)} task families): these pairs were never used to choose a rule or a setting.")
-    st.caption("RelP's rules (" + ", ".join(f"{k} {v}" for k, v in rules.items()) + ") and IG's steps were chosen "
-               "on the separate dev pairs. Per family and component kind: each method's scores averaged over the "
+    st.caption("RelP's rules (" + attribution_evaluation.rules_text(summary.get("relp_rules")) + ") were chosen "
+               "on the separate dev pairs; IG's steps (the number in its label) were fixed, not tuned. Per family and component kind: each method's scores averaged over the "
                "pairs, against activation patching's — Pearson r, Spearman ρ, and the share of patching's 10 largest "
                "effects among the method's 10 largest scores — with 95% bootstrap intervals over pairs. "
                f"Measured {summary.get('when', '')[:10]} (benchmarks/results/attribution-eval.json).")

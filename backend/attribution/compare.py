@@ -82,7 +82,7 @@ def _method_params(name: str, ig_steps: int, rules: Any) -> dict[str, Any]:
     if name == "relp":
         from backend.attribution import relp as relp_module
 
-        return {"rules": rules if rules is not None else getattr(relp_module, "DEFAULT_RULES", None)}
+        return {"rules": rules if rules is not None else relp_module.DEFAULT_RULES_BY_KIND}
     return {}
 
 

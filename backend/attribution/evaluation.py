@@ -320,6 +320,19 @@ def _interval(lo: float, hi: float) -> str:
     return f"[{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else "—"
 
 
+def rules_text(rules: Mapping[str, Any] | None) -> str:
+    """RelP's rules as a summary records them — one rule set (piece -> rule) or one per component kind — in words."""
+    if not rules:
+        return "not recorded"
+
+    def one(r: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in r.items())
+
+    if all(isinstance(v, Mapping) for v in rules.values()):
+        return "; ".join(f"{kind}: {one(r)}" for kind, r in rules.items())
+    return one(rules)
+
+
 def summary_view(summary: Mapping[str, Any]) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """Display frames of a summary: (faithfulness per family × kind × method with 95% intervals as text, cost per
     method over all families with its ratio to activation patching)."""
