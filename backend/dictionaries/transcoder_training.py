@@ -287,26 +287,32 @@ class TranscoderTrainingMixin:
 
 
 @dataclass
-class TopKTranscoderTrainingSAEConfig(TopKTrainingSAEConfig):
-    """sae-lens' TopK training config plus the output width and the skip switch. ``apply_b_dec_to_input`` must be
-    False (b_dec is in the output space); ``rescale_acts_by_decoder_norm`` (the default) makes the decoder rows
-    effectively unit norm: TopK ranks ``hidden_pre·‖W_dec,i‖`` and decodes with ``W_dec,i/‖W_dec,i‖``."""
+class TranscoderConfigFields:
+    """What a transcoder's training config adds to sae-lens' SAE training configs: the output width (default: the
+    input's) and the skip switch. ``apply_b_dec_to_input`` is forced off: b_dec lives in the output space."""
 
     d_out: int = 0
     skip: bool = False
 
     def __post_init__(self) -> None:
         if not self.d_out:
-            self.d_out = self.d_in
+            self.d_out = self.d_in  # type: ignore[attr-defined]
         self.apply_b_dec_to_input = False
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[misc]
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return JumpReLUSkipTranscoderConfig if self.skip else JumpReLUTranscoderConfig
+
+
+@dataclass
+class TopKTranscoderTrainingSAEConfig(TranscoderConfigFields, TopKTrainingSAEConfig):
+    """sae-lens' TopK training config plus the transcoder fields. ``rescale_acts_by_decoder_norm`` (the default) makes
+    the decoder rows effectively unit norm: TopK ranks ``hidden_pre·‖W_dec,i‖`` and decodes with
+    ``W_dec,i/‖W_dec,i‖``."""
 
     @classmethod
     def architecture(cls) -> str:
         return "topk_transcoder"
-
-    def get_inference_config_class(self) -> type[SAEConfig]:
-        return JumpReLUSkipTranscoderConfig if self.skip else JumpReLUTranscoderConfig
 
 
 class TopKTranscoderTrainingSAE(TranscoderTrainingMixin, TopKTrainingSAE):
@@ -320,25 +326,13 @@ class TopKTranscoderTrainingSAE(TranscoderTrainingMixin, TopKTrainingSAE):
 
 
 @dataclass
-class BatchTopKTranscoderTrainingSAEConfig(BatchTopKTrainingSAEConfig):
-    """sae-lens' BatchTopK training config (k = mean active features per token over a batch) plus the output width
-    and the skip switch. Saved as a JumpReLU transcoder whose threshold is the one BatchTopK learned."""
-
-    d_out: int = 0
-    skip: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.d_out:
-            self.d_out = self.d_in
-        self.apply_b_dec_to_input = False
-        super().__post_init__()
+class BatchTopKTranscoderTrainingSAEConfig(TranscoderConfigFields, BatchTopKTrainingSAEConfig):
+    """sae-lens' BatchTopK training config (k = mean active features per token over a batch) plus the transcoder
+    fields. Saved as a JumpReLU transcoder whose threshold is the one BatchTopK learned."""
 
     @classmethod
     def architecture(cls) -> str:
         return "batchtopk_transcoder"
-
-    def get_inference_config_class(self) -> type[SAEConfig]:
-        return JumpReLUSkipTranscoderConfig if self.skip else JumpReLUTranscoderConfig
 
 
 class BatchTopKTranscoderTrainingSAE(TranscoderTrainingMixin, BatchTopKTrainingSAE):
