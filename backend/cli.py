@@ -1,33 +1,83 @@
-"""Command line: ``python -m backend precompute ...``, ``python -m backend attribute ...`` and
-``python -m backend info STORE``.
+"""Command line: ``python -m backend precompute | attribute | graph | intervene | info``.
 
-User errors (unknown model, bad store, bad options) print one sentence and exit with status 2 — never a
-traceback wall. Long steps show tqdm bars with ETA.
+User errors (unknown model, bad store, bad options, a full disk) print one line starting with ``error:`` and exit
+with status 2 — never a traceback wall or argparse's usage block. Every option is checked, within bounds, before any
+work (loading a model, copying a store). Long steps show tqdm bars with ETA.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence
 
-from backend.errors import CircuitscopeError
+from backend.errors import CircuitscopeError, literal
+
+# Bounds of the numeric options: generous for real runs, small enough that a typo cannot ask for days of work or
+# exhaust memory before anything is checked.
+MAX_CONTEXTS = 1_000_000
+MAX_EXAMPLES = 10_000
+MAX_IG_STEPS = 1_024
+MAX_NODES = 100_000
+MAX_SEED = 2**32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --contexts: ...`` and exit status 2, no usage block (``-h``
+    still prints the full help). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _whole(lo: int, hi: int) -> Callable[[str], int]:
+    """argparse type: a whole number (ASCII digits, optional sign) from ``lo`` to ``hi``."""
+
+    def parse(text: str) -> int:
+        t = text.strip()
+        body = t[1:] if t[:1] in "+-" else t
+        if not (body.isascii() and body.isdigit()) or len(body) > 18 or not lo <= int(t) <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo:,} to {hi:,}, not {literal(text, 40)}")
+        return int(t)
+
+    return parse
+
+
+def _fraction() -> Callable[[str], float]:
+    """argparse type: a number from 0 to 1."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, not {literal(text, 40)}")
+        return value
+
+    return parse
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from backend.model.registry import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(prog="python -m backend", description="circuitscope backend")
+    parser = _Parser(prog="python -m backend", description="circuitscope backend")
     sub = parser.add_subparsers(dest="command", required=True)
+    on_device = argparse.ArgumentParser(add_help=False)
+    on_device.add_argument("--device", default=None,
+                           help="auto (default: a CUDA GPU when torch sees one, else mps, else the CPU), cpu, cuda, "
+                                "cuda:N or mps; the CIRCUITSCOPE_DEVICE environment variable sets the default")
 
-    pre = sub.add_parser("precompute", help="build a store (or add a run to one) from a model and a corpus")
+    pre = sub.add_parser("precompute", help="build a store (or add a run to one) from a model and a corpus",
+                         parents=[on_device])
     pre.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
     pre.add_argument("--store", required=True, help="path of the .duckdb store to create or extend")
     pre.add_argument("--preset", default="demo", help="demo (<= 10 min on 2 cores) or full")
     pre.add_argument("--layers", default=None, help="'all', 'spread:K' or a list like '0,5,10-12' (default: preset's)")
     pre.add_argument("--corpus", default="builtin",
                      help="'builtin', a .txt/.jsonl/.parquet file, or hf:DATASET[:SPLIT[:COLUMN]]")
-    pre.add_argument("--contexts", type=int, default=None, help="override the preset's number of corpus contexts")
+    pre.add_argument("--contexts", type=_whole(1, MAX_CONTEXTS), default=None, help="override the preset's number of corpus contexts")
     pre.add_argument("--saes", action="append", default=None, metavar="RELEASE_OR_DIR",
                      help="import attention SAEs instead of training: a sae-lens release (e.g. gpt2-small-hook-z-kk; "
                           "one SAE per --layers layer) or a sae-lens-format directory; repeatable")
@@ -39,26 +89,29 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="layers that get transcoders, same syntax as --layers (default: the preset's, 'all'); "
                           "--layers does not change them")
 
-    att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, RelP, IG) on a task or a "
-                                           "clean/corrupt pair and store the comparison")
+    att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, AtP*, RelP, IG) on a task or a "
+                                           "clean/corrupt pair and store the comparison",
+                         parents=[on_device])
     att.add_argument("--store", required=True, help="path of the .duckdb store to write into (created if missing)")
     att.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
-    att.add_argument("--task", default=None, help="a built-in task: ioi, greater-than, induction, induction-text")
-    att.add_argument("--examples", type=int, default=4, help="prompt pairs of the task (default 4)")
-    att.add_argument("--seed", type=int, default=0, help="task prompt seed")
+    att.add_argument("--task", default=None, help="a built-in task: ioi, greater-than, induction, induction-text, "
+                                                  "factual, sva")
+    att.add_argument("--examples", type=_whole(1, MAX_EXAMPLES), default=4, help="prompt pairs of the task (default 4)")
+    att.add_argument("--seed", type=_whole(0, MAX_SEED), default=0, help="task prompt seed")
     att.add_argument("--clean", default=None, help="instead of --task: the clean prompt")
     att.add_argument("--corrupt", default=None, help="the corrupted prompt (same token count as --clean)")
     att.add_argument("--answer", default=None, help="the clean answer token, e.g. ' Mary'")
     att.add_argument("--wrong", default=None, help="the wrong answer token, e.g. ' John'")
     att.add_argument("--methods", default=None, help="comma-separated methods (default: every available one of "
-                                                     "patching, atp, relp, ig)")
+                                                     "patching, atp, atpstar, relp, ig)")
     att.add_argument("--kinds", default="resid,mlp,head", help="comma-separated component kinds: resid, mlp, head, "
                                                                "feature (the store's attention SAEs)")
-    att.add_argument("--ig-steps", type=int, default=8, help="integrated-gradient steps (default 8)")
+    att.add_argument("--ig-steps", type=_whole(1, MAX_IG_STEPS), default=8, help="integrated-gradient steps (default 8)")
     att.add_argument("--per-position-heads", action="store_true", help="score heads per position too")
 
     gr = sub.add_parser("graph", help="build (or load) an attribution graph for a prompt, prune it, check its "
-                                      "faithfulness, store it and export it")
+                                      "faithfulness, store it and export it",
+                        parents=[on_device])
     gr.add_argument("--store", required=True, help="path of the .duckdb store (its transcoders and attention SAEs "
                                                   "are used; the graph is saved into it with --save)")
     gr.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
@@ -66,19 +119,45 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--graph-id", default=None, help="instead of --prompt: a graph stored in --store")
     gr.add_argument("--answer", default=None, help="target token (default: the model's top prediction), e.g. ' Paris'")
     gr.add_argument("--wrong", default=None, help="explain the logit difference answer - wrong instead")
-    gr.add_argument("--max-nodes", type=int, default=400, help="candidate nodes kept when building (default 400)")
+    gr.add_argument("--max-nodes", type=_whole(1, MAX_NODES), default=400,
+                    help="feature nodes kept when building (default 400; embeddings and error nodes are always kept)")
     gr.add_argument("--no-attn-saes", action="store_true", help="use heads even where the store has attention SAEs")
-    gr.add_argument("--node-threshold", type=float, default=0.8, help="cumulative node influence kept (default 0.8)")
-    gr.add_argument("--edge-threshold", type=float, default=0.98, help="cumulative edge influence kept (default 0.98)")
+    gr.add_argument("--node-threshold", type=_fraction(), default=0.8, help="cumulative node influence kept (default 0.8)")
+    gr.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="cumulative edge influence kept (default 0.98)")
     gr.add_argument("--faithfulness", choices=["zero", "mean", "none"], default="zero",
                     help="ablate everything outside the pruned circuit this way and report the metric kept")
+    gr.add_argument("--heads", action="append", default=None, metavar="NODE_ID",
+                    help="print NODE_ID's strongest incoming edges split by the attention heads that carry them; "
+                         "repeatable")
+    gr.add_argument("--timings", action="store_true", help="print the seconds spent in each phase (one JSON line)")
     gr.add_argument("--save", action="store_true", help="store the (unpruned) graph in --store")
     gr.add_argument("--export", action="append", default=None, metavar="FILE",
                     help="write the pruned graph to FILE; the format follows the suffix: .svg .png .graphml .dot "
                          ".json (Neuronpedia / circuit-tracer schema); repeatable")
 
+    iv = sub.add_parser("intervene", help="set, scale or zero features or heads on a prompt and compare the next-token "
+                                          "prediction (and a greedy continuation) with the unchanged model's",
+                        parents=[on_device])
+    iv.add_argument("--store", required=True, help="path of the .duckdb store whose transcoders and attention SAEs "
+                                                   "are intervened on")
+    iv.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
+    iv.add_argument("--prompt", required=True, help="the prompt text")
+    iv.add_argument("--set", required=True, dest="interventions", metavar="SPEC",
+                    help="interventions KIND:LAYER:INDEX[@POSITIONS]=MODE[:VALUE] joined by ';' (KIND transcoder, attn "
+                         "or head; MODE zero, scale or set), e.g. 'transcoder:12:1034@3,4=scale:2;head:18:6=zero'")
+    iv.add_argument("--on", choices=["live", "frozen"], default="live",
+                    help="the live model, or the frozen-attention replacement model an attribution graph explains")
+    iv.add_argument("--answer", default=None, help="report the metric logit(answer) − mean logit, e.g. ' Paris'")
+    iv.add_argument("--wrong", default=None, help="with --answer: report logit(answer) − logit(wrong) instead")
+    iv.add_argument("--continue", type=int, default=0, dest="continue_tokens", metavar="N",
+                    help="greedy continuation of N tokens with and without the interventions (live model only)")
+    iv.add_argument("--top-k", type=int, default=5, help="next tokens listed (default 5)")
+
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
+
+    cp = sub.add_parser("compact", help="fold the graphs and comparisons saved beside a store into the store itself")
+    cp.add_argument("store", help="path of the .duckdb store")
     return parser
 
 
@@ -105,23 +184,24 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from backend.inputs.tasks import build_task, custom_pair
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store.access import reading
+    from backend.store.access import check_writable, reading
 
     pair = [args.clean, args.corrupt, args.answer, args.wrong]
     if (args.task is None) == all(v is None for v in pair):
         raise InputError("Give either --task NAME or --clean/--corrupt/--answer/--wrong, not both and not neither.")
     if args.task is None and any(v is None for v in pair):
         raise InputError("A custom pair needs all four of --clean, --corrupt, --answer and --wrong.")
-    if args.ig_steps < 1:
-        raise InputError(f"--ig-steps must be a positive whole number, not {args.ig_steps}.")
     methods = check_methods(_split(args.methods))
     kinds = _split(args.kinds) or []
+    if not kinds:
+        raise InputError(f"--kinds {literal(args.kinds)} names no component kind: use e.g. 'resid,mlp,head'.")
     dictionaries = dict_ids = None
     if "feature" in kinds:
         with reading(args.store) as con:
             dictionaries, dict_ids = feature_dictionaries(con, args.model)
     kinds = check_kinds(kinds, dictionaries)
     spec = get_spec(args.model)
+    check_writable(args.store)  # before the model loads: the comparison is saved into the store at the end
     model = load_model(args.model, progress=say)
     batch = (build_task(args.task, model, n=args.examples, seed=args.seed) if args.task is not None
              else custom_pair(model, args.clean, args.corrupt, args.answer, args.wrong))
@@ -141,50 +221,86 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
+    import json
+    import time
     from pathlib import Path
 
+    clock = {"start": time.perf_counter()}
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock.pop("last", clock["start"]), 3)
+        clock["last"] = now
+
     from backend.circuits import faithfulness as faith
-    from backend.circuits.build import BuildParams, build_graph
-    from backend.circuits.prune import prune
+    from backend.circuits.build import BuildParams, build
+    from backend.circuits.export import check_export_path
+    from backend.circuits.prune import graph_scores, prune
+    from backend.circuits.quality import describe
     from backend.circuits.storage import read_graph, save_graph
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
-    from backend.store.access import reading
+    from backend.store.access import check_writable, reading
 
     if (args.prompt is None) == (args.graph_id is None):
         raise InputError("Give either --prompt TEXT or --graph-id ID, not both and not neither.")
-    for name in ("node_threshold", "edge_threshold"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise InputError(f"--{name.replace('_', '-')} is a fraction between 0 and 1, not {getattr(args, name)}.")
+    for path in args.export or []:
+        check_export_path(path)  # a bad suffix or a missing directory is refused now, not after building the graph
     spec = get_spec(args.model)
-    need_model = args.prompt is not None or args.faithfulness != "none"
+    if args.save:
+        check_writable(args.store)
+    need_model = args.prompt is not None or args.faithfulness != "none" or bool(args.heads)
+    if need_model and args.timings:
+        import torch  # noqa: F401 - imported here only so that --timings reports the heavy imports on their own
+        import transformer_lens  # noqa: F401
+    lap("imports")
     with reading(args.store) as con:
         transcoders, saes = graph_dictionaries(con, spec.name, attn_saes=not args.no_attn_saes)
         graph = read_graph(con, args.graph_id) if args.graph_id else None
     if graph is not None:
         saes = saes if graph.metadata.get("dictionaries", {}).get("attn_sae_layers") else {}
+    system = None  # the prompt's frozen system, when built here (reused by the faithfulness check and --heads)
+    lap("dictionaries")
     model = load_model(args.model, progress=say) if need_model else None
+    lap("model")
     if graph is None:
         if not transcoders:
             say("This store has no transcoders: every MLP is one error node (build them with the precompute).")
-        graph = build_graph(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
-                            params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
+        graph, system = build(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
+                              params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
         for warning in graph.metadata.get("warnings", []):
             say(warning)
+    lap("build")
     t = graph.metadata["target"]
+    metric = "logit − mean logit" if t.get("demeaned") else "logit difference" if t.get("wrong") is not None else "logit"
     print(f"graph of {graph.metadata['prompt']!r} -> {t['token']!r}"
           + (f" - {t['wrong']!r}" if t.get("wrong") is not None else "")
-          + f" (metric {t['value']:.3f}): {len(graph.nodes)} nodes, {len(graph.edges)} edges")
+          + f" ({metric} {t['value']:.3f}): {len(graph.nodes)} nodes, {len(graph.edges)} edges")
+    for line in describe(graph.metadata.get("conservation"), graph.metadata.get("scores") or graph_scores(graph)):
+        print("  " + line)
     pruned = prune(graph, args.node_threshold, args.edge_threshold)
     print(f"pruned (node {args.node_threshold}, edge {args.edge_threshold}): {len(pruned.nodes)} nodes, "
           f"{len(pruned.edges)} edges")
+    for line in describe(None, pruned.metadata["pruning"]["scores"]):
+        print("  " + line)
+    lap("prune")
     if args.faithfulness != "none":
-        result = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name)
-        pruned.metadata["faithfulness"] = result.as_dict()
-        print(f"faithfulness ({args.faithfulness} ablation): circuit {result.metric_circuit:.3f}, full "
-              f"{result.metric_full:.3f}, nothing {result.metric_empty:.3f} -> fraction kept {result.fraction:.3f}")
+        results = faith.check_in_store(model, pruned, transcoders, saes, args.faithfulness, args.store, spec.name,
+                                       recording=system.rec if system is not None else None)
+        pruned.metadata["faithfulness"] = {k: r.as_dict() for k, r in results.items()}
+        for result in results.values():
+            print(f"faithfulness ({result.summary()})")
+        lap("faithfulness")
+    for node in args.heads or []:
+        from backend.circuits.split import incoming_heads, summarise
+
+        split = incoming_heads(model, graph, transcoders, saes, node, fz=system)
+        labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
+        print(f"strongest inputs of {labels.get(node, node)} ({node}) and the heads that carry them:")
+        print(summarise(split, labels).drop(columns=["source_id"]).to_string(index=False))
     if args.save:
         gid = save_graph(args.store, graph, source="cli")
         print(f"saved as {gid} in {args.store}")
@@ -193,6 +309,57 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
         export_to_file(pruned, Path(path))
         print(f"wrote {path}")
+    if args.timings:
+        lap("rest")
+        timings["total"] = round(time.perf_counter() - clock["start"], 3)
+        print("timings " + json.dumps(timings))
+    return 0
+
+
+def _cmd_intervene(args: argparse.Namespace) -> int:
+    from backend.circuits.build import resolve_target
+    from backend.dictionaries.storage import graph_dictionaries
+    from backend.errors import InputError
+    from backend.inputs.prompts import encode_prompt
+    from backend.interventions.run import run_intervention
+    from backend.interventions.spec import check, parse
+    from backend.model.registry import get_spec, load_model
+    from backend.progress import say
+    from backend.store.access import reading
+
+    if not 1 <= args.top_k <= 100:
+        raise InputError(f"--top-k is a whole number from 1 to 100, not {args.top_k}.")
+    if args.wrong is not None and args.answer is None:
+        raise InputError("--wrong needs --answer: the metric is logit(answer) − logit(wrong).")
+    interventions = parse(args.interventions)
+    spec = get_spec(args.model)
+    with reading(args.store) as con:
+        transcoders, saes = graph_dictionaries(con, spec.name)
+    widths = {("transcoder", l): int(t.cfg.d_sae) for l, t in transcoders.items()}
+    widths.update({("attn", l): int(s.cfg.d_sae) for l, s in saes.items()})
+    model = load_model(args.model, progress=say)
+    enc = encode_prompt(model, args.prompt)
+    for i in interventions:
+        check(i, model.cfg.n_layers, model.cfg.n_heads, widths, n_positions=len(enc.ids))
+    target = None
+    if args.answer is not None:
+        t = resolve_target(model, enc.ids, args.answer, args.wrong)
+        target = (t.token_id, t.wrong_id)
+    result = run_intervention(model, enc.ids, interventions, transcoders, saes, mode=args.on, target=target,
+                              top_k=args.top_k, continue_tokens=args.continue_tokens)
+    decode = lambda ids: [model.tokenizer.decode([i]) for i in ids]  # noqa: E731
+    print(f"{len(interventions)} intervention(s) on the {args.on} model: "
+          + "; ".join(i.describe() for i in interventions))
+    for name, out in (("unchanged", result.baseline), ("intervened", result.intervened)):
+        tops = ", ".join(f"{t!r} {p:.3f}" for t, p in zip(decode(out.top_ids), out.top_probs))
+        print(f"{name:>10}: {tops}")
+        if out.continuation:
+            print(f"{'':>10}  continues: {''.join(decode(out.continuation))!r}")
+    print(f"KL(unchanged ‖ intervened) {result.kl:.4f} nats; p(unchanged top token) "
+          f"{result.baseline.reference_prob:.3f} -> {result.intervened.reference_prob:.3f}")
+    if result.metric_change is not None:
+        print(f"{result.metric_name}: {result.baseline.metric:.3f} -> {result.intervened.metric:.3f} "
+              f"(change {result.metric_change:+.3f})")
     return 0
 
 
@@ -217,19 +384,45 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from backend.store.access import compact
+
+    n = compact(args.store)
+    print(f"{args.store}: {n} save file{'s' if n != 1 else ''} folded into the store")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = _build_parser().parse_args(argv)
     try:
+        args = _build_parser().parse_args(argv)  # one `error:` line on a bad option (see _Parser.error)
+    except SystemExit as stop:  # returned, not raised, so in-process callers get the status like any other error
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        if getattr(args, "device", None) is not None:
+            from backend.model.device import use_device
+
+            use_device(args.device)  # before anything is loaded: the model, dictionaries and training follow it
         if args.command == "precompute":
             return _cmd_precompute(args)
         if args.command == "attribute":
             return _cmd_attribute(args)
+        if args.command == "intervene":
+            return _cmd_intervene(args)
         if args.command == "graph":
             return _cmd_graph(args)
+        if args.command == "compact":
+            return _cmd_compact(args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # The file system refused something the checks above could not foresee (a disk filling up while an export is
+        # written, a directory removed meanwhile): the environment's fault, so one sentence, not a traceback.
+        where = f" ({literal(exc.filename)})" if exc.filename else ""
+        print(f"error: the file system refused an operation{where}: {(exc.strerror or str(exc)).lower()}; check the "
+              "path and the free space and run it again.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the store is unchanged (the partial run was discarded)", file=sys.stderr)

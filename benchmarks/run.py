@@ -11,6 +11,10 @@ Writes ``benchmarks/results/latest.json`` (and a dated copy) with:
   ratio of activation patching to RelP over all heads and MLPs (benchmarks/attribution_bench.py).
 * ``induction``: the induction precompute step's wall time as a ratio to a bare forward pass over the same probe
   tokens (benchmarks/induction_bench.py).
+* ``transcoder``: one layer's transcoder quality (held-out FVE beside its dense linear baseline, L0) vs training tokens,
+  and its training time as a ratio to the forward pass that collects those tokens (benchmarks/transcoder_bench.py).
+* ``store``: saving a graph beside the store vs an empty precompute commit (a copy of the store), two saves at once,
+  and the store's bytes per corpus token and largest tables (benchmarks/store_bench.py).
 * ``e2e``: time to result in headless chromium, p50 / p95 over ten concurrent Prompt Explorer sessions on one server,
   as a ratio to one session alone; every session's answer checked, model loads counted (benchmarks/e2e_bench.py).
 
@@ -106,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the attribution benchmark (patching vs AtP / RelP / IG on IOI, a few minutes)")
     parser.add_argument("--skip-graph", action="store_true",
                         help="skip the attribution-graph benchmark (20-token prompt: build / prune / check / export)")
+    parser.add_argument("--skip-store", action="store_true", help="skip the store write / size benchmark")
+    parser.add_argument("--skip-transcoder", action="store_true",
+                        help="skip the transcoder quality-vs-training-tokens benchmark (one layer, a few minutes)")
     parser.add_argument("--skip-e2e", action="store_true",
                         help="skip the real-browser concurrency benchmark (needs chromium: `make browser`)")
     args = parser.parse_args(argv)
@@ -138,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import graph_bench
 
         result["graph"] = graph_bench.run(args.model)  # graph build time for a 20-token prompt, ratio to a forward
+    if not args.skip_transcoder:
+        from benchmarks import transcoder_bench
+
+        result["transcoder"] = transcoder_bench.run(args.model)  # quality vs training tokens, one layer
+    if not args.skip_store:
+        from benchmarks import store_bench
+
+        result["store"] = store_bench.run()  # save vs commit overhead, store size per corpus token
     if not args.skip_e2e:
         from benchmarks import e2e_bench
 

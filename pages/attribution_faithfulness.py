@@ -18,6 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from backend.attribution import GROUND_TRUTH, METHODS
+from backend.attribution import evaluation as attribution_evaluation
 from backend.attribution import queries as attribution_queries
 from backend.attribution.components import DEFAULT_KINDS, KINDS
 from backend.errors import CircuitscopeError
@@ -28,7 +29,7 @@ _CMP_KEY = "af_comparison"
 _LIVE = "_af_live"  # session key: the last live comparison (Comparison object)
 LIVE_MAX_TOKENS = 48  # patching runs one pass per component: ~1000 components for 12 tokens on SmolLM2
 KIND_TITLES = {"resid": "Residual stream", "mlp": "MLP outputs", "head": "Attention heads", "feature": "SAE features"}
-METHOD_COLORS = {"atp": "#1f77b4", "relp": "#d62728", "ig": "#2ca02c"}
+METHOD_COLORS = {"atp": "#1f77b4", "atpstar": "#9467bd", "relp": "#d62728", "ig": "#2ca02c"}
 Query = Callable[..., Any]
 
 
@@ -46,11 +47,11 @@ def _summary(query: Query, cid: str, row: dict[str, Any]) -> None:
     cols = st.columns(4)
     cols[0].metric("Task", str(row["task"]))
     cols[1].metric("Examples", f"{int(row['n_examples'])}")
-    cols[2].metric(f"Clean {row['metric_name']}", f"{row['clean_metric']:.3f}")
-    cols[3].metric(f"Corrupt {row['metric_name']}", f"{row['corrupt_metric']:.3f}")
+    cols[2].metric(f"Clean {shell.prose(row['metric_name'], 60)}", f"{row['clean_metric']:.3f}")
+    cols[3].metric(f"Corrupt {shell.prose(row['metric_name'], 60)}", f"{row['corrupt_metric']:.3f}")
     params = row.get("params") or {}
     if params.get("description"):
-        st.caption(params["description"])
+        st.caption(shell.prose(params["description"]))
     prompts = pd.DataFrame({"clean": row["clean_prompts"], "corrupted": row["corrupt_prompts"] or [""] * len(
         row["clean_prompts"])})
     with st.expander(f"Prompts ({len(prompts)})"):
@@ -183,7 +184,7 @@ def show_comparison(query: Query, cid: str) -> None:
     """Every view of one comparison, read through ``query`` (a store or a live in-memory database)."""
     row = query(attribution_queries.attribution_comparison, cid)
     if row is None:
-        st.error(f"This store has no attribution comparison {cid!r}: choose one from the list.")
+        st.error(f"This store has no attribution comparison {shell.literal(cid)}: choose one from the list.")
         return
     _summary(query, cid, row)
     methods_df = _method_table(query, cid)
@@ -204,9 +205,9 @@ def _stored(ctx: shell.PageContext) -> None:
     comps: pd.DataFrame = ctx.store.query(attribution_queries.attribution_comparisons, ctx.model)
     if comps.empty:
         st.info(
-            f"This store has no attribution comparisons for {ctx.model}: add the built-in tasks with "
-            f"`{shell.build_hint(ctx)}` (`make demo` rebuilds the demo store), or one task with "
-            f"`python -m backend attribute --store {ctx.store.path} --model {ctx.model} --task ioi`. "
+            f"This store has no attribution comparisons for {shell.literal(ctx.model)}: add the built-in tasks with "
+            f"{shell.build_hint(ctx)} (`make demo` rebuilds the demo store), or one task with "
+            f"{shell.literal(f'python -m backend attribute --store {ctx.store.path} --model {ctx.model} --task ioi', 400)}. "
             "You can still run your own pair below.", icon=":material/construction:")
         shell.set_param(COMPARISON_PARAM, None)
         return
@@ -216,7 +217,8 @@ def _stored(ctx: shell.PageContext) -> None:
         wanted = st.query_params.get(COMPARISON_PARAM)
         ss[_CMP_KEY] = wanted if wanted in options else options[0]
         if wanted and wanted not in options:
-            st.warning(f"This store has no comparison {wanted!r} for {ctx.model}: showing {options[0]!r} instead.")
+            st.warning(f"This store has no comparison {shell.literal(wanted)} for {shell.literal(ctx.model)}: showing "
+                       f"{shell.literal(options[0])} instead.")
     info = comps.set_index("comparison_id")
     cid: str = st.selectbox(
         "Comparison", options, key=_CMP_KEY,
@@ -273,7 +275,7 @@ def _run_live(ctx: shell.PageContext, clean: str, corrupt: str, answer: str, wro
     from backend.progress import using_sink
 
     st.session_state.pop(_LIVE, None)
-    with st.spinner(f"Loading {ctx.model} (once per server)…"):
+    with st.spinner(f"Loading {shell.literal(ctx.model)} (once per server)…"):
         model = cache.get_model(ctx.model)
     try:
         batch = custom_pair(model, clean, corrupt, answer, wrong)
@@ -303,15 +305,47 @@ def _save(ctx: shell.PageContext, live: Any) -> None:
         except CircuitscopeError as exc:
             st.error(str(exc))
             return
-        st.success(f"Saved as {live.comparison_id!r}: choose it under Stored comparisons "
-                   f"(link: ?{COMPARISON_PARAM}={live.comparison_id}).")
+        st.success(f"Saved as {shell.literal(live.comparison_id)}: choose it under Stored comparisons "
+                   f"(link: {shell.literal(f'?{COMPARISON_PARAM}={live.comparison_id}')}).")
+
+
+def _evaluation(ctx: shell.PageContext) -> None:
+    """The evaluation protocol's table (held-out pairs of every task family), from the committed summary."""
+    summary = attribution_evaluation.load_summary()
+    if summary is None:
+        st.info("No evaluation summary yet: `python -m benchmarks.attribution_eval` records it (see "
+                "benchmarks/attribution_eval.py).")
+        return
+    if summary.get("model") != ctx.model:
+        st.info(f"The evaluation across task families was measured on {summary.get('model')}; this store's model is "
+                f"{ctx.model}. Open a {summary.get('model')} store to see it.")
+        return
+    view, cost = attribution_evaluation.summary_view(summary)
+    split = summary.get("split", {})
+    n_eval = sum(len(v.get("eval", [])) for v in split.values())
+    st.markdown(f"**Evaluation set** ({n_eval} held-out prompt pairs, "
+                f"{len(split)} task families): these pairs were never used to choose a rule or a setting.")
+    st.caption("RelP's rules (" + attribution_evaluation.rules_text(summary.get("relp_rules")) + ") were chosen "
+               "on the separate dev pairs; IG's steps (the number in its label) were fixed, not tuned. Per family and component kind: each method's scores averaged over the "
+               "pairs, against activation patching's — Pearson r, Spearman ρ, and the share of patching's 10 largest "
+               "effects among the method's 10 largest scores — with 95% bootstrap intervals over pairs. "
+               f"Measured {summary.get('when', '')[:10]} (benchmarks/results/attribution-eval.json).")
+    st.dataframe(view, hide_index=True, column_config={
+        c: st.column_config.NumberColumn(format="%.2f") for c in ("Pearson r", "Spearman ρ", "top-10 overlap")})
+    if not cost.empty:
+        st.caption("Cost of the evaluation runs (all families; wall time varies with the shared machine's load, CPU "
+                   "time far less):")
+        st.dataframe(cost, hide_index=True, column_config={
+            "× cheaper than patching (CPU)": st.column_config.NumberColumn(format="%.1f×")})
 
 
 def body(ctx: shell.PageContext) -> None:
-    """Stored comparisons, then the live pair form."""
+    """The held-out evaluation, stored comparisons, then the live pair form."""
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
         return
+    st.subheader("How faithful is each method? (held-out evaluation)")
+    _evaluation(ctx)
     st.subheader("Stored comparisons")
     _stored(ctx)
     st.subheader("Your own clean/corrupted pair")

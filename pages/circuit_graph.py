@@ -1,15 +1,16 @@
 """Circuit Graph: attribution graphs of transcoder circuits (Dunefsky et al. 2024) for a prompt and a target logit.
 
 A thin view over :mod:`backend.circuits`: stored graphs (``?graph=ID``) or a new one built live from the store's
-transcoders and attention SAEs (``?prompt=...&answer=...&wrong=...``); pruning sliders (node / edge influence
-thresholds), pinned and hidden nodes, strongest input→target paths highlighted, a node panel (edges in and out,
-hover examples, the Feature Browser link, the input-invariant view for transcoder features), the faithfulness check,
-and downloads (SVG, PNG, GraphML, DOT, Neuronpedia JSON). The method is documented in backend/circuits/.
+transcoders and attention SAEs (``?prompt=...&answer=...&wrong=...``); how far to trust it (graph scores as built and
+for the shown view, the target split into its direct edges plus a constant, cancellation ratios); pruning sliders
+(node / edge influence thresholds), pinned and hidden nodes, strongest input→target paths highlighted, a node panel
+(edges in and out, the attention heads that carry its strongest inputs, hover examples, the Feature Browser link, the
+input-invariant view for transcoder features), the faithfulness check with frozen and live error nodes, and
+downloads (SVG, PNG, GraphML, DOT, Neuronpedia JSON). The method is documented in backend/circuits/.
 """
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import pandas as pd
@@ -29,11 +30,12 @@ DEFAULT_PROMPT = "The capital of France is"
 _LIVE = "_cg_live"  # session key: the graph built in this session (not stored yet)
 _IMAGES = "_cg_images"
 _PICK_NEXT = "_cg_pick_next"
+_SPLITS = "_cg_splits"  # session key: {(graph key, node): per-head split of its strongest inputs}
 PLOT_KEY = "cg_plot"
 
 
 def _dictionaries(ctx: shell.PageContext, attn_saes: bool) -> tuple[dict, dict]:
-    return cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, attn_saes)
+    return cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.file_key, ctx.model, attn_saes)
 
 
 def _build(ctx: shell.PageContext, prompt: str, answer: str, wrong: str, max_nodes: int, attn_saes: bool) -> Any:
@@ -53,7 +55,7 @@ def _choose_graph(ctx: shell.PageContext) -> Any:
     titles = dict(zip(stored["graph_id"], stored["title"]))
     linked = st.query_params.get(GRAPH_PARAM)
     if linked and linked not in titles:
-        st.error(f"This store has no graph {linked!r}: pick one below, or build one.")
+        st.error(f"This store has no graph {shell.literal(linked)}: pick one below, or build one.")
         shell.set_param(GRAPH_PARAM, None)
         linked = None
     if not options:
@@ -79,8 +81,10 @@ def _build_form(ctx: shell.PageContext) -> None:
             answer = c1.text_input("Target token (empty: the model's top prediction)",
                                    value=st.query_params.get(ANSWER_PARAM, ""))
             wrong = c2.text_input("Minus this token's logit (optional)", value=st.query_params.get(WRONG_PARAM, ""))
-            max_nodes = c3.number_input("Candidate nodes kept", min_value=20, max_value=2000, value=400, step=20)
-            attn_saes = st.checkbox("Use the store's attention SAEs for their layers (else heads)", value=True)
+            max_nodes = c3.number_input("Feature nodes kept", min_value=20, max_value=2000, value=400, step=20,
+                                        help="Embeddings and error nodes are always kept.")
+            attn_saes = st.checkbox("Use the store's attention SAEs for their layers (else attention is part of the "
+                                    "edges there too)", value=True)
             go = st.form_submit_button("Build graph")
         if go:
             with st.spinner("Building the attribution graph…"):
@@ -120,7 +124,7 @@ def _hover(ctx: shell.PageContext, graph: Any) -> dict[str, str]:
 
 def _view(graph: Any) -> tuple[Any, list[str], list[tuple[list[str], float]]]:
     """Sliders, pins and hides applied: the graph to draw, the hidden ids and the highlighted paths."""
-    from backend.circuits.prune import prune, strongest_paths
+    from backend.circuits.prune import graph_scores, prune, strongest_paths
 
     c1, c2, c3 = st.columns(3)
     node_t = c1.slider("Node influence kept", 0.0, 1.0, 0.8, 0.01, key="cg_node_t",
@@ -140,18 +144,19 @@ def _view(graph: Any) -> tuple[Any, list[str], list[tuple[list[str], float]]]:
     view = graph.subgraph(keep, edges)
     view.nodes = view.nodes.drop(columns=["influence"]).merge(
         pruned.nodes[["node_id", "influence"]], on="node_id", how="left")[graph.nodes.columns]
-    view.metadata["pruning"] = pruned.metadata["pruning"] | {"pinned": list(pinned), "hidden": list(hidden)}
+    view.metadata["pruning"] = pruned.metadata["pruning"] | {"pinned": list(pinned), "hidden": list(hidden),
+                                                             "scores": graph_scores(view)}
     paths = strongest_paths(view, k=k_paths) if k_paths else []
     return view, hidden, paths
 
 
 def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str) -> None:
     row = graph.node(node)
-    st.markdown(f"#### {html.escape(str(row['label']))} · `{html.escape(node)}`")
+    st.markdown(f"#### {shell.literal(row['label'])} · {shell.literal(node)}")
     tokens = graph.tokens
     tok = tokens[int(row["pos"])] if 0 <= int(row["pos"]) < len(tokens) else ""
-    st.caption(f"{row['kind']} · layer {row['layer']} · position {row['pos']} "
-               f"({html.escape(token_html.visible_token(tok))}) · activation {row['activation']:.3f} · "
+    st.caption(f"{shell.literal(row['kind'])} · layer {row['layer']} · position {row['pos']} "
+               f"({shell.literal(token_html.visible_token(tok))}) · activation {row['activation']:.3f} · "
                f"total attribution to the target {row['attribution']:+.3f}")
     c1, c2 = st.columns(2)
     e = view.edges
@@ -162,6 +167,8 @@ def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str) -> Non
         part = part.reindex(part["weight"].abs().sort_values(ascending=False).index).head(15)
         col.markdown("**Inputs (direct effect on this node)**" if side == "target" else "**Outputs**")
         col.dataframe(part[["node", other, "weight", "invariant"]], hide_index=True, width="stretch")
+    if row["kind"] in ("transcoder", "attn_feature", "logit"):
+        _heads_panel(ctx, graph, node, names)
     if row["kind"] in ("transcoder", "attn_feature") and row.get("dict_id"):
         with_dash = ctx.store.query(circuit_queries.dictionaries_with_features)
         if row["dict_id"] in with_dash:
@@ -178,6 +185,35 @@ def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str) -> Non
             st.caption("This dictionary's features have no stored dashboards yet.")
     if row["kind"] == "transcoder":
         _invariant_panel(ctx, int(row["layer"]), int(row["feature"]))
+
+
+def _heads_panel(ctx: shell.PageContext, graph: Any, node: str, names: dict[str, str]) -> None:
+    """The node's strongest incoming edges (in the graph as built) and the attention heads that carry them."""
+    from backend.circuits.graph import has_head_nodes
+    from backend.circuits.split import incoming_heads, summarise
+
+    st.markdown("**Which heads carry its strongest inputs** (each edge split by the last attention hop of its paths; "
+                "`residual`: the same-position path without attention)")
+    if has_head_nodes(graph) or graph.metadata.get("attention") != "pass-through":
+        st.caption("This graph was built with attention heads as nodes (before edges carried attention): rebuild it "
+                   "to see which heads carry its edges.")
+        return
+    key = (st.query_params.get(GRAPH_PARAM) or id(graph), node)
+    splits = st.session_state.setdefault(_SPLITS, {})
+    if key not in splits:
+        attn = bool(graph.metadata.get("dictionaries", {}).get("attn_sae_layers"))
+        transcoders, saes = _dictionaries(ctx, attn)
+        with st.spinner("Splitting its strongest inputs by attention head…"):
+            try:
+                splits[key] = incoming_heads(cache.get_model(ctx.model), graph, transcoders, saes, node)
+            except CircuitscopeError as exc:
+                st.caption(str(exc))
+                return
+    table = summarise(splits[key], names)
+    if table.empty:
+        st.caption("It has no incoming edges.")
+    else:
+        st.dataframe(table, hide_index=True, width="stretch")
 
 
 def _invariant_panel(ctx: shell.PageContext, layer: int, feature: int) -> None:
@@ -205,15 +241,58 @@ def _faithfulness(ctx: shell.PageContext, graph: Any, view: Any) -> None:
         model = cache.get_model(ctx.model)
         with st.spinner("Running the model with everything outside the circuit ablated…"):
             try:
-                result = faith.check_in_store(model, view, transcoders, saes, mode, ctx.store.path, ctx.model)
+                results = faith.check_in_store(model, view, transcoders, saes, mode, ctx.store.path, ctx.model)
             except CircuitscopeError as exc:
                 st.error(str(exc))
                 return
-        m1, m2, m3, m4 = st.columns(4)
-        m1.metric("Fraction of the metric kept", f"{result.fraction:.3f}")
-        m2.metric("Circuit only", f"{result.metric_circuit:.3f}")
-        m3.metric("Full model", f"{result.metric_full:.3f}")
-        m4.metric("Everything ablated", f"{result.metric_empty:.3f}")
+        st.session_state["_cg_faith"] = (_view_key(view), mode, results)
+    shown = st.session_state.get("_cg_faith")  # kept across reruns while the shown circuit and mode stay the same
+    if shown is None or shown[0] != _view_key(view) or shown[1] != mode:
+        return
+    cols = st.columns(2)
+    for col, (errors, result) in zip(cols, shown[2].items()):
+        col.markdown(f"**Error nodes {'frozen at their clean values' if errors == 'frozen' else 'recomputed live'}**")
+        if result.caveat:
+            col.warning(result.caveat)
+        else:
+            col.metric("Fraction of the metric kept", f"{result.fraction:.3f}")
+        col.caption(f"circuit only {result.metric_circuit:.3f} · full model {result.metric_full:.3f} · everything "
+                    f"ablated {result.metric_empty:.3f}")
+
+
+def _view_key(view: Any) -> tuple[Any, ...]:
+    return (st.query_params.get(GRAPH_PARAM), tuple(view.metadata.get("token_ids", [])),
+            tuple(sorted(view.nodes["node_id"])))
+
+
+def _trust(graph: Any, view: Any) -> None:
+    """Graph scores (as built and for the shown view) and the conservation split with its cancellation ratios."""
+    from backend.circuits.prune import graph_scores
+    from backend.circuits.quality import cancellation_note
+
+    built = graph.metadata.get("scores") or graph_scores(graph)
+    shown = view.metadata["pruning"]["scores"]
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Replacement score", f"{shown['replacement']:.3f}", help="Share of the tokens' influence on the target "
+              "that reaches it without passing an error node (circuit-tracer). As built: "
+              f"{built['replacement']:.3f}.")
+    c2.metric("Completeness score", f"{shown['completeness']:.3f}", help="Influence-weighted share of the nodes' "
+              f"inputs that do not come from error nodes (circuit-tracer). As built: {built['completeness']:.3f}.")
+    c3.metric("Error nodes' share of influence", f"{shown['error_share']:.3f}",
+              help=f"As built: {built['error_share']:.3f}.")
+    st.caption(f"Scores of the shown view; as built: replacement {built['replacement']:.3f}, completeness "
+               f"{built['completeness']:.3f}, error share {built['error_share']:.3f}.")
+    cons = graph.metadata.get("conservation")
+    if cons:
+        d = cons["direct"]
+        st.caption(f"The target {cons['target']:.3f} = features {d['features']:+.3f} + error nodes {d['errors']:+.3f} + "
+                   f"embeddings {d['embeddings']:+.3f} + constant {d['constant']:+.3f} (its direct edges from every "
+                   f"candidate node; the constant is BOS and biases). Cancellation: Σ|direct edges| / |their sum| = "
+                   f"{cons['direct_cancellation']:.2f}, Σ|total attribution of the inputs| / |target| = "
+                   f"{cons['input_cancellation']:.2f}.")
+        note = cancellation_note(cons)
+        if note:
+            st.warning(note)
 
 
 def _downloads(view: Any, stem: str) -> None:
@@ -263,7 +342,7 @@ def body(ctx: shell.PageContext) -> None:
     from backend.circuits.figure import figure
 
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
         return
     quality = ctx.store.query(circuit_queries.replacement_quality, ctx.model)
     if quality:
@@ -273,7 +352,7 @@ def body(ctx: shell.PageContext) -> None:
                    "miss is in the error nodes.")
     else:
         st.caption("This store has no transcoders: every MLP is one error node per position. Build them with "
-                   f"`{shell.build_hint(ctx)}`.")
+                   f"{shell.build_hint(ctx)}.")
     _build_form(ctx)
     graph = _choose_graph(ctx)
     if graph is None:
@@ -282,9 +361,12 @@ def body(ctx: shell.PageContext) -> None:
     m = graph.metadata
     t = m["target"]
     target = repr(t["token"]) + (f" − {t['wrong']!r}" if t.get("wrong") is not None else "")
-    st.markdown(f"**Target** {html.escape(target)} · metric {t['value']:.3f} · p = {t.get('prob', float('nan')):.3f} · "
-                f"{len(graph.nodes)} nodes, {len(graph.edges):,} edges as built (method {html.escape(str(m['method']))})")
+    metric = ("logit difference" if t.get("wrong") is not None else "logit − mean logit (demeaned)"
+              if t.get("demeaned") else "raw logit")
+    st.markdown(f"**Target** {shell.literal(target)} · {metric} {t['value']:.3f} · p = {t.get('prob', float('nan')):.3f} · "
+                f"{len(graph.nodes)} nodes, {len(graph.edges):,} edges as built (method {shell.literal(str(m['method']))})")
     view, hidden, paths = _view(graph)
+    _trust(graph, view)
     hl_nodes = {n for p, _ in paths for n in p}
     hl_edges = {(a, b) for p, _ in paths for a, b in zip(p[:-1], p[1:])}
     fig = figure(view, highlight_nodes=hl_nodes, highlight_edges=hl_edges, hover=_hover(ctx, view))

@@ -55,15 +55,17 @@ def _init_state(dicts: pd.DataFrame) -> None:
         if want_dict in ids:
             ss[_DICT_KEY] = want_dict
         else:
-            ss[_LINK_ERROR] = (f"The link names dictionary {want_dict!r}, which this store does not have: "
-                               "choose a dictionary below.")
+            ss[_LINK_ERROR] = (f"The link names dictionary {shell.literal(want_dict)}, which this store does not "
+                               "have: choose a dictionary below.")
             want_feat = None
     feature = 0
     if want_feat is not None:
-        try:
-            feature = int(want_feat)
-        except ValueError:
-            ss[_LINK_ERROR] = f"The link's feature {want_feat!r} is not a whole number: choose a feature id below."
+        parsed = shell.link_int(want_feat)
+        if parsed is None:
+            ss[_LINK_ERROR] = (f"The link's feature {shell.literal(want_feat)} is not a whole number (at most 15 "
+                               "digits): choose a feature id below.")
+        else:
+            feature = parsed
     elif kept[1] is not None and want_dict == kept[0]:
         feature = int(kept[1])
     ss[_FEATURE] = feature
@@ -126,7 +128,7 @@ def _finder(ctx: shell.PageContext, dict_row: pd.Series) -> None:
                              help="Features whose top examples fire on a token whose text contains this (any case).")
         if text.strip():
             _feature_list(ctx.store.query(feature_queries.features_by_token, dict_id, text, 200), "fb_pick_token",
-                          f"No feature's top examples fire on a token containing {text!r}.")
+                          f"No feature's top examples fire on a token containing {shell.literal(text)}.")
 
 
 def _strip(tokens: list[str], acts: list[float], vmax: float) -> str:
@@ -174,7 +176,7 @@ def _invariant(ctx: shell.PageContext, layer: int, feature: int) -> None:
 
     st.markdown("**Input-invariant connections** (decoder · encoder, the same for every prompt)")
     with st.spinner("Loading the store's transcoders…"):
-        transcoders, _ = cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.key, ctx.model, False)
+        transcoders, _ = cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.file_key, ctx.model, False)
     if layer not in transcoders:
         st.caption(f"The store's current transcoder for layer {layer} is another one: no connections to show.")
         return
@@ -204,7 +206,7 @@ def _live_logits(ctx: shell.PageContext, dict_id: str, layer: int, kind: str, fe
     from backend.inputs.prompts import token_strings
 
     model = cache.get_model(ctx.model)
-    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
+    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.file_key, dict_id)
     df = top_logits(model, sae, layer, kind=kind, features=[feature])  # weights only: no hooks, no lock needed
     df["token_str"] = token_strings(model.tokenizer, [int(t) for t in df["token_id"]])
     return df
@@ -271,7 +273,7 @@ def body(ctx: shell.PageContext) -> None:
     if ctx.model is not None and (dicts["model"] == ctx.model).any():
         dicts = dicts[dicts["model"] == ctx.model]
     if dicts.empty:
-        st.info(f"This store has no dictionary features yet: run `{shell.build_hint(ctx)}` to train the attention "
+        st.info(f"This store has no dictionary features yet: run {shell.build_hint(ctx)} to train the attention "
                 "SAEs and transcoders and precompute their features (`make demo` rebuilds the demo store).")
         return
     dicts = dicts.reset_index(drop=True)
@@ -291,7 +293,8 @@ def body(ctx: shell.PageContext) -> None:
     shell.set_param(FEATURE_PARAM, str(feature))
     d_sae = int(row["d_sae"])
     if not 0 <= feature < d_sae or ctx.store.query(feature_queries.feature_summary, dict_id, feature) is None:
-        st.error(f"Feature {feature} does not exist in {dict_id}: it has features 0–{d_sae - 1}; choose another id.")
+        st.error(f"Feature {feature} does not exist in {shell.literal(dict_id)}: it has features 0–{d_sae - 1}; "
+                 "choose another id.")
         return
     st.divider()
     dashboard(ctx, dict_id, feature)

@@ -66,7 +66,7 @@ def _headline(ctx: shell.PageContext, heads: pd.DataFrame) -> None:
     cols[1].metric("Polysemantic / judged", f"{h['polysemantic']} / {h['judged']}")
     cols[2].metric("Not judged", f"{not_judged} of {h['heads']}",
                    help=f"fewer than {params.get('min_judged')} dominant features")
-    st.markdown(f"**Rule:** {params.get('rule', '')}.")
+    st.markdown(f"**Rule:** {shell.prose(params.get('rule', ''))}.")
     st.caption("Singletons (features linked to no other) do not count as families, so this is a lower bound. "
                "Kissane et al. (2024) estimate that at least 90% of GPT-2 Small's heads are polysemantic, judging "
                "each head's top 10 features by eye.")
@@ -106,6 +106,14 @@ def _heatmap(heads: pd.DataFrame) -> None:
 # Head selection (deep link ?head=L.H)
 
 
+def _whole(text: str) -> int:
+    """One number of a ``?head=LAYER.HEAD`` link: ValueError unless it is a whole number (see shell.link_int)."""
+    value = shell.link_int(text)
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
 def _init_state(heads: pd.DataFrame) -> None:
     """On the page's first run: take the head from the link (or the previous visit); refuse unknown ones with one
     sentence and fall back to the first judged head."""
@@ -121,9 +129,10 @@ def _init_state(heads: pd.DataFrame) -> None:
         return
     ss[_HEAD_KEY] = default
     try:
-        layer, head = (int(x) for x in want.split("."))
+        layer, head = (_whole(x) for x in want.split("."))
     except ValueError:
-        ss[_LINK_ERROR] = f"The link's head {want!r} is not of the form LAYER.HEAD (e.g. 15.3): choose a head below."
+        ss[_LINK_ERROR] = (f"The link's head {shell.literal(want)} is not of the form LAYER.HEAD (e.g. 15.3): choose "
+                           "a head below.")
         return
     match = heads[(heads["layer"] == layer) & (heads["head"] == head)]
     want_dict = st.query_params.get(DICT_PARAM)
@@ -268,8 +277,9 @@ def body(ctx: shell.PageContext) -> None:
     """Headline and heatmap over all heads, then the selected head's families."""
     heads: pd.DataFrame = ctx.store.query(poly_queries.head_polysemanticity_heads, ctx.model)
     if heads.empty:
-        st.info(f"This store has no head-polysemanticity data for {ctx.model or 'its model'} (it needs attention-SAE "
-                f"features and the head_polysemanticity step): run `{shell.build_hint(ctx)}` to add it "
+        st.info(f"This store has no head-polysemanticity data for {shell.literal(ctx.model or 'its model')} (it "
+                "needs attention-SAE "
+                f"features and the head_polysemanticity step): run {shell.build_hint(ctx)} to add it "
                 "(`make demo` rebuilds the demo store).")
         return
     heads = heads.reset_index(drop=True)

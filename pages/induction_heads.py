@@ -68,8 +68,9 @@ def _choose_head(options: list[str], scores: pd.DataFrame, classes: pd.DataFrame
     if _HEAD_KEY not in ss or ss[_HEAD_KEY] not in options:
         wanted = st.query_params.get(HEAD_PARAM) or ss.get(_KEEP_HEAD)
         if wanted is not None and wanted not in options:
-            ss[_LINK_ERROR] = (f"The link names head {wanted!r}, which this model does not have (heads are written "
-                               f"layer.head, e.g. {options[0]!r}): showing {options[0]!r} instead.")
+            ss[_LINK_ERROR] = (f"The link names head {shell.literal(wanted)}, which this model does not have (heads "
+                               f"are written layer.head, e.g. {shell.literal(options[0])}): showing "
+                               f"{shell.literal(options[0])} instead.")
             wanted = None
         ss[_HEAD_KEY] = wanted or options[0]
     if ss.get(_LINK_ERROR):
@@ -125,7 +126,7 @@ def _class_table(classes: pd.DataFrame, rule: dict[str, Any]) -> None:
     cols = st.columns(3)
     for col, klass in zip(cols, ("short-prefix", "long-prefix", "weak")):
         col.metric(klass.capitalize(), int(counts.get(klass, 0)))
-    st.markdown(f"**Rule:** {rule.get('rule', '')}")
+    st.markdown(f"**Rule:** {shell.prose(rule.get('rule', ''))}")
     params = rule.get("params", {})
     k = params.get("max_prefix", "K")
     view = pd.DataFrame({
@@ -281,7 +282,7 @@ def _example_section(ctx: shell.PageContext, head: str, params: dict[str, Any]) 
              "repeat": "Repeated random tokens"}
     kind: str = st.selectbox("Example sequence", list(kinds), format_func=kinds.get, key=_EXAMPLE_KEY)
     layer, h = (int(x) for x in head.split("."))
-    with st.spinner(f"Running {ctx.model}…"):
+    with st.spinner(f"Running {shell.literal(ctx.model)}…"):
         ids, dest, targets = _example(ctx.model, kind, big_k, seq_len, repeat_len)
         view = _head_view(ctx.model, tuple(ids), layer, h)
     names = {"prefix": "target", "competition_long": "long", "competition_short": "short"}
@@ -312,7 +313,7 @@ def _prompt_input() -> str:
 def _prompt_section(ctx: shell.PageContext, head: str) -> None:
     st.subheader("Your own prompt")
     text = _prompt_input()
-    with st.spinner(f"Loading {ctx.model} (once per server)…"):
+    with st.spinner(f"Loading {shell.literal(ctx.model)} (once per server)…"):
         model = cache.get_model(ctx.model)
     try:
         from backend.inputs.prompts import encode_prompt
@@ -365,17 +366,17 @@ def _prompt_section(ctx: shell.PageContext, head: str) -> None:
 def body(ctx: shell.PageContext) -> None:
     """Scores and classification from the store; prefix curves and live patterns for the chosen head."""
     if ctx.model is None:
-        st.warning(f"This store records no model: build it with `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
         return
     scores: pd.DataFrame = ctx.store.query(induction_queries.head_scores, ctx.model)
     classes: pd.DataFrame = ctx.store.query(induction_queries.induction_classes, ctx.model)
     options = _head_options(ctx, scores)
     if not options:
-        st.warning(f"This store does not record the shape of {ctx.model}: rebuild it with `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store does not record the shape of {shell.literal(ctx.model)}: rebuild it with {shell.build_hint(ctx)}.")
         return
     if scores.empty:
-        st.info(f"This store has no induction-head scores for {ctx.model}: they come from the `induction` precompute "
-                f"step, which this store was built without; rebuild it with `{shell.build_hint(ctx)}` (`make demo` "
+        st.info(f"This store has no induction-head scores for {shell.literal(ctx.model)}: they come from the `induction` precompute "
+                f"step, which this store was built without; rebuild it with {shell.build_hint(ctx)} (`make demo` "
                 "rebuilds the demo store). Your own prompt can still be examined below.", icon=":material/info:")
         head = _choose_head(options, scores, classes)
         _prompt_section(ctx, head)
@@ -400,7 +401,7 @@ def body(ctx: shell.PageContext) -> None:
                                         (f" ({klass[h]})" if h in klass else ""))
     curves = ctx.store.query(induction_queries.induction_prefix_curves, ctx.model, tuple([head, *overlay]))
     if curves.empty:
-        st.info(f"This store has no prefix-length curves for {ctx.model}: rebuild it with `{shell.build_hint(ctx)}`.")
+        st.info(f"This store has no prefix-length curves for {shell.literal(ctx.model)}: rebuild it with {shell.build_hint(ctx)}.")
     else:
         _curves(curves, head, klass)
         _competition(curves, head)

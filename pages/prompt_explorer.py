@@ -52,7 +52,7 @@ def _prompt_input() -> str | bytes:
     ss[_KEEP_PROMPT] = text
     upload = st.file_uploader("…or run a UTF-8 text file", type=["txt"], key=_FILE_KEY)
     if upload is not None:
-        st.caption(f"Running the uploaded file **{upload.name}** instead of the text above.")
+        st.caption(f"Running the uploaded file {shell.literal(upload.name)} instead of the text above.")
         shell.set_param(PROMPT_PARAM, None)
         return upload.getvalue()
     if len(text) > MAX_LINK_CHARS:
@@ -93,7 +93,12 @@ def _position_detail(df: pd.DataFrame) -> int:
     ss = st.session_state
     if _POS_KEY not in ss:
         raw = st.query_params.get(POS_PARAM)
-        ss[_POS_KEY] = int(raw) if raw is not None and raw.lstrip("-").isdigit() else n - 1
+        linked = shell.link_int(raw)
+        if raw is not None and (linked is None or not 0 <= linked < n):
+            st.warning(f"The link's position {shell.literal(raw)} is not a position of this prompt (0–{n - 1}): "
+                       "showing the last position; choose another below.")
+            linked = None
+        ss[_POS_KEY] = n - 1 if linked is None else linked
     elif ss[_POS_KEY] == ss.get(_LAST_N_KEY, n) - 1:
         ss[_POS_KEY] = n - 1  # the last position was chosen: keep following the end when the prompt changes
     ss[_POS_KEY] = min(max(int(ss[_POS_KEY]), 0), n - 1)  # the prompt may have shrunk under the choice
@@ -109,7 +114,8 @@ def _position_detail(df: pd.DataFrame) -> int:
                       title=f"Top-{TOP_K} next-token predictions after position {pos}", xaxis_title="probability")
     st.plotly_chart(fig, config={"displayModeBar": False})
     if pos < n - 1:
-        st.caption(f"Actual next token {token_html.visible_token(row['next_token'])!r}: loss {row['loss']:.3f} nats "
+        st.caption(f"Actual next token {shell.literal(repr(token_html.visible_token(row['next_token'])))}: loss "
+                   f"{row['loss']:.3f} nats "
                    f"(p = {math.exp(-row['loss']):.1%}).")
     else:
         st.caption("This is the last position: nothing follows it in the prompt, so it has no loss.")
@@ -138,7 +144,8 @@ def _choose_dict(dicts: pd.DataFrame) -> str:
         wanted = st.query_params.get(DICT_PARAM)
         ss[_DICT_KEY] = wanted if wanted in options else options[0]
         if wanted and wanted not in options:
-            st.warning(f"This store has no attention SAE {wanted!r} for this model: showing {options[0]!r} instead.")
+            st.warning(f"This store has no attention SAE {shell.literal(wanted)} for this model: showing "
+                       f"{shell.literal(options[0])} instead.")
     layer_of = dict(zip(dicts["dict_id"], dicts["layer"]))
     dict_id: str = st.selectbox("Attention SAE", options, key=_DICT_KEY,
                                 format_func=lambda d: f"layer {int(layer_of[d])} · {d}",
@@ -194,7 +201,7 @@ def _overview(res: Any, tokens: list[str], layer_dicts: tuple[tuple[int, str], .
                                           for p in range(len(tokens))]
     st.dataframe(view, hide_index=True)
     st.caption(f"Top {FEATURE_TOP_N} features (id and activation) of each layer's SAE at every token; "
-               + ", ".join(f"L{layer}: `{d}`" for layer, d in layer_dicts) + ".")
+               + ", ".join(f"L{layer}: {shell.literal(d)}" for layer, d in layer_dicts) + ".")
 
 
 def _choose_feature(res: Any, layer: int, pos: int, dict_id: str, d_sae: int) -> int | None:
@@ -207,18 +214,20 @@ def _choose_feature(res: Any, layer: int, pos: int, dict_id: str, d_sae: int) ->
     if _FEATURE_DICT not in ss:  # first run on this page: the link's feature, if it names one of this dictionary
         ss[_FEATURE_DICT] = dict_id
         raw = st.query_params.get(FEATURE_PARAM)
-        if raw is not None and raw.isdigit() and int(raw) < d_sae:
-            ss[_FEATURE_KEY] = int(raw)
+        linked = shell.link_int(raw)
+        if linked is not None and 0 <= linked < d_sae:
+            ss[_FEATURE_KEY] = linked
         elif raw is not None:
-            st.warning(f"The link's feature {raw!r} is not a feature of {dict_id!r} (it has 0–{d_sae - 1}): "
-                       "showing this token's strongest feature instead.")
+            st.warning(f"The link's feature {shell.literal(raw)} is not a feature of {shell.literal(dict_id)} (it has "
+                       f"0–{d_sae - 1}): showing this token's strongest feature instead.")
     elif ss[_FEATURE_DICT] != dict_id:  # another dictionary was chosen: old feature ids mean nothing in it
         ss.pop(_FEATURE_KEY, None)
         ss[_FEATURE_DICT] = dict_id
     current = ss.get(_FEATURE_KEY)
     options = ([current] if current is not None and current not in top else []) + top
     if not options:
-        st.info(f"No feature of `{dict_id}` fires at position {pos}: choose another position or dictionary.")
+        st.info(f"No feature of {shell.literal(dict_id)} fires at position {pos}: choose another position or "
+                "dictionary.")
         shell.set_param(FEATURE_PARAM, None)
         return None
     if current not in options:
@@ -252,7 +261,8 @@ def _dfa_charts(ctx: shell.PageContext, res: Any, sae: Any, tokens: list[str], l
 
     model = cache.get_model(ctx.model)
     acts = fa.feature_activations(sae, res.cache, layer, feature)
-    st.markdown(f"**Feature #{feature}** of `{dict_id}` at position {pos} ({token_html.visible_token(tokens[pos])!r}): "
+    st.markdown(f"**Feature #{feature}** of {shell.literal(dict_id)} at position {pos} "
+                f"({shell.literal(repr(token_html.visible_token(tokens[pos])))}): "
                 f"activation **{acts[pos]:.3f}**")
     _feature_link(ctx, dict_id, feature)
     st.html(token_html.signed_token_strip_html(tokens, acts, label=f"#{feature} act"))
@@ -288,8 +298,8 @@ def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None
     st.subheader("Attention-SAE features")
     dicts = _attention_dicts(ctx)
     if dicts.empty:
-        st.info(f"This store has no attention SAEs for {ctx.model}, so the feature views are off: they need the "
-                f"attention-SAE precompute; run `{shell.build_hint(ctx)}` to add them.", icon=":material/info:")
+        st.info(f"This store has no attention SAEs for {shell.literal(ctx.model)}, so the feature views are off: they need the "
+                f"attention-SAE precompute; run {shell.build_hint(ctx)} to add them.", icon=":material/info:")
         return
     dict_id = _choose_dict(dicts)
     layer_dicts = _layer_dicts(dicts, dict_id)
@@ -297,7 +307,7 @@ def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None
     tokens = list(df["token"])
     with st.spinner(f"Encoding with {len(layer_dicts)} attention SAE(s)…"):
         try:
-            res = cache.cached_prompt_features(ctx.model, ids, str(ctx.store.path), ctx.store.key, layer_dicts,
+            res = cache.cached_prompt_features(ctx.model, ids, str(ctx.store.path), ctx.store.file_key, layer_dicts,
                                             FEATURE_TOP_N)
         except ValueError as exc:  # e.g. an SAE built for another model's shapes: one sentence, not a traceback
             st.error(str(exc))
@@ -309,7 +319,7 @@ def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None
         st.info("Position 0 is the BOS token: SAEs do not score it (it is an attention-sink outlier). "
                 "Choose another position above.")
         return
-    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.key, dict_id)
+    sae = cache.get_dictionary(str(ctx.store.path), ctx.store.file_key, dict_id)
     feature = _choose_feature(res, layer, pos, dict_id, int(sae.cfg.d_sae))
     if feature is None:
         return
@@ -322,10 +332,10 @@ def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None
 def body(ctx: shell.PageContext) -> None:
     """Prompt in, live forward pass, tokens with loss and predictions out."""
     if ctx.model is None:
-        st.warning(f"This store records no model to run: build it with `{shell.build_hint(ctx)}`.")
+        st.warning(f"This store records no model to run: build it with {shell.build_hint(ctx)}.")
         return
     source = _prompt_input()
-    with st.spinner(f"Loading {ctx.model} (once per server)…"):
+    with st.spinner(f"Loading {shell.literal(ctx.model)} (once per server)…"):
         model = cache.get_model(ctx.model)
     try:
         from backend.inputs.prompts import encode_prompt

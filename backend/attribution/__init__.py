@@ -9,6 +9,7 @@ name       what                                                   cost
 =========  =====================================================  ==============================================
 patching   activation patching, exact (ground truth)              one forward pass per component (batched)
 atp        attribution patching: gradient · (corrupt − clean)     2 forward + 1 backward
+atpstar    AtP*: AtP + exact softmax for q/k changes + GradDrop   2 forward + (n_layers + 1) backward
 relp       RelP: LRP coefficients · (corrupt − clean)             2 forward + 1 backward
 ig         integrated gradients, per layer, ``steps`` α values    steps forward + backward per (kind, layer)
 =========  =====================================================  ==============================================
@@ -56,6 +57,10 @@ METHODS: dict[str, MethodSpec] = {
     "atp": MethodSpec("atp", "backend.attribution.atp:atp",
                       "attribution patching: gradient at the clean run × (corrupt − clean)",
                       "2 forward + 1 backward"),
+    "atpstar": MethodSpec("atpstar", "backend.attribution.atpstar:atp_star",
+                          "AtP* (Kramár et al. 2024): AtP with the attention softmax recomputed exactly for changed "
+                          "queries / keys (QK fix) and GradDrop magnitudes",
+                          "2 forward + (n_layers + 1) backward", ("qk_fix", "grad_drop")),
     "relp": MethodSpec("relp", "backend.attribution.relp:relp",
                        "RelP: LRP propagation coefficients × (corrupt − clean)",
                        "2 forward + 1 backward", ("rules",)),

@@ -58,7 +58,8 @@ def gradient_estimate(model: Any, batch: "TaskBatch", kinds: Sequence[str], fwd_
     for site, g in zip(sites, grads):
         delta = corrupt[site.label] - clean[site.label]
         g = torch.zeros_like(delta) if g is None else g.detach()
-        per_site[site.label] = site.reduce(g * delta).sum(0)
+        # The metric is the batch mean, so each example's gradient carries a factor 1/n: times n, per example.
+        per_site[site.label] = site.reduce(g * delta) * len(batch)
     return Scores.from_sites(sites, per_site, per_position_heads)
 
 

@@ -82,15 +82,17 @@ def _method_params(name: str, ig_steps: int, rules: Any) -> dict[str, Any]:
     if name == "relp":
         from backend.attribution import relp as relp_module
 
-        return {"rules": rules if rules is not None else getattr(relp_module, "DEFAULT_RULES", None)}
+        return {"rules": rules if rules is not None else relp_module.DEFAULT_RULES_BY_KIND}
     return {}
 
 
 def _params_json(params: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in params.items():
-        out[k] = v.to_dict() if hasattr(v, "to_dict") else v
-    return out
+    def plain(v: Any) -> Any:  # rule sets (and kind -> rule set mappings) as JSON
+        if hasattr(v, "to_dict"):
+            return v.to_dict()
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, Mapping) else v
+
+    return {k: plain(v) for k, v in params.items()}
 
 
 def run_comparison(model: Any, batch: "TaskBatch", model_name: str, methods: Sequence[str] | None = None,
@@ -202,15 +204,28 @@ def comparison_db(comparison: Comparison, tokenizer: Any = None) -> "duckdb.Duck
 
 def save_comparison(store_path: "str | Path", comparison: Comparison, model: Any, spec: "ModelSpec",
                     source: str | None = None) -> str:
-    """Write ``comparison`` into the store at ``store_path`` as one atomic write (the CLI's ``attribute`` and the
-    Attribution Faithfulness page's save button), recording the model and its vocabulary first; returns its id."""
+    """Save ``comparison`` into the store at ``store_path`` (the CLI's ``attribute`` and the Attribution Faithfulness
+    page's save button), recording the model and its vocabulary too when the store lacks them; returns its id. An
+    existing store gets a small save file beside it (:mod:`backend.store.saves`: no copy of the store); a missing one
+    is created by a run of its own."""
+    from pathlib import Path
+
     from backend.model.record import record_model
-    from backend.store.access import StoreWriter
+    from backend.store.access import StoreWriter, reading, real_path
+    from backend.store.access import saving
 
     params = {"comparison_id": comparison.comparison_id, "task": comparison.task,
               "methods": list(comparison.runs), "kinds": comparison.kinds, "source": source or comparison.source}
-    with StoreWriter(store_path, kind="attribution", model=spec.name, params=params) as writer:
-        record_model(writer, model, spec)
+    if not Path(real_path(store_path)).exists():
+        with StoreWriter(store_path, kind="attribution", model=spec.name, params=params) as writer:
+            record_model(writer, model, spec)
+            write_comparison(writer.con, comparison, writer.run_id)
+        return comparison.comparison_id
+    with reading(store_path) as con:
+        have_vocab = con.execute("SELECT count(*) FROM vocab WHERE model = ?", [spec.name]).fetchall()[0][0]
+    with saving(store_path, kind="attribution", model=spec.name, params=params) as writer:
+        if have_vocab != int(model.cfg.d_vocab):
+            record_model(writer, model, spec)
         write_comparison(writer.con, comparison, writer.run_id)
     return comparison.comparison_id
 

@@ -178,27 +178,33 @@ class Scores:
     values: dict[str, "torch.Tensor"] = field(default_factory=dict)
     per_position_heads: bool = False
     feature_layers: tuple[int, ...] = ()
+    # The same scores per example, kind -> [n_examples, *values[kind].shape] (values is their mean over examples):
+    # the evaluation protocol (backend/attribution/evaluation.py) bootstraps over prompt pairs with them.
+    examples: dict[str, "torch.Tensor"] = field(default_factory=dict)
 
     @classmethod
     def from_sites(cls, sites: Sequence[Site], per_site: Mapping[str, "torch.Tensor"],
                    per_position_heads: bool = False) -> "Scores":
-        """Stack per-site score tensors (keyed by ``Site.label``, batch already averaged) into a Scores."""
+        """Stack per-site, per-example score tensors (keyed by ``Site.label``, shape ``[n_examples, *component
+        shape]``) into a Scores: ``examples`` keeps them, ``values`` is their mean over examples."""
         import torch
 
         by_kind: dict[str, list[tuple[int, torch.Tensor]]] = {}
         for site in sites:
             by_kind.setdefault(site.kind, []).append((site.layer, per_site[site.label]))
-        values, feature_layers = {}, ()
+        examples, feature_layers = {}, ()
         for kind, rows in by_kind.items():
             rows.sort(key=lambda r: r[0])
             if kind == "feature":
                 feature_layers = tuple(layer for layer, _ in rows)
-                width = max(int(t.shape[0]) for _, t in rows)  # SAEs of different widths: pad with NaN
-                values[kind] = torch.stack([torch.nn.functional.pad(t.double(), (0, width - t.shape[0]),
-                                                                    value=float("nan")) for _, t in rows])
+                width = max(int(t.shape[-1]) for _, t in rows)  # SAEs of different widths: pad with NaN
+                examples[kind] = torch.stack([torch.nn.functional.pad(t.double(), (0, width - t.shape[-1]),
+                                                                      value=float("nan")) for _, t in rows], 1)
             else:
-                values[kind] = torch.stack([t.double() for _, t in rows])
-        return cls(values=values, per_position_heads=per_position_heads, feature_layers=feature_layers)
+                examples[kind] = torch.stack([t.double() for _, t in rows], 1)  # [n, layer, ...]
+        values = {kind: t.mean(0) for kind, t in examples.items()}
+        return cls(values=values, per_position_heads=per_position_heads, feature_layers=feature_layers,
+                   examples=examples)
 
     def to_frame(self) -> "pd.DataFrame":
         """Rows ``(component, layer, head, pos, feature, score)`` as in the ``attributions`` table (NULL = n/a)."""
@@ -207,7 +213,7 @@ class Scores:
 
         frames = []
         for kind, t in self.values.items():
-            v = t.detach().cpu().double().numpy()
+            v = t.detach().cpu().double().cpu().numpy()
             idx = np.indices(v.shape).reshape(v.ndim, -1)
             flat = v.reshape(-1)
             cols: dict[str, Any] = {"component": kind, "layer": idx[0], "head": None, "pos": None, "feature": None}

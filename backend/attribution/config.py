@@ -12,7 +12,7 @@ class AttributionConfig:
     patching costs one (batched) pass per component, IG ``ig_steps`` forward+backward passes per (kind, layer)."""
 
     tasks: tuple[tuple[str, int], ...] = (("ioi", 2), ("greater-than", 1), ("induction", 1))
-    methods: tuple[str, ...] = ("patching", "atp", "relp", "ig")
+    methods: tuple[str, ...] = ("patching", "atp", "atpstar", "relp", "ig")
     kinds: tuple[str, ...] = ("resid", "mlp", "head")
     ig_steps: int = 2
     induction_length: int = 10

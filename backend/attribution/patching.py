@@ -1,7 +1,7 @@
 """Activation patching, the ground truth the estimates are scored against.
 
 Direction: **noising** — each component's corrupt activation is patched into the clean run, and the score is
-``m(clean with c ← c_corrupt) − m(clean)`` averaged over examples (module docstring of
+``m(clean with c ← c_corrupt) − m(clean)`` per example (``Scores.examples``) and averaged over examples (module docstring of
 :mod:`backend.attribution.components`). One forward pass per component, batched: a pass holds ``k`` copies of the
 clean batch, copy j patching component j (components of every kind at one layer share passes), and starts at that
 layer from the clean residual stream (nothing below it changes). Components whose clean and corrupt activations
@@ -52,7 +52,7 @@ def activation_patching(model: Any, batch: "TaskBatch", kinds: Sequence[str], pe
     by_layer: dict[int, list[tuple[Site, torch.Tensor]]] = {}
     for site in sites:
         a_clean = clean[site.label]
-        per_site[site.label] = torch.zeros(site.reduce(a_clean[:1]).shape[1:], dtype=torch.float64)
+        per_site[site.label] = torch.zeros(site.reduce(a_clean).shape, dtype=torch.float64)  # [n, *shape]
         comps = changed_components(site, a_clean, corrupt[site.label])
         by_layer.setdefault(site.layer, []).extend((site, c) for c in comps)
     jobs = [(layer, items[i : i + k_max]) for layer, items in sorted(by_layer.items())
@@ -82,7 +82,7 @@ def activation_patching(model: Any, batch: "TaskBatch", kinds: Sequence[str], pe
             rows = scored.select(torch.arange(n).repeat(k))  # copy j = rows j*n .. j*n+n-1
             start = starts[layer].repeat(k, *([1] * (starts[layer].dim() - 1)))
             logits = forward_from(model, start, layer, hooks, positions)
-            effect = (rows.metric_per_example(logits).view(k, n) - base).double().mean(1)
+            effect = (rows.metric_per_example(logits).view(k, n) - base).double()  # [copy, example]
             for j, (site, comp) in enumerate(items):
-                per_site[site.label][tuple(comp.tolist())] = effect[j]
+                per_site[site.label][(slice(None), *comp.tolist())] = effect[j]
     return Scores.from_sites(sites, per_site, per_position_heads)

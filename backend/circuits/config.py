@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class GraphConfig:
     """Attribution graphs stored for the Circuit Graph page: (prompt, answer, wrong answer or None); answer None = the
-    model's top prediction. ``max_nodes``: candidate nodes kept per graph."""
+    model's top prediction. ``max_nodes``: feature nodes kept per graph (embeddings and error nodes are always kept)."""
 
     prompts: tuple[tuple[str, str | None, str | None], ...] = (
         ("The capital of France is", None, None),

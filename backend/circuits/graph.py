@@ -1,8 +1,9 @@
 """The attribution graph: a plain object (two tables + metadata), as in circuit-tracer's ``Graph``.
 
 Everything else about circuits is a pure function of a :class:`Graph`: building (:mod:`.build`), pruning and
-path finding (:mod:`.prune`), the faithfulness check (:mod:`.faithfulness`), storing (:mod:`.storage`), the
-layered layout and plotly figure (:mod:`.layout`, :mod:`.figure`) and the export formats (:mod:`.export`).
+path finding (:mod:`.prune`), graph scores and conservation (:mod:`.quality`), the per-head split of edges
+(:mod:`.split`), the faithfulness check (:mod:`.faithfulness`), storing (:mod:`.storage`), the layered layout and
+plotly figure (:mod:`.layout`, :mod:`.figure`) and the export formats (:mod:`.export`).
 
 **Nodes** (one row of :attr:`Graph.nodes` each; ``node_id`` is unique and stable for a given prompt):
 
@@ -11,26 +12,31 @@ kind            node_id                        what it is (``feature`` column)
 ==============  =============================  =========================================================
 embedding       ``E_{pos}``                    the token embedding at ``pos`` (token id)
 transcoder      ``T{layer}_{pos}_{feature}``   an active transcoder feature of MLP ``layer`` (feature id)
-mlp_error       ``M{layer}_{pos}``             MLP output minus its transcoder's output (NULL)
-head            ``H{layer}.{head}_{pos}``      one attention head's output at destination ``pos`` (head)
+mlp_error       ``M{layer}_{pos}``             MLP output minus its transcoder's prediction (NULL)
 attn_feature    ``A{layer}_{pos}_{feature}``   an attention-SAE feature (layers with an SAE; feature id)
 attn_error      ``AE{layer}_{pos}``            attention output minus the attention SAE's reconstruction
-logit           ``L_{token}`` / ``L_diff``     the target: a logit or a logit difference (answer token id)
+logit           ``L_{token}``                  the target: a demeaned logit or a logit difference (answer id)
+head            ``H{layer}.{head}_{pos}``      graphs built before attention became a pass-through only
 ==============  =============================  =========================================================
 
+Graphs built now have no ``head`` nodes (``metadata["attention"] == "pass-through"``): attention in layers
+without an attention SAE is part of the edges, and :mod:`.split` says which heads carry an edge. Graphs stored
+earlier keep their head nodes; every reader of graphs (pages, exports, pruning) still handles them.
+
 ``layer`` is the block index (embedding: -1, logit: ``n_layers``); ``pos`` the token position. Columns:
-``activation`` (a feature's activation; for vector-valued nodes — heads, errors, embeddings — the norm of
-what they write), ``value`` (what the node's incoming edges add up to together with ``bias``: a feature's
-pre-activation, a head's output along its own direction, the target's metric), ``attribution`` (the node's
-total effect on the target: activation × ∂metric/∂activation summed over all paths), ``influence`` (on the target,
-from :func:`backend.circuits.prune.influence`; NaN until computed), ``label`` (a short human label), ``dict_id``
-(the dictionary a feature belongs to) and ``is_target``.
+``activation`` (a feature's activation; for vector-valued nodes — errors, embeddings — the norm of what they
+write), ``value`` (what the node's incoming edges from every candidate add up to together with ``bias``: a
+feature's pre-activation, the target's metric), ``attribution`` (the node's total effect on the target:
+activation × ∂metric/∂activation summed over all paths), ``influence`` (on the target, from
+:func:`backend.circuits.prune.influence`; NaN until computed), ``label`` (a short human label), ``dict_id`` (the
+dictionary a feature belongs to) and ``is_target``.
 
 **Edges** (:attr:`Graph.edges`): ``source`` -> ``target`` with ``weight`` = the direct effect of the source on
-the target's ``value`` in the frozen linearised replacement model (see :mod:`.build`). For transcoder ->
-transcoder edges, ``weight = source_factor x invariant x norm_factor``: the input-dependent source activation,
-the input-invariant decoder.encoder product (Dunefsky et al. 2024) and the frozen norm's 1/scale; those three
-columns are NaN for other edges.
+the target's ``value`` in the frozen linearised replacement model, through every attention / skip path (see
+:mod:`.replacement`). For same-position transcoder -> transcoder edges, ``source_factor x invariant x
+norm_factor`` is the edge's residual-stream part: the input-dependent source activation, the input-invariant
+decoder.encoder product (Dunefsky et al. 2024) and the frozen norm's 1/scale; those three columns are NaN for
+other edges.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ if TYPE_CHECKING:
     import networkx as nx
     import pandas as pd
 
+# "head" only in graphs stored before attention became a pass-through (still read, drawn and exported)
 NODE_KINDS: tuple[str, ...] = ("embedding", "transcoder", "mlp_error", "head", "attn_feature", "attn_error", "logit")
 FEATURE_KINDS: frozenset[str] = frozenset({"transcoder", "attn_feature"})  # nodes that have a feature dashboard
 ERROR_KINDS: frozenset[str] = frozenset({"mlp_error", "attn_error"})
@@ -75,9 +82,10 @@ class Graph:
 
     ``nodes``: a DataFrame with :data:`NODE_COLUMNS`; ``edges``: a DataFrame with :data:`EDGE_COLUMNS`
     (node ids); ``metadata``: JSON-able facts — ``model``, ``prompt``, ``tokens`` (token strings), ``token_ids``,
-    ``target`` (``{"kind": "logit" | "logit_diff", "token_id", "token", "wrong_id", "wrong", "value"}``),
-    ``method``, ``dictionaries`` (dict ids by kind), ``params`` (build parameters), ``n_layers``, and after
-    pruning ``pruning`` (thresholds and what was kept).
+    ``target`` (``{"kind": "logit" | "logit_diff", "token_id", "token", "wrong_id", "wrong", "value",
+    "demeaned"}``), ``method``, ``attention`` (``"pass-through"``; absent in graphs with head nodes),
+    ``dictionaries`` (dict ids by kind), ``params`` (build parameters), ``n_layers``, ``conservation`` and
+    ``scores`` (:mod:`.quality`), and after pruning ``pruning`` (thresholds, what was kept, the pruned scores).
     """
 
     nodes: "pd.DataFrame"
@@ -167,3 +175,8 @@ def _plain(value: Any) -> Any:
     """numpy scalars -> Python scalars (networkx writers need plain types)."""
     item = getattr(value, "item", None)
     return item() if callable(item) else value
+
+
+def has_head_nodes(graph: Graph) -> bool:
+    """Whether ``graph`` was built with attention heads as nodes (stored before attention became a pass-through)."""
+    return graph.metadata.get("attention") != "pass-through" and bool((graph.nodes["kind"] == "head").any())

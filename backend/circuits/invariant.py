@@ -55,5 +55,5 @@ def _top(parts: list[tuple[int, Any]], k: int) -> "pd.DataFrame":
     feats = torch.cat([torch.arange(len(v)) for _, v in parts])
     vals = torch.cat([v for _, v in parts])
     top = torch.argsort(-vals.abs(), stable=True)[:k]
-    return pd.DataFrame({"layer": layers[top].numpy(), "feature": feats[top].numpy(),
-                         "invariant": vals[top].double().numpy()})
+    return pd.DataFrame({"layer": layers[top].cpu().numpy(), "feature": feats[top].cpu().numpy(),
+                         "invariant": vals[top].double().cpu().numpy()})

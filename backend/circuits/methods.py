@@ -1,9 +1,9 @@
 """Edge weights by plain gradient or integrated gradients, with attention patterns and norms live.
 
-The default edge weights (method ``"relp"``, :func:`backend.circuits.replacement.edges_between`) are direct
-effects with every norm scale and attention pattern frozen — exactly what RelP's rules give on this replacement
-model (norm: identity rule; attention: pattern held constant; the transcoders' ReLUs: identity rule; linear maps
-exact), and what circuit-tracer computes. The two alternatives from the attribution issue keep the model's own
+The default edge weights (method ``"relp"``, :func:`backend.circuits.replacement.edges`) are direct effects with
+every norm scale and attention pattern frozen — exactly what RelP's rules give on this replacement model (norm:
+identity rule; attention: pattern held constant; the transcoders' ReLUs: identity rule; linear maps exact), and
+what circuit-tracer computes. The two alternatives from the attribution issue keep the model's own
 nonlinearities in attention and norms:
 
 * ``"gradient"``: ``w_tu = a_u · ∂value_t/∂a_u`` at the clean run, with every other node's output held fixed
@@ -12,19 +12,21 @@ nonlinearities in attention and norms:
   of ``steps`` intervals: ``w_tu = a_u · mean_α ∂value_t/∂a_u(a(α))``; for each target, the weights of its
   inputs add up to ``value_t(a_clean) − value_t(0)`` as ``steps`` grows (completeness).
 
-How: the prompt runs as a batch of copies, one per target. Each sublayer output (``hook_embed``,
-``hook_attn_out``, ``hook_mlp_out``) is replaced by its clean value plus ``Σ_u (a_u − a_u,clean) · dir_u`` over
-the kept nodes written there, where the activations ``a`` are leaves of the autograd graph; so the stream depends
-on the leaves only through the nodes' own writes (direct effects). Copy ``b`` reads target ``b``'s value from the
-live stream (its norm input, ``hook_z`` or logits), and one backward pass gives every edge into every target of
-the batch. Written by hand: no library computes direct-effect graphs through a TransformerLens model.
+How: the prompt runs as a batch of copies, one per target. Each sublayer made of nodes (``hook_embed``, every
+``hook_mlp_out``, ``hook_attn_out`` of layers with an attention SAE) is replaced by its clean value plus
+``Σ_u (a_u − a_u,clean) · dir_u`` over the kept nodes written there, where the activations ``a`` are leaves of the
+autograd graph; attention of the other layers runs live (it is a path, not a node), and so does a skip
+transcoder's linear term (``(x − x_clean) W_skipᵀ`` is added to the MLP output). So the stream depends on the
+leaves only through the nodes' own writes and those paths (direct effects). Copy ``b`` reads target ``b``'s value
+from the live stream (its norm input, ``hook_z`` or logits), and one backward pass gives every edge into every
+target of the batch. Written by hand: no library computes direct-effect graphs through a TransformerLens model.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from backend.circuits.replacement import Candidates, Recording, Target
+from backend.circuits.replacement import Candidates, Recording, Target, skip_weight
 from backend.model.hooks import EMBED, hook_name
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ METHODS: tuple[str, ...] = ("relp", "gradient", "ig")
 def _write_hook(kind: str, layer: int) -> str:
     if kind == "embedding":
         return EMBED
-    if kind in ("head", "attn_feature", "attn_error"):
+    if kind in ("attn_feature", "attn_error"):
         return hook_name("attn_out", layer)
     if kind in ("transcoder", "mlp_error"):
         return hook_name("mlp_out", layer)
@@ -46,7 +48,8 @@ def _write_hook(kind: str, layer: int) -> str:
 def edges_autograd(model: Any, c: Candidates, rec: Recording, keep: "torch.Tensor", target: Target,
                    transcoders: dict[int, Any], attn_saes: dict[int, Any], method: str = "gradient",
                    steps: int = 4, batch_size: int = 32) -> "torch.Tensor":
-    """Dense ``W[t, u]`` among ``keep`` (as :func:`edges_between`) by ``method`` ``"gradient"`` or ``"ig"``."""
+    """Dense ``W[t, u]`` among ``keep`` (as :func:`backend.circuits.replacement.edges`) by ``method``
+    ``"gradient"`` or ``"ig"``."""
     import torch
 
     from backend.progress import track
@@ -57,12 +60,12 @@ def edges_autograd(model: Any, c: Candidates, rec: Recording, keep: "torch.Tenso
     kinds = [c.kind[i] for i in keep.tolist()]
     writers = [j for j, k in enumerate(kinds) if k != "logit"]
     a_clean = c.activation[keep].clone()
-    dirs = c.out[keep] / a_clean.clamp_min(1e-12)[:, None]
+    dirs = c.direction[keep]
     by_hook: dict[str, list[int]] = {}
     for j in writers:
         by_hook.setdefault(_write_hook(kinds[j], int(c.layer[keep[j]])), []).append(j)
     pos = c.pos[keep]
-    readers = [j for j, k in enumerate(kinds) if k in ("transcoder", "head", "attn_feature", "logit")]
+    readers = [j for j, k in enumerate(kinds) if k in ("transcoder", "attn_feature", "logit")]
     W = torch.zeros(n, n)
     alphas = [1.0] if method == "gradient" else [(s + 0.5) / steps for s in range(steps)]
     chunks = [readers[i : i + batch_size] for i in range(0, len(readers), batch_size)]
@@ -81,21 +84,31 @@ def edges_autograd(model: Any, c: Candidates, rec: Recording, keep: "torch.Tenso
                 def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
                     base = rec.acts[name].expand(B, -1, -1)
                     add = torch.zeros(B, *base.shape[1:])
-                    add = add.index_add(1, pos[ii], delta[:, ii])
+                    if len(idx):
+                        add = add.index_add(1, pos[ii], delta[:, ii])
+                    layer = int(name.split(".")[1]) if name.startswith("blocks.") else -1
+                    W_skip = skip_weight(transcoders[layer]) if name.endswith("hook_mlp_out") and \
+                        layer in transcoders else None
+                    if W_skip is not None:  # the skip term is a live path: what changed at the MLP's input
+                        x = live[hook_name("mlp_in", layer)]
+                        dx = x - rec.acts[hook_name("mlp_in", layer)][None]
+                        add[:, 1:] = add[:, 1:] + dx[:, 1:] @ W_skip.T
                     return base + add
                 return hook
 
             def grab(act: torch.Tensor, hook: Any) -> None:
                 live[hook.name] = act
 
-            hooks = [(name, write(name, idx)) for name, idx in by_hook.items()]
-            # sublayers without any kept node still write their clean output (no indirect paths through them)
+            hooks = []
             for layer in range(c.n_layers):
-                for name in (hook_name("attn_out", layer), hook_name("mlp_out", layer)):
-                    if name not in by_hook:
-                        hooks.append((name, lambda act, hook, _n=name: rec.acts[_n].expand(B, -1, -1)))
                 hooks.append((hook_name("mlp_in", layer), grab))
                 hooks.append((hook_name("z", layer), grab))
+            # sublayers made of nodes write their clean output plus the kept nodes' changes (no indirect paths
+            # through nodes); attention without an SAE stays live: it is a pass-through
+            names = [EMBED] + [hook_name("mlp_out", l) for l in range(c.n_layers)] + [
+                hook_name("attn_out", l) for l in attn_saes]
+            for name in names:
+                hooks.append((name, write(name, by_hook.get(name, []))))
             logits = model.run_with_hooks(tokens.expand(B, -1), fwd_hooks=hooks)
             values = []
             for b, j in enumerate(chunk):
@@ -103,16 +116,10 @@ def edges_autograd(model: Any, c: Candidates, rec: Recording, keep: "torch.Tenso
                 k, layer, p, i = kinds[j], int(c.layer[node]), int(c.pos[node]), int(c.index[node])
                 if k == "logit":
                     v = logits[b, -1, target.token_id]
-                    if target.wrong_id is not None:
-                        v = v - logits[b, -1, target.wrong_id]
+                    v = v - (logits[b, -1].mean() if target.wrong_id is None else logits[b, -1, target.wrong_id])
                 elif k == "transcoder":
                     tc = transcoders[layer]
                     v = live[hook_name("mlp_in", layer)][b, p] @ tc.W_enc[:, i] + tc.b_enc[i]
-                elif k == "head":
-                    z = live[hook_name("z", layer)][b, p, i]
-                    W_O = model.blocks[layer].attn.W_O[i]
-                    o_hat = c.out[node] / c.out[node].norm().clamp_min(1e-12)
-                    v = (z @ W_O) @ o_hat
                 else:
                     z = live[hook_name("z", layer)][b, p]
                     v = _sae_pre(attn_saes[layer], z.reshape(-1), i)

@@ -15,6 +15,9 @@ hand with one linear solve (networkx has no matrix path sums; the graph is a DAG
    whose score adds up to ``edge_threshold`` of the total, among edges whose two ends are kept;
 3. drop nodes with no kept path to the target.
 
+The pruned graph's own graph scores (:func:`graph_scores`, defined in :mod:`backend.circuits.quality`) are recorded under
+``metadata["pruning"]["scores"]``, beside the scores of the graph as built (``metadata["scores"]``).
+
 Every ranking is computed once on the full graph, so a larger threshold keeps a superset: pruning is monotone
 in both thresholds (tests/circuits/test_circuits.py checks it).
 """
@@ -36,14 +39,24 @@ def adjacency(graph: Graph) -> tuple[list[str], "torch.Tensor"]:
     import torch
 
     ids = graph.nodes["node_id"].tolist()
-    where = {n: i for i, n in enumerate(ids)}
     A = torch.zeros(len(ids), len(ids), dtype=torch.float64)
     e = graph.edges
     if len(e):
-        t = torch.tensor([where[x] for x in e["target"]])
-        s = torch.tensor([where[x] for x in e["source"]])
+        t, s = _positions(ids, e)
         A.index_put_((t, s), torch.tensor(e["weight"].to_numpy(dtype="float64")), accumulate=True)
     return ids, A
+
+
+def _positions(ids: list[str], edges: "pd.DataFrame") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Row indices in ``ids`` of each edge's target and source (vectorised: graphs have ~10^5 edges)."""
+    import pandas as pd
+    import torch
+
+    index = pd.Index(ids)
+    t, s = index.get_indexer(edges["target"]), index.get_indexer(edges["source"])
+    if (t < 0).any() or (s < 0).any():
+        raise ValueError("an edge names a node that is not in the graph's nodes")
+    return torch.as_tensor(t, dtype=torch.long), torch.as_tensor(s, dtype=torch.long)
 
 
 def normalized_adjacency(A: "torch.Tensor") -> "torch.Tensor":
@@ -65,7 +78,7 @@ def influence(graph: Graph) -> "pd.Series":
     # x (I − Â) = e Â  <=>  (I − Â)ᵀ xᵀ = (e Â)ᵀ
     x = torch.linalg.solve((torch.eye(len(ids), dtype=torch.float64) - An).T, An.T @ e)
     x[t] = 1.0
-    return pd.Series(x.numpy(), index=ids, name="influence")
+    return pd.Series(x.cpu().numpy(), index=ids, name="influence")
 
 
 def with_influence(graph: Graph) -> Graph:
@@ -74,6 +87,38 @@ def with_influence(graph: Graph) -> Graph:
     nodes = graph.nodes.copy()
     nodes["influence"] = nodes["node_id"].map(inf).astype(float)
     return Graph(nodes=nodes, edges=graph.edges.copy(), metadata=dict(graph.metadata))
+
+
+def graph_scores(graph: Graph) -> dict[str, float]:
+    """circuit-tracer's graph scores of ``graph`` (``compute_graph_scores``; :mod:`backend.circuits.quality`
+    defines them): ``{"replacement", "completeness", "error_share"}``, NaN where a denominator is 0 (e.g. a graph
+    with neither embeddings nor errors reaching the target)."""
+    import torch
+
+    from backend.circuits.graph import ERROR_KINDS
+
+    ids, A = adjacency(graph)
+    if not ids:
+        return {"replacement": float("nan"), "completeness": float("nan"), "error_share": float("nan")}
+    An = normalized_adjacency(A)
+    n = len(ids)
+    w = torch.zeros(n, dtype=torch.float64)
+    w[ids.index(graph.target_id)] = 1.0
+    # I = w Â (I − Â)⁻¹  <=>  (I − Â)ᵀ Iᵀ = (w Â)ᵀ
+    infl = torch.linalg.solve((torch.eye(n, dtype=torch.float64) - An).T, An.T @ w)
+    kinds = graph.nodes["kind"].tolist()
+    is_err = torch.tensor([k in ERROR_KINDS for k in kinds])
+    is_emb = torch.tensor([k == "embedding" for k in kinds])
+    i_err, i_emb = float(infl[is_err].sum()), float(infl[is_emb].sum())
+    non_error = 1.0 - An[:, is_err].sum(1)
+    weight = infl + w
+    total = float(weight.sum())
+    others = float(infl.sum() - infl[w > 0].sum())
+    return {
+        "replacement": i_emb / (i_emb + i_err) if i_emb + i_err > 0 else float("nan"),
+        "completeness": float((non_error * weight).sum()) / total if total > 0 else float("nan"),
+        "error_share": i_err / others if others > 0 else float("nan"),
+    }
 
 
 def _prefix(scores: "torch.Tensor", threshold: float) -> int:
@@ -110,9 +155,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     # 2. edges by their share of the target's explanation, ranked over the whole graph
     An = normalized_adjacency(A)
     edges = full.edges.reset_index(drop=True)
-    where = {n: i for i, n in enumerate(ids)}
-    tt = torch.tensor([where[x] for x in edges["target"]], dtype=torch.long)
-    ss = torch.tensor([where[x] for x in edges["source"]], dtype=torch.long)
+    tt, ss = _positions(ids, edges)
     score = An[tt, ss] * inf[tt].clamp_min(0) if len(edges) else torch.zeros(0, dtype=torch.float64)
     e_order = torch.argsort(-score, stable=True)
     e_keep = e_order[: _prefix(score[e_order], edge_threshold)]
@@ -130,6 +173,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
         "node_threshold": float(node_threshold), "edge_threshold": float(edge_threshold),
         "max_nodes": max_nodes, "nodes_before": len(ids), "edges_before": len(edges),
         "nodes_after": len(out.nodes), "edges_after": len(out.edges),
+        "scores": graph_scores(out),  # the pruned view's own replacement / completeness scores
     }
     return out
 

@@ -50,6 +50,7 @@ def replacement_quality(con: "duckdb.DuckDBPyConnection", model: str) -> dict[st
     """The latest all-MLPs-replaced evaluation of ``model``'s transcoders (None if there is none)."""
     rows = con.execute("SELECT e.n_replaced, e.ce_clean, e.ce_replaced, e.ce_ablated, e.ce_loss_recovered, e.ce_tokens "
                        "FROM replacement_evals e LEFT JOIN runs r USING (run_id) WHERE e.model = ? "
+                       "AND coalesce(e.replacement, 'transcoder') = 'transcoder' "
                        "ORDER BY r.started_at DESC NULLS LAST, e.eval_id LIMIT 1", [model]).fetchall()
     if not rows:
         return None

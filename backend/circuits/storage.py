@@ -103,11 +103,12 @@ def read_graph(con: "duckdb.DuckDBPyConnection", graph_id: str) -> Graph:
 
 
 def save_graph(store_path: "str | Path", graph: Graph, source: str, title: str | None = None) -> str:
-    """Write ``graph`` into the store at ``store_path`` as one atomic write (the CLI's ``--save``, the Circuit Graph
-    page's save button); returns its id."""
-    from backend.store.access import StoreWriter
+    """Save ``graph`` into the store at ``store_path`` (the CLI's ``--save``, the Circuit Graph page's save button): a
+    small file of its own beside the store, visible to readers at once, no copy of the store
+    (:mod:`backend.store.saves`); returns its id."""
+    from backend.store.access import saving
 
     model = str(graph.metadata.get("model"))
-    with StoreWriter(store_path, kind="graph", model=model,
-                     params={"prompt": graph.metadata.get("prompt"), "source": source}) as writer:
+    with saving(store_path, kind="graph", model=model,
+                params={"prompt": graph.metadata.get("prompt"), "source": source}) as writer:
         return write_graph(writer.con, graph, writer.run_id, source=source, title=title)

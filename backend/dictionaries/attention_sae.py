@@ -243,7 +243,7 @@ def train_attention_sae(
     batches = track(shuffled_batches(acts, batch_size, seed=seed), total=steps, desc="Training SAE", unit="step")
     trainer = SAETrainer(cfg, sae, data_provider=iter(batches))
     t0 = time.perf_counter()
-    with _quiet_sae_lens_bar():
+    with quiet_sae_lens_bar():
         trainer.fit()
     seconds = time.perf_counter() - t0
     next(batches, None)  # the bar counts a step when the next batch is asked for: let it reach 100%
@@ -270,7 +270,7 @@ def train_attention_sae(
 
 
 @contextmanager
-def _quiet_sae_lens_bar() -> Iterator[None]:
+def quiet_sae_lens_bar() -> Iterator[None]:
     """sae-lens' trainer draws its own tqdm bar; ours (via backend.progress) already shows the same progress."""
     import sae_lens.training.sae_trainer as trainer_module
 

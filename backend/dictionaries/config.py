@@ -28,22 +28,30 @@ class SaeConfig:
 
 @dataclass(frozen=True)
 class TranscoderConfig:
-    """MLP transcoders (one per selected MLP layer).
+    """MLP transcoders (one per selected MLP layer), learned with sae-lens' trainer
+    (:mod:`backend.dictionaries.transcoder_training`): BatchTopK features plus a linear skip path, Adam on streamed
+    activations, initialised from data and from the dense linear baseline.
 
     Layers come from ``layers`` (not from ``--layers``: attribution graphs want every MLP replaced; a layer without a
     transcoder is one big error node). The last ``eval_contexts`` corpus contexts are held out (L0 / FVE / dead / the
-    all-replaced row); per-layer CE uses the first ``ce_contexts`` of them (it costs ~n_layers forward passes per token).
+    all-replaced rows with their intervals); per-layer CE uses the first ``ce_contexts`` of them (it costs ~n_layers
+    forward passes per token).
     """
 
     train: bool = True
     layers: str = "all"
-    architecture: str = "transcoder"  # or "skip_transcoder" (adds a linear skip W_skip)
+    architecture: str = "batchtopk"  # "batchtopk" or "topk" (both stored as sae-lens JumpReLU transcoders)
+    skip: bool = True  # the linear skip path W_skip (a dense path in graphs, not a feature)
     expansion: float = 4.0  # d_sae = expansion x d_model: 576 -> 2304 on SmolLM2
-    l0: float = 32.0  # target active features per token (each becomes a graph node)
-    epochs: float = 0.0  # 0: prototype encoder + least-squares decoder only; > 0 adds Adam passes and a final refit
-    lr: float = 3e-4
-    batch_size: int = 512
-    ridge: float = 1e-3
+    k: float = 32.0  # mean active features per token (each active feature becomes a graph node)
+    epochs: float = 1.0  # passes over the training tokens
+    lr: float = 3e-3
+    batch_size: int = 256
+    ridge: float = 1e-4  # relative ridge of the dense linear baseline (and the skip path's initialisation)
+    # Rows whose MLP output norm exceeds this multiple of the layer's median are massive activations (attention-sink
+    # positions: separators, some first tokens; SmolLM2 L11 / L28 reach 500x): not trained on, not scored, kept exact
+    # when spliced. Frequent large outputs (e.g. " the" at SmolLM2 L2, 10-40x) stay the transcoder's job.
+    massive_ratio: float = 50.0
     train_contexts: int | None = None  # cap on training contexts (None: all but the held-out ones)
     eval_contexts: int = 32
     ce_contexts: int | None = 4  # None: all held-out contexts

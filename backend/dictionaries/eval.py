@@ -51,8 +51,8 @@ log-softmax over a whole batch and gives the same losses.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from backend.dictionaries.attention_sae import encode_z, reconstruct
 from backend.dictionaries.transcoder import ablate_hooks, encode, splice_hooks, transcode
@@ -216,7 +216,10 @@ def split_contexts(n: int, n_eval: int) -> tuple[range, range]:
 
 @dataclass
 class ReplacementMetrics:
-    """What the ``replacement_evals`` table stores about several MLPs replaced at once."""
+    """What the ``replacement_evals`` table stores about several MLPs replaced at once (by their transcoders, or by
+    their dense linear baselines): CE clean / replaced / those MLPs zeroed, KL(clean ‖ replaced) of the next-token
+    distribution, the share of tokens whose top prediction is unchanged, and 95% bootstrap intervals over the
+    held-out contexts (``intervals``: name -> (low, high))."""
 
     n_replaced: int
     ce_clean: float
@@ -224,6 +227,10 @@ class ReplacementMetrics:
     ce_ablated: float
     ce_loss_recovered: float
     ce_tokens: int
+    kl: float = float("nan")
+    top1: float = float("nan")
+    replacement: str = "transcoder"
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def delta_ce(self) -> float:
@@ -232,67 +239,112 @@ class ReplacementMetrics:
 
     def as_row(self) -> dict[str, Any]:
         """Columns of ``replacement_evals`` (without ids, stats and run id)."""
-        return asdict(self)
+        row = asdict(self)
+        row.pop("intervals")
+        return row
+
+
+@dataclass
+class TranscoderEvaluation:
+    """:func:`evaluate_transcoders`' result: per-layer metrics of the transcoders and of their dense linear baselines
+    (FVE, and CE with that one MLP replaced, in ``DictionaryMetrics`` fields; ``baselines`` is empty without them),
+    and the all-replaced metrics of both."""
+
+    layers: dict[int, DictionaryMetrics]
+    baselines: dict[int, DictionaryMetrics]
+    replaced: ReplacementMetrics | None
+    baseline_replaced: ReplacementMetrics | None
+    massive_rows: dict[int, int] = field(default_factory=dict)  # held-out rows kept exact as massive activations
+
+
+def final_logprobs(model: Any, resid_final: "torch.Tensor", chunk: int = 1024) -> Iterator["torch.Tensor"]:
+    """Next-token log-probabilities ``[≤chunk, d_vocab]`` of the positions before the last one, from the residual
+    stream after the last block (final norm, unembedding, log-softmax), ``chunk`` tokens at a time in row-major order
+    (the full ``[tokens, d_vocab]`` matrix of a batch would not fit comfortably in memory)."""
+    b, n_ctx, d = resid_final.shape
+    r = model.ln_final(resid_final)[:, :-1].reshape(-1, d)
+    for s in range(0, r.shape[0], chunk):
+        yield model.unembed(r[s : s + chunk]).float().log_softmax(-1)
 
 
 def next_token_ce(model: Any, resid_final: "torch.Tensor", tokens: "torch.Tensor", chunk: int = 1024) -> "torch.Tensor":
-    """Per-token next-token loss ``[b, n_ctx − 1]`` from the residual stream after the last block (final norm,
-    unembedding and cross-entropy applied ``chunk`` tokens at a time)."""
+    """Per-token next-token loss ``[b, n_ctx − 1]`` from the residual stream after the last block."""
     import torch
-    import torch.nn.functional as F
 
-    b, n_ctx, d = resid_final.shape
-    r = model.ln_final(resid_final)[:, :-1].reshape(-1, d)
-    target = tokens[:, 1:].reshape(-1).to(r.device)
-    out = torch.empty(r.shape[0], dtype=torch.float32)
-    for s in range(0, r.shape[0], chunk):
-        out[s : s + chunk] = F.cross_entropy(model.unembed(r[s : s + chunk]).float(), target[s : s + chunk], reduction="none")
-    return out.reshape(b, n_ctx - 1)
+    b, n_ctx, _ = resid_final.shape
+    target = tokens[:, 1:].reshape(-1)
+    parts = []
+    for s, lp in zip(range(0, target.shape[0], chunk), final_logprobs(model, resid_final, chunk)):
+        parts.append(-lp.gather(-1, target[s : s + chunk, None].to(lp.device))[:, 0])
+    return torch.cat(parts).reshape(b, n_ctx - 1)
 
 
-def _run_ce(model: Any, inp: "torch.Tensor", tokens: "torch.Tensor", hooks: list[tuple[str, Any]],
-            start_at_layer: int | None = None) -> float:
-    """Summed next-token loss (float64) of one hooked run from tokens, or from ``resid_pre`` at ``start_at_layer``."""
+def compare_with_clean(model: Any, clean_final: "torch.Tensor", other_final: "torch.Tensor", tokens: "torch.Tensor",
+                       chunk: int = 1024) -> dict[str, "torch.Tensor"]:
+    """Per predicted token ``[b, n_ctx − 1]``: the other run's CE, KL(clean ‖ other) of the next-token distribution
+    and whether its top prediction equals the clean run's (1.0 / 0.0)."""
+    import torch
+
+    b, n_ctx, _ = clean_final.shape
+    target = tokens[:, 1:].reshape(-1)
+    ce, kl, same = [], [], []
+    for s, (lp_c, lp_o) in zip(range(0, target.shape[0], chunk), zip(final_logprobs(model, clean_final, chunk),
+                                                                     final_logprobs(model, other_final, chunk))):
+        ce.append(-lp_o.gather(-1, target[s : s + chunk, None].to(lp_o.device))[:, 0])
+        kl.append((lp_c.exp() * (lp_c - lp_o)).sum(-1))
+        same.append((lp_c.argmax(-1) == lp_o.argmax(-1)).float())
+    return {k: torch.cat(v).reshape(b, n_ctx - 1) for k, v in (("ce", ce), ("kl", kl), ("top1", same))}
+
+
+def _final_resid(model: Any, inp: "torch.Tensor", tokens: "torch.Tensor", hooks: list[tuple[str, Any]],
+                 start_at_layer: int | None = None) -> "torch.Tensor":
+    """The residual stream after the last block of one hooked run from tokens, or from ``resid_pre`` at
+    ``start_at_layer``."""
     import torch
 
     kwargs: dict[str, Any] = {"stop_at_layer": model.cfg.n_layers, "fwd_hooks": hooks}
     if start_at_layer is not None:
         kwargs.update(start_at_layer=start_at_layer, tokens=tokens)
     with torch.no_grad():
-        resid = model.run_with_hooks(inp, **kwargs)
-    return float(next_token_ce(model, resid, tokens).sum(dtype=torch.float64))
+        return model.run_with_hooks(inp, **kwargs)
 
 
-def _spliced_and_ablated(model: Any, tc: "Transcoder", layer: int, resid_pre: "torch.Tensor",
-                         tokens: "torch.Tensor") -> tuple[float, float]:
-    """Summed CE with ``layer``'s MLP output replaced by ``tc`` / zeroed at positions ≥ 1, as ONE run of the doubled
-    batch restarting at ``layer`` (first half spliced, second half ablated): the same result as two runs, and
-    measured faster for the small batches per-layer CE uses."""
+def _single_layer_ce(model: Any, replacements: list[Callable[["torch.Tensor"], "torch.Tensor"]], layer: int,
+                     resid_pre: "torch.Tensor", tokens: "torch.Tensor", exact: "torch.Tensor",
+                     limit: float | None) -> list[float]:
+    """Summed CE with ``layer``'s MLP output replaced by each of ``replacements`` and, last, zeroed (except at the
+    ``exact`` positions), as ONE run of the stacked batch restarting at ``layer``: the same result as separate runs,
+    and measured faster for the small batches per-layer CE uses."""
     import torch
 
     b = tokens.shape[0]
+    copies = len(replacements) + 1
     stash: dict[str, torch.Tensor] = {}
 
     def keep_input(x: torch.Tensor, hook: Any) -> None:
-        stash["x"] = x[:b, 1:]
+        stash["x"] = x
 
     def replace(y: torch.Tensor, hook: Any) -> torch.Tensor:
-        y = y.clone()
-        y[:b, 1:] = transcode(tc, stash.pop("x")).to(y.dtype)
-        y[b:, 1:] = 0.0
-        return y
+        x = stash.pop("x")
+        parts = [fn(x[i * b : (i + 1) * b].float()).to(y.dtype) for i, fn in enumerate(replacements)]
+        new = torch.cat([*parts, torch.zeros_like(y[:b])])
+        keep = exact.repeat(copies, 1)
+        if limit is not None:
+            keep = keep | (y.norm(dim=-1) > limit)
+        return torch.where(keep[..., None], y, new)
 
     hooks = [(hook_name("mlp_in", layer), keep_input), (hook_name("mlp_out", layer), replace)]
-    both = torch.cat([tokens, tokens])
+    stacked = tokens.repeat(copies, 1)
     with torch.no_grad():
-        resid = model.run_with_hooks(torch.cat([resid_pre, resid_pre]), start_at_layer=layer, tokens=both,
+        resid = model.run_with_hooks(resid_pre.repeat(copies, 1, 1), start_at_layer=layer, tokens=stacked,
                                      stop_at_layer=model.cfg.n_layers, fwd_hooks=hooks)
-    loss = next_token_ce(model, resid, both)
-    return float(loss[:b].sum(dtype=torch.float64)), float(loss[b:].sum(dtype=torch.float64))
+    loss = next_token_ce(model, resid, stacked)
+    return [float(loss[i * b : (i + 1) * b].sum(dtype=torch.float64)) for i in range(copies)]
 
 
 class _ReconstructionStats:
-    """Streaming L0 / FVE / fired-mask accumulator for one transcoder (float64 sums, no stored activations)."""
+    """Streaming L0 / FVE / fired-mask accumulator for one transcoder or linear map over the non-sink rows (float64
+    sums, no stored activations). ``encode`` None: a map without features (L0 and the fired mask stay empty)."""
 
     def __init__(self, d_sae: int, d_out: int) -> None:
         import torch
@@ -304,16 +356,18 @@ class _ReconstructionStats:
         self.sum_y2 = 0.0
         self.fired = torch.zeros(d_sae, dtype=torch.bool)
 
-    def add(self, tc: "Transcoder", x: "torch.Tensor", y: "torch.Tensor") -> None:
+    def add(self, predict: Callable[["torch.Tensor"], "torch.Tensor"], encode_fn: Callable[["torch.Tensor"], "torch.Tensor"] | None,
+            x: "torch.Tensor", y: "torch.Tensor") -> None:
         import torch
 
         x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
-        f = encode(tc, x)
-        y_hat = transcode(tc, x)
-        nz = f != 0
+        with torch.no_grad():
+            y_hat = predict(x)
+            if encode_fn is not None:
+                nz = encode_fn(x) != 0
+                self.active += int(nz.sum())
+                self.fired |= nz.any(0)
         self.n += x.shape[0]
-        self.active += int(nz.sum())
-        self.fired |= nz.any(0)
         self.err += float(((y - y_hat) ** 2).sum(dtype=torch.float64))
         self.sum_y += y.sum(0, dtype=torch.float64)
         self.sum_y2 += float((y.double() ** 2).sum())
@@ -324,11 +378,13 @@ class _ReconstructionStats:
                 "fired": self.fired, "tokens": self.n}
 
 
-def transcoder_reconstruction_stats(tc: "Transcoder", x: "torch.Tensor", y: "torch.Tensor", batch_size: int = 4096) -> dict[str, Any]:
+def transcoder_reconstruction_stats(tc: "Transcoder", x: "torch.Tensor", y: "torch.Tensor",
+                                    batch_size: int = 4096) -> dict[str, Any]:
     """L0, FVE of ``y`` and the per-feature fired mask of ``tc`` on rows ``x`` ``[n, d_in]`` / ``y`` ``[n, d_out]``."""
     stats = _ReconstructionStats(tc.cfg.d_sae, y.shape[-1])
     for start in range(0, x.shape[0], batch_size):
-        stats.add(tc, x[start : start + batch_size], y[start : start + batch_size])
+        stats.add(lambda v: transcode(tc, v), lambda v: encode(tc, v), x[start : start + batch_size],
+                  y[start : start + batch_size])
     return stats.result()
 
 
@@ -339,33 +395,54 @@ def evaluate_transcoders(
     batch_size: int = 16,
     ce_contexts: int | None = None,
     train_fired: Mapping[int, "torch.Tensor"] | None = None,
+    baselines: Mapping[int, Callable[["torch.Tensor"], "torch.Tensor"]] | None = None,
     per_layer_ce: bool = True,
     replacement: bool = True,
-) -> tuple[dict[int, DictionaryMetrics], ReplacementMetrics | None]:
-    """Evaluate one transcoder per layer (``{layer: tc}``) on held-out ``tokens`` ``[n, n_ctx]`` (BOS at 0).
+    massive: Mapping[int, float | None] | None = None,
+) -> TranscoderEvaluation:
+    """Evaluate one transcoder per layer (``{layer: tc}``), and optionally a dense linear baseline per layer
+    (``baselines``: ``{layer: x -> ŷ}``), on held-out ``tokens`` ``[n, n_ctx]`` (BOS at 0).
 
-    Returns per-layer metrics (L0 / FVE / dead over all ``tokens``, CE over the first ``ce_contexts`` of them,
-    None = all) and, if ``replacement``, the all-layers-replaced metrics over all ``tokens``. ``train_fired``: per
-    layer, the features that fired on the training tokens (for the dead fraction).
+    Per layer: L0 / FVE / dead over the non-sink positions of all ``tokens``, CE with that one MLP replaced (and the
+    baseline's, and the MLP zeroed) over the first ``ce_contexts`` contexts (None = all). If ``replacement``: every
+    layer replaced at once, by the transcoders and by the baselines: CE, KL to the clean model, top-1 agreement, with
+    95% bootstrap intervals over contexts. Sink positions (:func:`~backend.dictionaries.transcoder.sink_positions`)
+    keep the real MLP output everywhere, and so do massive activations (real output norm above ``massive[layer]``,
+    default: the limit stored with each transcoder, :func:`~backend.dictionaries.transcoder.massive_norm`), which are
+    not scored either. ``train_fired``: per layer, the features that fired on the training tokens (for the dead
+    fraction).
     """
+    import numpy as np
     import torch
+
+    from backend.dictionaries.transcoder import massive_norm, sink_positions
+    from backend.inputs.corpus import document_separator_id
+    from backend.stats import bootstrap_interval
 
     layers = sorted(transcoders)
     if not layers:
-        return {}, None
+        return TranscoderEvaluation({}, {}, None, None)
+    baselines = dict(baselines or {})
+    limits = {l: (massive or {}).get(l, massive_norm(transcoders[l])) for l in layers}
+    n_massive = {l: 0 for l in layers}
+    separator = document_separator_id(model.tokenizer) if model.tokenizer is not None else None
     n, n_ctx = tokens.shape
     n_ce = n if ce_contexts is None else max(1, min(int(ce_contexts), n))
-    stats = {layer: _ReconstructionStats(transcoders[layer].cfg.d_sae, transcoders[layer].cfg.d_out) for layer in layers}
-    ce = {layer: {"clean": 0.0, "spliced": 0.0, "ablated": 0.0} for layer in layers}
-    rep = {"clean": 0.0, "replaced": 0.0, "ablated": 0.0}
-    n_pred_ce = n_pred_all = 0
-    all_splice, all_ablate = splice_hooks(transcoders), ablate_hooks(layers)
-    # Batches never straddle the CE subset's boundary, so each batch either does per-layer CE or not.
+    d_out = int(model.cfg.d_model)
+    stats = {l: _ReconstructionStats(transcoders[l].cfg.d_sae, d_out) for l in layers}
+    base_stats = {l: _ReconstructionStats(0, d_out) for l in layers if l in baselines}
+    ce = {l: np.zeros(3) for l in layers}  # clean, transcoder spliced, zeroed (per-layer CE contexts)
+    base_ce = {l: 0.0 for l in layers if l in baselines}
+    per_ctx: dict[str, list[np.ndarray]] = {k: [] for k in ("clean", "tc_ce", "tc_kl", "tc_top1", "lin_ce", "lin_kl",
+                                                            "lin_top1", "ablated")}
+    n_pred_ce = 0
+    # Batches never straddle the per-layer-CE subset's boundary, so each batch either does per-layer CE or not.
     bounds = [(s, min(s + batch_size, n_ce)) for s in range(0, n_ce, batch_size)]
     bounds += [(s, min(s + batch_size, n)) for s in range(n_ce, n, batch_size)]
     with torch.no_grad():
         for start, stop in track(bounds, total=len(bounds), desc="Evaluating transcoders (CE)", unit="batch"):
             batch = tokens[start:stop]
+            exact = sink_positions(batch, separator)
             in_ce = per_layer_ce and start < n_ce
             cache: dict[str, torch.Tensor] = {}
 
@@ -375,47 +452,86 @@ def evaluate_transcoders(
             names = [hook_name(k, layer) for layer in layers for k in ("mlp_in", "mlp_out")]
             if in_ce:
                 names += [hook_name("resid_pre", layer) for layer in layers]
-            clean = _run_ce(model, batch, batch, [(name, keep) for name in names])
-            count = batch.shape[0] * (n_ctx - 1)
-            n_pred_all += count
-            rep["clean"] += clean
+            clean = _final_resid(model, batch, batch, [(name, keep) for name in names])
+            clean_ce = next_token_ce(model, clean, batch)
+            per_ctx["clean"].append(clean_ce.double().mean(-1).cpu().numpy())
+            rows = ~exact[:, 1:].reshape(-1)  # scored rows: non-sink positions after BOS
             for layer in layers:
-                stats[layer].add(transcoders[layer], cache[hook_name("mlp_in", layer)][:, 1:],
-                                 cache[hook_name("mlp_out", layer)][:, 1:])
+                x = cache[hook_name("mlp_in", layer)][:, 1:].reshape(-1, d_out)[rows]
+                y = cache[hook_name("mlp_out", layer)][:, 1:].reshape(-1, d_out)[rows]
+                if limits[layer] is not None:
+                    ordinary = y.norm(dim=-1) <= limits[layer]
+                    n_massive[layer] += int((~ordinary).sum())
+                    x, y = x[ordinary], y[ordinary]
+                tc = transcoders[layer]
+                stats[layer].add(lambda v, tc=tc: transcode(tc, v), lambda v, tc=tc: encode(tc, v), x, y)
+                if layer in baselines:
+                    base_stats[layer].add(baselines[layer], None, x, y)
             if replacement:
-                rep["replaced"] += _run_ce(model, batch, batch, all_splice)
-                rep["ablated"] += _run_ce(model, batch, batch, all_ablate)
+                for key, reps in (("tc", dict(transcoders)), ("lin", baselines)):
+                    if len(reps) != len(layers):
+                        continue
+                    other = _final_resid(model, batch, batch, splice_hooks(reps, exact, limits))
+                    got = compare_with_clean(model, clean, other, batch)
+                    for name in ("ce", "kl", "top1"):
+                        per_ctx[f"{key}_{name}"].append(got[name].double().mean(-1).cpu().numpy())
+                ablated = _final_resid(model, batch, batch, ablate_hooks(layers, exact, limits))
+                per_ctx["ablated"].append(next_token_ce(model, ablated, batch).double().mean(-1).cpu().numpy())
             if in_ce:
-                n_pred_ce += count
+                n_pred_ce += clean_ce.numel()
                 for layer in layers:
-                    spliced, ablated = _spliced_and_ablated(model, transcoders[layer], layer,
-                                                            cache[hook_name("resid_pre", layer)], batch)
-                    ce[layer]["clean"] += clean
-                    ce[layer]["spliced"] += spliced
-                    ce[layer]["ablated"] += ablated
+                    reps = [transcoders[layer]] + ([baselines[layer]] if layer in baselines else [])
+                    sums = _single_layer_ce(model, reps, layer, cache[hook_name("resid_pre", layer)], batch, exact,
+                                            limits[layer])
+                    ce[layer] += [float(clean_ce.sum(dtype=torch.float64)), sums[0], sums[-1]]
+                    if layer in baselines:
+                        base_ce[layer] += sums[1]
+    nan = float("nan")
     out: dict[int, DictionaryMetrics] = {}
+    base_out: dict[int, DictionaryMetrics] = {}
     for layer in layers:
         s = stats[layer].result()
         fired = s["fired"]
         if train_fired is not None and layer in train_fired:
             fired = fired | train_fired[layer]
-        nan = float("nan")
-        c_clean, c_spl, c_abl = ((ce[layer][k] / n_pred_ce) if n_pred_ce else nan for k in ("clean", "spliced", "ablated"))
-        denom = c_abl - c_clean
-        out[layer] = DictionaryMetrics(
-            l0=float(s["l0"]), fve=float(s["fve"]), ce_clean=c_clean, ce_spliced=c_spl, ce_ablated=c_abl,
-            ce_loss_recovered=(c_abl - c_spl) / denom if n_pred_ce and denom != 0 else nan,
-            dead_fraction=float(1.0 - fired.float().mean()), eval_tokens=int(s["tokens"]), ce_tokens=int(n_pred_ce),
-        )
-    metrics = None
+        c_clean, c_spl, c_abl = (ce[layer] / n_pred_ce) if n_pred_ce else (nan, nan, nan)
+        out[layer] = _metrics(float(s["l0"]), float(s["fve"]), c_clean, c_spl, c_abl,
+                              float(1.0 - fired.float().mean()), int(s["tokens"]), n_pred_ce)
+        if layer in baselines:
+            b = base_stats[layer].result()
+            c_base = base_ce[layer] / n_pred_ce if n_pred_ce else nan
+            base_out[layer] = _metrics(0.0, float(b["fve"]), c_clean, c_base, c_abl, 0.0, int(b["tokens"]), n_pred_ce)
+    replaced = baseline_replaced = None
     if replacement:
-        r_clean, r_rep, r_abl = (rep[k] / n_pred_all for k in ("clean", "replaced", "ablated"))
-        denom = r_abl - r_clean
-        metrics = ReplacementMetrics(
-            n_replaced=len(layers), ce_clean=r_clean, ce_replaced=r_rep, ce_ablated=r_abl,
-            ce_loss_recovered=(r_abl - r_rep) / denom if denom != 0 else float("nan"), ce_tokens=int(n_pred_all),
-        )
-    return out, metrics
+        clean_c = np.concatenate(per_ctx["clean"])
+        ablated_c = np.concatenate(per_ctx["ablated"])
+        n_tokens = int(n * (n_ctx - 1))
+
+        def summary(key: str) -> ReplacementMetrics:
+            ce_c, kl_c, top_c = (np.concatenate(per_ctx[f"{key}_{k}"]) for k in ("ce", "kl", "top1"))
+            r_clean, r_rep, r_abl = float(clean_c.mean()), float(ce_c.mean()), float(ablated_c.mean())
+            denom = r_abl - r_clean
+            return ReplacementMetrics(
+                n_replaced=len(layers), ce_clean=r_clean, ce_replaced=r_rep, ce_ablated=r_abl,
+                ce_loss_recovered=(r_abl - r_rep) / denom if denom != 0 else nan, ce_tokens=n_tokens,
+                kl=float(kl_c.mean()), top1=float(top_c.mean()),
+                replacement="transcoder" if key == "tc" else "linear",
+                intervals={"delta_ce": bootstrap_interval(ce_c - clean_c), "kl": bootstrap_interval(kl_c),
+                           "top1": bootstrap_interval(top_c)})
+
+        replaced = summary("tc")
+        if per_ctx["lin_ce"]:
+            baseline_replaced = summary("lin")
+    return TranscoderEvaluation(out, base_out, replaced, baseline_replaced, n_massive)
+
+
+def _metrics(l0: float, fve: float, ce_clean: float, ce_spliced: float, ce_ablated: float, dead: float,
+             eval_tokens: int, ce_tokens: int) -> DictionaryMetrics:
+    denom = ce_ablated - ce_clean
+    recovered = (ce_ablated - ce_spliced) / denom if ce_tokens and denom != 0 else float("nan")
+    return DictionaryMetrics(l0=l0, fve=fve, ce_clean=ce_clean, ce_spliced=ce_spliced, ce_ablated=ce_ablated,
+                             ce_loss_recovered=recovered, dead_fraction=dead, eval_tokens=eval_tokens,
+                             ce_tokens=ce_tokens)
 
 
 def transcoder_fired_features(tc: "Transcoder", x: "torch.Tensor", batch_size: int = 4096) -> "torch.Tensor":

@@ -19,6 +19,7 @@ from backend.dictionaries.eval import (
     evaluate_transcoders,
     fired_features,
     split_contexts,
+    transcoder_fired_features,
 )
 from backend.dictionaries.kinds import ATTN_SAE, TRANSCODER
 from backend.dictionaries.storage import (
@@ -29,7 +30,7 @@ from backend.dictionaries.storage import (
     release_ids,
     save_dictionary,
 )
-from backend.dictionaries.transcoder import collect_mlp_io, train_transcoder, transcoder_dict_id
+from backend.dictionaries.transcoder import collect_mlp_io, transcoder_dict_id
 from backend.dictionaries.transcoder import layer_of as transcoder_layer_of
 from backend.errors import InputError
 from backend.model.activations import collect_z, layer_groups
@@ -37,6 +38,8 @@ from backend.model.hooks import hook_name
 from backend.progress import say, track
 
 if TYPE_CHECKING:
+    import torch
+
     from backend.pipeline.context import RunContext
 
 # Activation matrices of one collection group must fit in this many bytes (float32): the full preset's
@@ -253,16 +256,36 @@ def transcoder_precollect_wants(ctx: "RunContext") -> dict[tuple[str, int], int]
     return {(kind, int(layer)): len(train_idx) for layer in layers for kind in ("mlp_in", "mlp_out")}
 
 
+def training_rows(tokens: "torch.Tensor", y: "torch.Tensor", separator_id: int | None,
+                  massive_ratio: float) -> tuple["torch.Tensor", float]:
+    """The rows a transcoder trains on, for rows laid out as :func:`backend.model.activations.collect` does
+    (context-major, positions 1..n_ctx-1) over ``tokens`` ``[n, n_ctx]``: not a sink position (a document separator;
+    BOS has no row) and not a massive activation — an MLP output norm above ``massive_ratio`` × the median of the
+    other rows. Returns the bool mask and that norm limit (stored with the transcoder: splicing keeps such positions
+    exact). Massive rows otherwise dominate the loss and ruin the fit on every ordinary token."""
+    from backend.dictionaries.transcoder import sink_positions
+
+    rows = ~sink_positions(tokens, separator_id)[:, 1:].reshape(-1)
+    norm = y.norm(dim=-1)
+    limit = float(massive_ratio * norm[rows].median().clamp_min(1e-12))
+    return rows & (norm <= limit), limit
+
+
 def step_transcoders(ctx: "RunContext") -> None:
     """Train (or, with ``ctx.transcoder_sources``, import) one transcoder per layer of ``ctx.transcoder_layers``,
-    evaluate each and all of them together on the held-out contexts, and store them (``dictionaries`` rows of
-    kind 'transcoder' + one ``replacement_evals`` row). Re-running replaces rows with the same ids."""
+    evaluate each — beside its dense linear baseline fitted on the same tokens — and all of them together on the
+    held-out contexts, and store them (``dictionaries`` rows of kind 'transcoder' + ``replacement_evals`` rows for the
+    transcoders and for the baselines). Re-running replaces rows with the same ids."""
     import torch
 
+    from backend.dictionaries.transcoder_training import data_statistics, inference_architecture, train_transcoder
+    from backend.inputs.corpus import document_separator_id
+
     preset = ctx.preset
+    cfg = preset.transcoder
     layers = list(ctx.transcoder_layers or [])
     sources = list(ctx.transcoder_sources or [])
-    if not sources and (not preset.transcoder.train or not layers):
+    if not sources and (not cfg.train or not layers):
         return
     if ctx.contexts is None:
         raise InputError("The transcoder step needs the corpus step to run first.")
@@ -276,14 +299,16 @@ def step_transcoders(ctx: "RunContext") -> None:
         raise InputError(f"The corpus has {tokens.shape[0]} context(s): the transcoder step needs at least 2 (train + held out).")
     model, spec = ctx.model, ctx.spec
     d_model = int(model.cfg.d_model)
-    d_sae = int(preset.transcoder.expansion * d_model)
-    arch = preset.transcoder.architecture
+    d_sae = int(cfg.expansion * d_model)
+    separator = document_separator_id(model.tokenizer)
     threads = torch.get_num_threads()
-    if preset.transcoder.threads:
-        torch.set_num_threads(preset.transcoder.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     timing = {"collect": 0.0, "fit": 0.0}
     transcoders: dict[int, Any] = {}
+    baselines: dict[int, Any] = {}
+    massive: dict[int, float] = {}
     infos: dict[int, dict[str, Any]] = {}
     # The transcoder feature step scores the first transcoder_feature_contexts contexts: when those are training
     # contexts, keep their MLP inputs (the first rows of each layer's x) so that step needs no forward pass.
@@ -291,68 +316,83 @@ def step_transcoders(ctx: "RunContext") -> None:
     keep = list(train_idx[:n_keep]) == list(range(n_keep))
     kept: dict[tuple[str, int], Any] = {}
     n_train = len(train_idx) * (n_ctx - 1)
-    # MLP inputs / outputs the corpus step gathered (transcoder_precollect_wants): their leading rows are the training contexts'.
+    # MLP inputs / outputs the corpus step gathered (transcoder_precollect_wants): their leading rows are the
+    # training contexts'.
     pre = ctx.precollected or {}
     reuse = all((k, l) in pre and pre[(k, l)].shape[0] >= n_train for l in layers for k in ("mlp_in", "mlp_out"))
+    train_tokens = tokens[train_idx]
     try:
-        for group in [sorted(layers)] if reuse else layer_groups(layers, n_train * d_model * 4 * 2, TRANSCODER_MEMORY_BYTES):
+        groups = [sorted(layers)] if reuse else layer_groups(layers, n_train * d_model * 4 * 2, TRANSCODER_MEMORY_BYTES)
+        for group in groups:
             t = time.perf_counter()
             if reuse:
                 acts = {l: (pre.pop(("mlp_in", l))[:n_train], pre.pop(("mlp_out", l))[:n_train]) for l in group}
             else:
-                acts = collect_mlp_io(model, tokens[train_idx], group, batch_size=preset.batch_size,
+                acts = collect_mlp_io(model, train_tokens, group, batch_size=preset.batch_size,
                                       desc=f"Collecting MLP in/out L{group[0]}-{group[-1]}")
                 say(f"Collected {n_train} tokens x {len(group)} MLP layer(s) in {time.perf_counter() - t:.0f} s")
             timing["collect"] += time.perf_counter() - t
             t = time.perf_counter()
-            for layer in track(group, total=len(group), desc="Fitting transcoders", unit="layer"):
-                dict_id = transcoder_dict_id(spec.name, layer, arch, d_sae)
-                x, y = acts.pop(layer)  # free each layer's activations once fitted
+            for layer in track(group, total=len(group), desc="Training transcoders", unit="layer"):
+                x, y = acts.pop(layer)  # free each layer's activations once trained
                 if keep:
                     kept[("mlp_in", layer)] = x[: n_keep * (n_ctx - 1)].clone()
+                rows, limit = training_rows(train_tokens, y, separator, cfg.massive_ratio)
+                x, y = x[rows], y[rows]
+                linear = data_statistics((x, y), ridge=cfg.ridge)  # the dense linear baseline, same tokens
+                dict_id = transcoder_dict_id(spec.name, layer, inference_architecture(cfg.skip), d_sae)
                 transcoders[layer], infos[layer] = train_transcoder(
-                    x, y, d_sae, architecture=arch, target_l0=preset.transcoder.l0, epochs=preset.transcoder.epochs,
-                    lr=preset.transcoder.lr, batch_size=preset.transcoder.batch_size, ridge=preset.transcoder.ridge,
-                    seed=layer, metadata=_metadata(ctx, layer, dict_id, n_ctx), desc=f"Training {dict_id}")
+                    (x, y), d_sae, k=cfg.k, skip=cfg.skip, architecture=cfg.architecture, epochs=cfg.epochs,
+                    lr=cfg.lr, batch_size=cfg.batch_size, ridge=cfg.ridge, seed=layer, linear=linear,
+                    metadata={**_metadata(ctx, layer, dict_id, n_ctx), "massive_norm": limit},
+                    progress=True, desc=f"Training {dict_id}")
+                infos[layer]["train_fired"] = transcoder_fired_features(transcoders[layer], x)
+                infos[layer]["dropped_rows"] = int((~rows).sum())
+                baselines[layer] = linear.predict
+                massive[layer] = limit
                 del x, y
             timing["fit"] += time.perf_counter() - t
         t = time.perf_counter()
         summary = _evaluate_and_save(ctx, transcoders, eval_idx, source="trained",
-                                     train_fired={l: i.pop("train_fired") for l, i in infos.items()})
+                                     train_fired={l: i.pop("train_fired") for l, i in infos.items()},
+                                     baselines=baselines, massive=massive)
         timing["evaluate"] = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
     if keep:
         ctx.precollected = {**(ctx.precollected or {}), **kept}
-    summary.update(reused_activations=reuse, train_contexts=len(train_idx), training_tokens=len(train_idx) * (n_ctx - 1),
+    summary.update(reused_activations=reuse, train_contexts=len(train_idx), training_tokens=n_train,
                    seconds={k: round(v, 1) for k, v in {**timing, "total": time.perf_counter() - t_start}.items()})
     for layer, info in infos.items():
-        summary["layers"][layer]["fit_seconds"] = info["seconds"]
+        summary["layers"][layer].update(fit_seconds=info["seconds"], dropped_rows=info["dropped_rows"])
     ctx.summary["transcoders"] = summary
 
 
 def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_idx: Sequence[int], source: Any,
-                       train_fired: Mapping[int, Any] | None = None) -> dict[str, Any]:
-    """Evaluate ``transcoders`` ({layer: tc}) on the held-out contexts ``eval_idx``, store one ``dictionaries`` row
-    per layer and one ``replacement_evals`` row for all of them; ``source``: a string or {layer: string}."""
+                       train_fired: Mapping[int, Any] | None = None, baselines: Mapping[int, Any] | None = None,
+                       massive: Mapping[int, float] | None = None) -> dict[str, Any]:
+    """Evaluate ``transcoders`` ({layer: tc}) and their ``baselines`` ({layer: x -> ŷ}, optional) on the held-out
+    contexts ``eval_idx``, store one ``dictionaries`` row per layer and one ``replacement_evals`` row for the
+    transcoders all at once (and one for the baselines); ``source``: a string or {layer: string}."""
     import hashlib
     import json
 
     import pandas as pd
 
-
     preset, spec = ctx.preset, ctx.spec
     tokens = ctx.contexts.tokens
     eval_tokens = tokens[eval_idx[0] : eval_idx[-1] + 1]
     t = time.perf_counter()
-    metrics, rep = evaluate_transcoders(ctx.model, transcoders, eval_tokens, batch_size=preset.batch_size,
-                                        ce_contexts=preset.transcoder.ce_contexts, train_fired=train_fired)
+    ev = evaluate_transcoders(ctx.model, transcoders, eval_tokens, batch_size=preset.batch_size,
+                              ce_contexts=preset.transcoder.ce_contexts, train_fired=train_fired, baselines=baselines,
+                              massive=massive)
     eval_seconds = time.perf_counter() - t
-    ablation = "hook_mlp_out zeroed at positions >= 1 (BOS keeps its MLP output)"
+    ablation = "hook_mlp_out zeroed except at sink positions (BOS, document separators keep their MLP output)"
     summary: dict[str, Any] = {"layers": {}, "eval_contexts": len(eval_idx), "eval_seconds": round(eval_seconds, 1)}
     dict_ids: list[str] = []
     for layer in sorted(transcoders):
-        tc, m = transcoders[layer], metrics[layer]
+        tc, m = transcoders[layer], ev.layers[layer]
+        base = ev.baselines.get(layer)
         arch = tc.cfg.architecture()
         dict_id = transcoder_dict_id(spec.name, layer, arch, tc.cfg.d_sae)
         tc.cfg.metadata.dict_id = dict_id
@@ -360,36 +400,51 @@ def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_i
             "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]), "ce_tokens": m.ce_tokens,
             "ce_contexts": min(len(eval_idx), preset.transcoder.ce_contexts or len(eval_idx)),
             "delta_ce": m.delta_ce, "ablation": ablation,
+            "sink_positions": "BOS, document separators and massive activations: not scored, real MLP output kept "
+                              "when spliced",
+            "massive_rows": ev.massive_rows.get(layer, 0),
+            **({"baseline": {"fve": base.fve, "delta_ce": base.delta_ce}} if base is not None else {}),
         }
         training = tc.cfg.metadata.get("training") or {}
         src = source.get(layer) if isinstance(source, Mapping) else source
         save_dictionary(ctx.writer, tc, {
             "dict_id": dict_id, "model": spec.name, "kind": TRANSCODER, "architecture": arch,
             "hook_name": hook_name("mlp_in", layer), "layer": int(layer),
-            "training_tokens": training.get("training_tokens"), "source": src, **m.as_row()})
+            "training_tokens": training.get("training_tokens"), "source": src, **m.as_row(),
+            **({"baseline_fve": base.fve, "baseline_ce_spliced": base.ce_spliced} if base is not None else {})})
         dict_ids.append(dict_id)
         summary["layers"][layer] = {
             "dict_id": dict_id, "l0": round(m.l0, 2), "fve": round(m.fve, 4), "ce_loss_recovered": round(m.ce_loss_recovered, 4),
             "delta_ce": round(m.delta_ce, 4), "ce_ablated_minus_clean": round(m.ce_ablated - m.ce_clean, 4),
-            "dead_fraction": round(m.dead_fraction, 4)}
-        say(f"{dict_id}: L0 {m.l0:.1f}, FVE {m.fve:.3f}, CE recovered {m.ce_loss_recovered:.3f} "
-            f"(ΔCE {m.delta_ce:+.4f} nats of {m.ce_ablated - m.ce_clean:.4f}), dead {m.dead_fraction:.1%}")
-    if rep is not None:
-        eval_id = f"{spec.name}/mlp-replacement/" + hashlib.sha1(json.dumps(dict_ids).encode()).hexdigest()[:12]
+            "dead_fraction": round(m.dead_fraction, 4),
+            **({"baseline_fve": round(base.fve, 4), "baseline_delta_ce": round(base.delta_ce, 4)} if base else {})}
+        vs = f" (linear baseline FVE {base.fve:.3f}, ΔCE {base.delta_ce:+.4f})" if base is not None else ""
+        say(f"{dict_id}: L0 {m.l0:.1f}, FVE {m.fve:.3f}, ΔCE {m.delta_ce:+.4f} nats of {m.ce_ablated - m.ce_clean:.4f}, "
+            f"dead {m.dead_fraction:.1%}{vs}")
+    for rep in (ev.replaced, ev.baseline_replaced):
+        if rep is None:
+            continue
+        eval_id = (f"{spec.name}/mlp-replacement/" + ("" if rep.replacement == "transcoder" else "linear-")
+                   + hashlib.sha1(json.dumps(dict_ids).encode()).hexdigest()[:12])
         stats = {"delta_ce": rep.delta_ce, "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]),
                  "layers": sorted(int(l) for l in transcoders), "corpus_id": ctx.corpus_id,
+                 "intervals": {k: list(v) for k, v in rep.intervals.items()}, "interval_level": 0.95,
+                 "interval_unit": "held-out context (percentile bootstrap)",
                  "ablation": f"every listed layer's {ablation}",
-                 "replacement": "every listed layer's hook_mlp_out replaced by its transcoder at positions >= 1, "
-                                "all at once (error terms dropped)"}
+                 "replacement": (f"every listed layer's hook_mlp_out replaced by its {rep.replacement} "
+                                 "{} all at once, except at sink positions (error terms dropped)").format(
+                     "transcoder" if rep.replacement == "transcoder" else "dense linear baseline")}
         ctx.con.execute("DELETE FROM replacement_evals WHERE eval_id = ?", [eval_id])
         ctx.writer.insert_df("replacement_evals", pd.DataFrame([{
             "eval_id": eval_id, "model": spec.name, "dict_ids": json.dumps(dict_ids), **rep.as_row(),
             "stats": json.dumps(stats), "run_id": ctx.run_id}]))
-        summary["replacement"] = {"eval_id": eval_id, "n_replaced": rep.n_replaced,
-                                  "ce_loss_recovered": round(rep.ce_loss_recovered, 4), "delta_ce": round(rep.delta_ce, 4),
-                                  "ce_ablated_minus_clean": round(rep.ce_ablated - rep.ce_clean, 4)}
-        say(f"All {rep.n_replaced} MLPs replaced: CE recovered {rep.ce_loss_recovered:.3f} (ΔCE {rep.delta_ce:+.3f} "
-            f"nats of {rep.ce_ablated - rep.ce_clean:.3f}; clean {rep.ce_clean:.3f})")
+        summary[f"replacement_{rep.replacement}"] = {
+            "eval_id": eval_id, "n_replaced": rep.n_replaced, "delta_ce": round(rep.delta_ce, 4),
+            "kl": round(rep.kl, 4), "top1": round(rep.top1, 4), "intervals": stats["intervals"],
+            "ce_loss_recovered": round(rep.ce_loss_recovered, 4)}
+        lo, hi = rep.intervals.get("delta_ce", (float("nan"), float("nan")))
+        say(f"All {rep.n_replaced} MLPs replaced by their {rep.replacement}s: ΔCE {rep.delta_ce:+.3f} nats "
+            f"[{lo:+.3f}, {hi:+.3f}], KL {rep.kl:.3f}, top-1 agreement {rep.top1:.1%} (clean CE {rep.ce_clean:.3f})")
     return summary
 
 

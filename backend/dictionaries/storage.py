@@ -16,6 +16,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from backend.dictionaries.kinds import ATTN_SAE, TRANSCODER
 from backend.errors import InputError, ModelUnavailableError, StoreError
+from backend.model.device import resolve_device
+from backend.paths import CACHE_DIR
+
+# Dictionary weights read from stores, as safetensors files (see load_dictionaries): git-ignored, like the model cache.
+WEIGHTS_CACHE: Path = CACHE_DIR / "dictionaries"
 
 if TYPE_CHECKING:
     import duckdb
@@ -24,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def load_transcoders(con: Any, model_name: str) -> dict[int, "Transcoder"]:
-    """Every transcoder of ``model_name`` in the store, by layer (eval mode, CPU float32).
+    """Every transcoder of ``model_name`` in the store, by layer (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`).
 
     Where a layer has several (different widths or sources), the one written by the most recent run wins (ties:
     smallest dict_id). Each transcoder's ``cfg.metadata.dict_id`` is set to its store dict_id (graph nodes cite it).
@@ -124,23 +129,106 @@ def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
 
 
 def load_dictionary(con: Any, dict_id: str) -> "SAE":
-    """Rebuild the sae-lens SAE stored under ``dict_id`` (eval mode, CPU float32)."""
+    """Rebuild the sae-lens SAE stored under ``dict_id`` (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`)."""
+    return load_dictionaries(con, [dict_id])[dict_id]
+
+
+def load_dictionaries(con: Any, dict_ids: Sequence[str]) -> dict[str, "SAE"]:
+    """Rebuild the sae-lens SAEs stored under ``dict_ids`` (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`), by dict_id.
+
+    Reading a weights blob out of DuckDB runs at tens of MB/s here — seconds for the ~30 dictionaries of a graph —
+    so each blob, once read, is also written to :data:`WEIGHTS_CACHE` as the safetensors file it already is, keyed by
+    its dict_id and the run that wrote it (a dictionary rewritten by a later run gets a new run id, hence a new file);
+    later loads read that file from disk instead. Dictionaries without a run id are always read from the store.
+    """
+    wanted = sorted(set(dict_ids))
+    if not wanted:
+        return {}
+    marks = ", ".join("?" * len(wanted))
+    rows = con.execute(f"SELECT d.dict_id, d.cfg, d.run_id, w.format FROM dictionaries d JOIN dictionary_weights w "
+                       f"USING (dict_id) WHERE d.dict_id IN ({marks})", wanted).fetchall()
+    found = {r[0]: r[1:] for r in rows}
+    missing = [d for d in wanted if d not in found]
+    if missing:
+        raise StoreError(f"This store has no dictionary {missing[0]!r}: pick one listed on the home page, or re-run "
+                         "the precompute.")
+    cached = {d: _cache_file(d, run_id, cfg) for d, (cfg, run_id, fmt) in found.items() if fmt == "safetensors"}
+    out: dict[str, Any] = {}
+    for d in wanted:
+        path = cached.get(d)
+        if path is not None and path.is_file():
+            try:
+                out[d] = _rebuild(d, found[d][0], found[d][2], None, path)
+                os.utime(path)  # recently used: kept when the cache is trimmed
+            except Exception:  # noqa: BLE001 - an unreadable cache file is read again from the store
+                out.pop(d, None)
+    to_read = [d for d in wanted if d not in out]
+    if to_read:
+        marks = ", ".join("?" * len(to_read))
+        for d, data in con.execute(f"SELECT dict_id, data FROM dictionary_weights WHERE dict_id IN ({marks})",
+                                   to_read).fetchall():
+            blob = bytes(data)
+            out[d] = _rebuild(d, found[d][0], found[d][2], blob)
+            if cached.get(d) is not None:
+                _write_cache(cached[d], blob)
+    return out
+
+
+WEIGHTS_CACHE_BYTES = 2 * 1024**3  # the cache is trimmed, least recently used first, beyond this size
+
+
+def _cache_file(dict_id: str, run_id: Any, cfg_json: str) -> "Path | None":
+    import hashlib
+
+    if not run_id:
+        return None
+    key = hashlib.sha1(f"{dict_id}\0{run_id}\0{cfg_json}".encode()).hexdigest()[:24]
+    return WEIGHTS_CACHE / f"{key}.safetensors"
+
+
+def _write_cache(path: "Path", blob: bytes) -> None:
+    """Write a weights file atomically (a crash mid-write leaves no half file), then trim the cache to
+    :data:`WEIGHTS_CACHE_BYTES`; a read-only or full disk only means no cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        files = sorted(path.parent.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+        total = 0
+        for f in files:
+            total += f.stat().st_size
+            if total > WEIGHTS_CACHE_BYTES and f != path:
+                f.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _rebuild(dict_id: str, cfg_json: str, fmt: str, blob: bytes | None, path: "Path | None" = None) -> "SAE":
+    """A sae-lens SAE from its stored config and safetensors weights (the blob, or the cached file ``path``).
+
+    As sae-lens' own loaders do, the object is built on PyTorch's ``meta`` device and the stored tensors are then
+    assigned to it, so no random initialisation runs only to be overwritten. If a class keeps a tensor outside its
+    state dict, that tensor would stay on ``meta``: such a class is built the ordinary way instead.
+    """
     import torch
     from sae_lens import SAE
-    from safetensors.torch import load
+    from safetensors.torch import load, load_file
 
-    rows = con.execute(
-        "SELECT d.cfg, w.format, w.data FROM dictionaries d JOIN dictionary_weights w USING (dict_id) "
-        "WHERE d.dict_id = ?", [dict_id]).fetchall()
-    if not rows:
-        raise StoreError(f"This store has no dictionary {dict_id!r}: pick one listed on the home page, or re-run the precompute.")
-    cfg_json, fmt, data = rows[0]
     if fmt != "safetensors":
         raise StoreError(f"Dictionary {dict_id!r} is stored as {fmt!r}, which circuitscope does not load (only safetensors).")
     cfg = json.loads(cfg_json)
-    cfg["device"], cfg["dtype"] = "cpu", "float32"
-    sae = SAE.from_dict(cfg)
-    sae.load_state_dict({k: v.to(torch.float32) for k, v in load(bytes(data)).items()})
+    cfg["dtype"] = "float32"
+    tensors = load(blob) if blob is not None else load_file(str(path))
+    state = {k: v.to(torch.float32) for k, v in tensors.items()}
+    device = str(resolve_device())
+    sae = SAE.from_dict({**cfg, "device": "meta"})
+    sae.cfg.device = device
+    sae.load_state_dict(state, assign=True)
+    sae = sae.to(device=device)
+    if any(t.is_meta for t in [*sae.parameters(), *sae.buffers()]):
+        sae = SAE.from_dict({**cfg, "device": device})
+        sae.load_state_dict(state)
     return sae.eval()
 
 
@@ -163,7 +251,7 @@ def load_pretrained(release: str, sae_id: str) -> "SAE":
     if sae_id not in ids:
         raise InputError(f"Release {release!r} has no SAE {sae_id!r}: use one of {', '.join(ids[:4])}, ...")
     try:
-        sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
+        sae = SAE.from_pretrained(release, sae_id, device=str(resolve_device()), dtype="float32")
     except Exception as exc:  # noqa: BLE001 - offline/hub failures come as OSError, HTTP or hub errors
         raise ModelUnavailableError(
             f"SAE {release}/{sae_id} is not available: it is not in the local Hugging Face cache "
@@ -182,7 +270,7 @@ def load_local(path: str | Path, what: str = "SAE") -> "SAE":
     if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file():
         raise InputError(f"{path} is not a sae-lens {what} directory: it needs cfg.json and sae_weights.safetensors.")
     try:
-        sae = SAE.load_from_disk(path, device="cpu", dtype="float32")
+        sae = SAE.load_from_disk(path, device=str(resolve_device()), dtype="float32")
     except Exception as exc:  # noqa: BLE001 - malformed configs raise many types
         raise InputError(f"{path} could not be loaded as a sae-lens {what} ({type(exc).__name__}: {str(exc)[:120]}).") from None
     return sae.eval()
@@ -203,18 +291,19 @@ def _first_per_layer(rows: Sequence[tuple[Any, Any]]) -> dict[int, str]:
 
 
 def load_by_layer(con: "duckdb.DuckDBPyConnection", ids: dict[int, str]) -> dict[int, Any]:
-    """Load ``{layer: dict_id}`` as ``{layer: sae-lens object}``; each one's ``cfg.metadata.dict_id`` is its store
-    dict_id (graph nodes and comparisons cite it)."""
+    """Load ``{layer: dict_id}`` as ``{layer: sae-lens object}`` (:func:`load_dictionaries`); each one's
+    ``cfg.metadata.dict_id`` is its store dict_id (graph nodes and comparisons cite it)."""
+    loaded = load_dictionaries(con, list(ids.values()))
     out: dict[int, Any] = {}
     for layer, dict_id in ids.items():
-        dictionary = load_dictionary(con, dict_id)
+        dictionary = loaded[dict_id]
         dictionary.cfg.metadata.dict_id = dict_id
         out[layer] = dictionary
     return out
 
 
 def load_attention_saes(con: "duckdb.DuckDBPyConnection", model_name: str) -> dict[int, "SAE"]:
-    """The attention SAEs of :func:`attention_sae_ids`, loaded (eval mode, CPU float32), by layer; each one's
+    """The attention SAEs of :func:`attention_sae_ids`, loaded (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`), by layer; each one's
     ``cfg.metadata.dict_id`` is its store dict_id."""
     return load_by_layer(con, attention_sae_ids(con, model_name))
 

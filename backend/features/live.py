@@ -163,9 +163,9 @@ def top_features(acts: "torch.Tensor", top_n: int) -> tuple[np.ndarray, np.ndarr
     k = min(top_n, acts.shape[-1])
     vals, idx = torch.topk(acts, k, dim=-1)
     fired = vals > 0
-    features = torch.where(fired, idx, torch.full_like(idx, -1)).numpy().astype(np.int64)
-    values = torch.where(fired, vals, torch.full_like(vals, float("nan"))).numpy().astype(np.float64)
-    l0 = (acts > 0).sum(dim=-1).numpy().astype(np.float64)
+    features = torch.where(fired, idx, torch.full_like(idx, -1)).cpu().numpy().astype(np.int64)
+    values = torch.where(fired, vals, torch.full_like(vals, float("nan"))).cpu().numpy().astype(np.float64)
+    l0 = (acts > 0).sum(dim=-1).cpu().numpy().astype(np.float64)
     if n_pos:
         features[BOS_POS] = -1
         values[BOS_POS] = np.nan
@@ -195,7 +195,7 @@ def feature_activations(sae: "SAE", cache: Cache, layer: int, feature: int) -> n
     """Activation of one feature at every position of the cached prompt (NaN at BOS, which is not scored)."""
     z = cache[hook_name("z", layer)][0]
     _check_feature(sae, feature)
-    out = encode(sae, z)[:, feature].numpy().astype(np.float64)
+    out = encode(sae, z)[:, feature].cpu().numpy().astype(np.float64)
     if len(out):
         out[BOS_POS] = np.nan
     return out
@@ -234,7 +234,7 @@ def dfa_by_head(model: "HookedTransformer", sae: "SAE", cache: Cache, layer: int
     n_heads = int(z.shape[0])
     contributions, bdec = (t[0] for t in dfa.head_terms(sae, flatten_z(z)[None], torch.tensor([feature]), n_heads))
     b_enc = float(dfa.decoder_scale(sae, torch.tensor([feature]))[0]) * float(sae.b_enc.detach()[feature])
-    return HeadDFA(contributions=contributions.numpy().astype(np.float64), bdec=bdec.numpy().astype(np.float64),
+    return HeadDFA(contributions=contributions.cpu().numpy().astype(np.float64), bdec=bdec.cpu().numpy().astype(np.float64),
                    b_enc=b_enc, preactivation=float(contributions.sum()) + b_enc)
 
 
@@ -274,5 +274,5 @@ def dfa_by_source(model: "HookedTransformer", sae: "SAE", cache: Cache, layer: i
         bdec = -dec * (w * dfa.bdec_in(sae).reshape(n_heads, d_head)).sum(-1)
         b_enc = dec * float(sae.b_enc.detach()[feature])
     total = float(by_head_source.sum() + bdec.sum()) + b_enc
-    return SourceDFA(by_head_source=by_head_source.numpy().astype(np.float64),
-                     bdec=bdec.numpy().astype(np.float64), b_enc=b_enc, preactivation=total)
+    return SourceDFA(by_head_source=by_head_source.cpu().numpy().astype(np.float64),
+                     bdec=bdec.cpu().numpy().astype(np.float64), b_enc=b_enc, preactivation=total)

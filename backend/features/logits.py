@@ -65,10 +65,10 @@ def top_logits(model: Any, sae: Any, layer: int, k: int = N_LOGITS, chunk: int =
         for direction, largest in (("promoted", True), ("suppressed", False)):
             top = eff.topk(k, dim=-1, largest=largest)
             frames.append(pd.DataFrame({
-                "feature": np.repeat(feats.numpy(), k).astype(np.int32),
+                "feature": np.repeat(feats.cpu().numpy(), k).astype(np.int32),
                 "kind": direction,
                 "rank": np.tile(np.arange(1, k + 1), len(feats)).astype(np.int16),
-                "token_id": top.indices.reshape(-1).numpy().astype(np.int32),
-                "value": top.values.reshape(-1).numpy().astype(np.float32),
+                "token_id": top.indices.reshape(-1).cpu().numpy().astype(np.int32),
+                "value": top.values.reshape(-1).cpu().numpy().astype(np.float32),
             }))
     return pd.concat(frames, ignore_index=True)

@@ -211,10 +211,10 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
                 x = x.reshape(*x.shape[:2], n_heads, d_head)
             acts = _encode(d, x)  # [b, n_ctx-1, d_sae]
             b_idx, p_idx, f_idx = torch.nonzero(acts > 0, as_tuple=True)
-            vals = acts[b_idx, p_idx, f_idx].numpy().astype(np.float32)
-            feat = f_idx.numpy().astype(np.int32)
-            ctx_ids = (b_idx.numpy() + start).astype(np.int32)
-            pos = (p_idx.numpy() + 1).astype(np.int16)  # real position in the context (BOS was 0)
+            vals = acts[b_idx, p_idx, f_idx].cpu().numpy().astype(np.float32)
+            feat = f_idx.cpu().numpy().astype(np.int32)
+            ctx_ids = (b_idx.cpu().numpy() + start).astype(np.int32)
+            pos = (p_idx.cpu().numpy() + 1).astype(np.int16)  # real position in the context (BOS was 0)
             t_w = time.perf_counter()
             stage(writer, index[d.dict_id], feat, vals, ctx_ids, pos)
             staged += time.perf_counter() - t_w
@@ -225,7 +225,7 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
                 if d.per_head:
                     flat = flatten_heads(x).reshape(-1, n_heads * d_head)
                     tok = (b_idx * x.shape[1] + p_idx)[pick]
-                    contrib = head_contributions(d.sae, flat[tok], f_idx[pick], n_heads).numpy()
+                    contrib = head_contributions(d.sae, flat[tok], f_idx[pick], n_heads).cpu().numpy()
                 else:
                     contrib = np.zeros((int(cand.sum()), 0), np.float32)
                 top.merge(feat[cand], vals[cand], ctx_ids[cand], pos[cand], contrib)

@@ -272,7 +272,7 @@ def repeat_head_scores(model: Any, tokens: torch.Tensor, repeat_len: int, bos: i
         batch = tokens[start : start + batch_size]
         for name, value in head_scores_from_patterns(patterns(model, batch), pairs).items():
             total[name] += value * len(batch)
-    return {name: (value / len(tokens)).numpy() for name, value in total.items()}
+    return {name: (value / len(tokens)).cpu().numpy() for name, value in total.items()}
 
 
 def logit_direction(model: Any, token_ids: torch.Tensor) -> torch.Tensor:
@@ -317,7 +317,7 @@ def probe_heads(model: Any, batch: ProbeBatch, batch_size: int = 16) -> dict[str
             de = head_direct_effects(model, cache, rows, dest, tok[sl])
             sums[target]["attention"] = sums[target]["attention"] + attn.sum(0)
             sums[target]["direct_effect"] = sums[target]["direct_effect"] + de.sum(0)
-    return {t: {k: (v / len(batch)).float().numpy() for k, v in s.items()} for t, s in sums.items()}
+    return {t: {k: (v / len(batch)).float().cpu().numpy() for k, v in s.items()} for t, s in sums.items()}
 
 
 @dataclass
@@ -365,10 +365,10 @@ def prompt_head_view(model: Any, ids: Sequence[int], layer: int, head: int) -> P
     if has:
         dest = torch.tensor(has)
         tgt = torch.tensor([target[i] for i in has])
-        attention[has] = pattern[dest, tgt].numpy()
+        attention[has] = pattern[dest, tgt].cpu().numpy()
         de = head_direct_effects(model, cache, torch.zeros(len(has), dtype=torch.long), dest,
                                  torch.tensor([ids[t] for t in tgt.tolist()]), layers=[layer])
-        effect[has] = de[:, 0, head].numpy()
+        effect[has] = de[:, 0, head].cpu().numpy()
     strings = token_strings(model.tokenizer, ids)
     table = pd.DataFrame({
         "pos": np.arange(n),
@@ -380,9 +380,9 @@ def prompt_head_view(model: Any, ids: Sequence[int], layer: int, head: int) -> P
         "attention": attention,
         "direct_effect": effect,
         "attention_prev": [float(pattern[i, i - 1]) if i >= 1 else np.nan for i in range(n)],
-        "top_src": pattern.argmax(dim=1).numpy(),
+        "top_src": pattern.argmax(dim=1).cpu().numpy(),
     })
-    return PromptView(int(layer), int(head), ids, strings, pattern.numpy(), table, start)
+    return PromptView(int(layer), int(head), ids, strings, pattern.cpu().numpy(), table, start)
 
 
 def example_ids(model: Any, kind: str, max_prefix: int, seq_len: int, repeat_len: int,

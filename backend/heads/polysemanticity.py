@@ -245,7 +245,7 @@ def step_head_polysemanticity(ctx: "RunContext") -> None:
     for dict_id, layer in track(rows, total=len(rows), desc="Head polysemanticity", unit="dict"):
         for table in ("head_features", "head_polysemanticity"):
             ctx.con.execute(f"DELETE FROM {table} WHERE dict_id = ?", [dict_id])
-        w_dec = load_dictionary(ctx.con, dict_id).W_dec.detach().numpy()
+        w_dec = load_dictionary(ctx.con, dict_id).W_dec.detach().cpu().numpy()
         feats, heads = analyse_dictionary(ctx.con, dict_id, int(layer), w_dec, n_heads)
         ctx.writer.insert_df("head_features", feats)
         ctx.writer.insert_df("head_polysemanticity", heads.assign(run_id=ctx.run_id))

@@ -6,7 +6,8 @@ input produced the logits: patching measures how much of the clean behaviour an 
 
 Metrics (``TaskBatch.metric_name``):
 
-* ``logit_diff`` (IOI, custom pairs): ``logits[i, -1, answer[i]] - logits[i, -1, wrong[i]]``.
+* ``logit_diff`` (IOI, factual recall, subject–verb agreement, custom pairs):
+  ``logits[i, -1, answer[i]] - logits[i, -1, wrong[i]]``.
 * ``prob_diff`` (greater-than): with ``p = softmax(logits[i, -1])`` over the whole vocabulary,
   ``sum(p[digit k] for k > d) - sum(p[digit k] for k < d)`` where ``d`` is the clean start year's decade digit;
   the digit ``d`` itself counts on neither side (the answer is ambiguous there).
@@ -26,7 +27,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from backend.errors import InputError
+from backend.errors import InputError, literal
 from backend.inputs.prompts import bos_id as tokenizer_bos_id
 from backend.inputs.prompts import decode_text, model_bos_id
 
@@ -438,6 +439,138 @@ def build_induction_text(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# factual recall (capital cities)
+
+# Countries whose name and capital are both single tokens with a leading space in SmolLM2's tokenizer (the builder
+# drops the ones another tokenizer splits). A capital equal to the country's name (Mexico) is left out.
+FACT_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "China": "Beijing",
+    "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens", "Canada": "Ottawa", "India": "Delhi",
+    "Kenya": "Nairobi", "Peru": "Lima", "Chile": "Santiago", "Cuba": "Havana", "Norway": "Oslo",
+    "Sweden": "Stockholm", "Poland": "Warsaw", "Iran": "Tehran", "Iraq": "Baghdad", "Ireland": "Dublin",
+    "Austria": "Vienna", "Portugal": "Lisbon", "Australia": "Canberra", "Belgium": "Brussels", "Finland": "Helsinki",
+    "Denmark": "Copenhagen", "Hungary": "Budapest", "Korea": "Seoul",
+}
+FACT_TEMPLATES = (
+    "The capital of {C} is the city of",
+    "The capital city of {C} is the city of",
+    "Everyone knows that the capital of {C} is",
+    "The government of {C} sits in the city of",
+)
+
+
+def _equal_length_pairs(tokenizer: Any, n: int, seed: int, bos: int | None, templates: Sequence[str],
+                        draw: Callable[[random.Random, int], tuple[dict[str, str], dict[str, str], str, str]],
+                        task: str) -> tuple[list[list[int]], list[list[int]], list[int], list[int], list[str],
+                                            list[str]]:
+    """Pairs (clean, corrupt) of one template each, all of the templates' most common token length.
+
+    ``draw(rng, i)`` returns the clean and corrupt slot fillings and the answer / wrong words (single tokens with a
+    leading space); a draw whose prompts do not tokenize to that length is redrawn.
+    """
+    rng = random.Random(seed)
+    probe = draw(random.Random(seed), 0)[0]
+    lengths = {t: len(_encode(tokenizer, t.format(**probe))) for t in templates}
+    common = max(set(lengths.values()), key=lambda L: (sum(v == L for v in lengths.values()), -L))
+    usable = [t for t in templates if lengths[t] == common]
+    prefix = _prefix(bos)
+    clean, corrupt, answers, wrongs, prompts, cprompts = [], [], [], [], [], []
+    attempts = 0
+    while len(clean) < n:
+        attempts += 1
+        if attempts > 50 * n + 100:
+            raise InputError(f"Could not build {task} prompts of equal length with this tokenizer: use another task.")
+        i = len(clean)
+        template = usable[i % len(usable)]
+        fill, cfill, answer, wrong = draw(rng, i)
+        text, ctext = template.format(**fill), template.format(**cfill)
+        ids, cids = _encode(tokenizer, text), _encode(tokenizer, ctext)
+        a, w = _single_token(tokenizer, answer), _single_token(tokenizer, wrong)
+        if len(ids) != common or len(cids) != common or a is None or w is None or a == w:
+            continue
+        clean.append(prefix + ids)
+        corrupt.append(prefix + cids)
+        answers.append(a)
+        wrongs.append(w)
+        prompts.append(text)
+        cprompts.append(ctext)
+    return clean, corrupt, answers, wrongs, prompts, cprompts
+
+
+def _logit_diff_batch(name: str, parts: tuple[list[list[int]], list[list[int]], list[int], list[int], list[str],
+                                              list[str]], description: str) -> TaskBatch:
+    import torch
+
+    clean, corrupt, answers, wrongs, prompts, cprompts = parts
+    return TaskBatch(
+        name=name, clean=torch.tensor(clean, dtype=torch.long), corrupt=torch.tensor(corrupt, dtype=torch.long),
+        answer=torch.tensor(answers, dtype=torch.long), wrong=torch.tensor(wrongs, dtype=torch.long),
+        metric_name="logit_diff", description=description, prompts=prompts, corrupt_prompts=cprompts,
+    )
+
+
+def build_factual(tokenizer: Any, n: int, seed: int = 0, bos: int | None = None) -> TaskBatch:
+    """Factual recall: "The capital of France is the city of" -> " Paris"; corrupt: another country ("... of Japan
+    is the city of"). Metric: logit(clean capital) − logit(corrupt country's capital) at the last position.
+    Several templates of one token length (the most common one with this tokenizer)."""
+    _check_n(n)
+    countries = [c for c in _single_tokens(tokenizer, tuple(FACT_CAPITALS))
+                 if _single_token(tokenizer, " " + FACT_CAPITALS[c]) is not None]
+    if len(countries) < 4:
+        raise InputError("The factual-recall task needs countries and capitals that are single tokens; this "
+                         "tokenizer splits them, so use another task.")
+
+    def draw(rng: random.Random, i: int) -> tuple[dict[str, str], dict[str, str], str, str]:
+        c, d = rng.sample(countries, 2)
+        return {"C": c}, {"C": d}, " " + FACT_CAPITALS[c], " " + FACT_CAPITALS[d]
+
+    parts = _equal_length_pairs(tokenizer, n, seed, bos, FACT_TEMPLATES, draw, "factual-recall")
+    return _logit_diff_batch("factual", parts, (
+        "Factual recall: 'The capital of France is the city of' -> ' Paris'. Corrupted prompts name another country. "
+        "Metric: logit(clean capital) - logit(the corrupt country's capital) at the last position."))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# subject-verb agreement
+
+SVA_NOUNS = (
+    "key:keys dog:dogs book:books teacher:teachers girl:girls boy:boys car:cars house:houses student:students "
+    "doctor:doctors friend:friends cat:cats tree:trees door:doors letter:letters window:windows player:players "
+    "bird:birds farmer:farmers officer:officers painting:paintings picture:pictures song:songs table:tables"
+).split()
+SVA_TEMPLATES = (
+    "The {N} near the {A}",
+    "The {N} behind the {A}",
+    "The {N} beside the {A}",
+    "The {N} with the {A}",
+)
+
+
+def build_sva(tokenizer: Any, n: int, seed: int = 0, bos: int | None = None) -> TaskBatch:
+    """Subject–verb agreement: "The key near the cabinets" -> " is" (not " are"); corrupt: the subject's number
+    flipped ("The keys near the cabinets"). Half the clean subjects are singular, half plural; the attractor noun's
+    number is random. Metric: logit(verb agreeing with the clean subject) − logit(the other), " is" vs " are"."""
+    _check_n(n)
+    pairs = [tuple(p.split(":")) for p in SVA_NOUNS]
+    pairs = [p for p in pairs if _single_token(tokenizer, " " + p[0]) and _single_token(tokenizer, " " + p[1])]
+    if len(pairs) < 4 or _single_token(tokenizer, " is") is None or _single_token(tokenizer, " are") is None:
+        raise InputError("The subject-verb agreement task needs single-token nouns and verbs; use another task.")
+
+    def draw(rng: random.Random, i: int) -> tuple[dict[str, str], dict[str, str], str, str]:
+        (s_sing, s_plur), (a_sing, a_plur) = rng.sample(pairs, 2)
+        attractor = a_sing if rng.random() < 0.5 else a_plur
+        singular = i % 2 == 0
+        clean_n, corrupt_n = (s_sing, s_plur) if singular else (s_plur, s_sing)
+        answer, wrong = (" is", " are") if singular else (" are", " is")
+        return {"N": clean_n, "A": attractor}, {"N": corrupt_n, "A": attractor}, answer, wrong
+
+    parts = _equal_length_pairs(tokenizer, n, seed, bos, SVA_TEMPLATES, draw, "subject-verb agreement")
+    return _logit_diff_batch("sva", parts, (
+        "Subject-verb agreement: 'The key near the cabinets' -> ' is' (not ' are'). Corrupted prompts flip the "
+        "subject's number. Metric: logit(agreeing verb) - logit(the other) at the last position."))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # registry
 
 TaskBuilder = Callable[..., TaskBatch]
@@ -446,6 +579,8 @@ TASKS: dict[str, TaskBuilder] = {
     "greater-than": build_greater_than,
     "induction": build_induction,
     "induction-text": build_induction_text,
+    "factual": build_factual,
+    "sva": build_sva,
 }
 
 
@@ -492,15 +627,18 @@ def custom_pair(model: Any, clean_text: str | bytes, corrupt_text: str | bytes, 
             raise InputError(f"The {label} is empty: type the token you expect, e.g. ' Mary' with a leading space.")
         toks = _encode(tokenizer, word)
         if len(toks) != 1:
-            pieces = " + ".join(repr(tokenizer.decode([t])) for t in toks)
-            hint = f" (try {' ' + word.strip()!r} with a leading space)" if not word.startswith(" ") else ""
+            # Typed text is echoed as literal() code spans: pages show these messages as markdown.
+            pieces = " + ".join(literal(repr(tokenizer.decode([t])), 30) for t in toks[:8]) + (" + …" if len(toks) > 8
+                                                                                               else "")
+            hint = f" (try {literal(repr(' ' + word.strip()))} with a leading space)" if not word.startswith(" ") else ""
             raise InputError(
-                f"The {label} {word!r} is {len(toks)} tokens ({pieces}), but it must be a single token{hint}."
+                f"The {label} {literal(repr(word))} is {len(toks)} tokens ({pieces}), but it must be a single "
+                f"token{hint}."
             )
         ids[label] = toks[0]
     if ids["answer"] == ids["wrong answer"]:
         raise InputError(
-            f"The answer and the wrong answer are the same token ({answer!r}): choose two different tokens."
+            f"The answer and the wrong answer are the same token ({literal(repr(answer))}): choose two different tokens."
         )
     prefix = _prefix(model_bos_id(model))
     clean_ids = prefix + _encode(tokenizer, clean_text)

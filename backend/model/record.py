@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from backend.model.registry import ModelSpec
     from backend.store.access import StoreWriter
+    from backend.store.saves import SaveWriter
 
 
-def record_model(writer: "StoreWriter", model: Any, spec: "ModelSpec", n_ctx: int | None = None) -> None:
+def record_model(writer: "StoreWriter | SaveWriter", model: Any, spec: "ModelSpec", n_ctx: int | None = None) -> None:
     """Write ``spec``'s ``models`` row (``n_ctx``: the corpus context length of this run, None keeps the stored one)
     and its vocabulary if the store does not hold all of it yet."""
     import pandas as pd

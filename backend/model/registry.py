@@ -299,7 +299,9 @@ def _load_smollm2(spec: ModelSpec, progress: Callable[[str], None]) -> "HookedTr
                 **{**json.loads(cfg_path.read_text()), "dtype": torch.float32, "init_weights": False})
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
-            _load_weights(model, load_file(weights))
+            # assign: the loaded tensors become the parameters; copying 650 MB into freshly allocated ones took
+            # longer than everything else in a load (measured 3x the rest on a busy machine)
+            _load_weights(model, load_file(weights), assign=True)
             return model.eval()
         except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt from the GGUF, never fatal
             progress(f"The converted-weights cache is unreadable ({type(exc).__name__}); rebuilding it from the GGUF")
@@ -325,9 +327,10 @@ def _load_smollm2(spec: ModelSpec, progress: Callable[[str], None]) -> "HookedTr
     return model.eval()
 
 
-def _load_weights(model: "HookedTransformer", state: dict[str, Any]) -> None:
-    """Load learned weights; only rebuilt buffers (rotary tables, masks) may be absent from ``state``."""
-    result = model.load_state_dict(state, strict=False)
+def _load_weights(model: "HookedTransformer", state: dict[str, Any], assign: bool = False) -> None:
+    """Load learned weights; only rebuilt buffers (rotary tables, masks) may be absent from ``state``. ``assign``:
+    use ``state``'s tensors as the parameters instead of copying them (for tensors nothing else holds)."""
+    result = model.load_state_dict(state, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if _persistent(k)]
     if missing or result.unexpected_keys:
         raise ValueError(f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
@@ -407,11 +410,16 @@ def _load_random(spec: ModelSpec) -> "HookedTransformer":
 _LOCK = threading.Lock()
 
 
-def load_model(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None = None) -> "HookedTransformer":
-    """Load a model by registry name (or TransformerLens official name) as a CPU HookedTransformer in eval mode.
+def load_model(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None = None,
+               device: str | None = None) -> "HookedTransformer":
+    """Load a model by registry name (or TransformerLens official name) as a HookedTransformer in eval mode on
+    ``device`` (default: :func:`backend.model.device.resolve_device`'s choice; weights are read on the CPU first).
 
     Raises :class:`ModelUnavailableError` with one actionable sentence when it cannot be loaded.
     """
+    from backend.model.device import resolve_device
+
+    target = resolve_device(device)  # a device this machine lacks is refused before any loading
     configure_hf_cache()
     spec = get_spec(name)
     say = progress or (lambda msg: None)
@@ -425,6 +433,8 @@ def load_model(name: str = DEFAULT_MODEL, progress: Callable[[str], None] | None
             model = _load_transformer_lens(spec)
         say(f"Loaded {spec.name} in {time.perf_counter() - t0:.1f} s")
     model.cfg.model_name = spec.name
+    if target.type != "cpu":
+        model = model.to(target)  # HookedTransformer.to also updates cfg.device, which its own inputs follow
     return model
 
 

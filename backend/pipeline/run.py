@@ -80,7 +80,7 @@ def step_corpus(ctx: RunContext) -> None:
             # loss at position p is the loss of predicting token p+1; the last position has none (NaN).
             losses[start : start + len(batch), :-1] = ctx.model.run_with_hooks(
                 batch, return_type="loss", loss_per_token=True, fwd_hooks=gather.hooks(start, len(batch))
-            ).float().numpy()
+            ).float().cpu().numpy()
     ctx.precollected = gather.result() or None
     ctx_ids = np.repeat(np.arange(n), n_ctx)
     ctx.writer.insert_df(
@@ -88,7 +88,7 @@ def step_corpus(ctx: RunContext) -> None:
         pd.DataFrame({
             "corpus_id": ctx.corpus_id, "context_id": ctx_ids.astype(np.int32),
             "pos": np.tile(np.arange(n_ctx), n).astype(np.int16),
-            "token_id": tokens.reshape(-1).numpy().astype(np.int32), "loss": losses.reshape(-1),
+            "token_id": tokens.reshape(-1).cpu().numpy().astype(np.int32), "loss": losses.reshape(-1),
         }),
     )
     ctx.writer.insert_df(
@@ -174,7 +174,7 @@ def precompute(
     transcoder layer selection (same syntax as ``layers``, which does not affect transcoders).
     """
     from backend.model.registry import get_spec, load_model
-    from backend.store.access import StoreWriter
+    from backend.store.access import StoreWriter, check_writable
 
     chosen = get_preset(preset, n_contexts)
     spec = get_spec(model_name)
@@ -184,6 +184,9 @@ def precompute(
         from backend.dictionaries.steps import check_transcoder_sources
 
         check_transcoder_sources(transcoders, tc_layers)  # an unknown release fails now, not after minutes
+    # Before the model loads: a store that cannot be written (read-only or special directory, a name too long, a
+    # corrupt / hostile / newer file) fails now with one sentence, not after minutes of work.
+    check_writable(store_path)
     t0 = time.perf_counter()
     if model is None:
         model = load_model(model_name, progress=say)

@@ -9,12 +9,28 @@ Design (DuckDB allows one writer process per file, and a writer excludes readers
   half-written run; readers that already hold the old file keep reading it (their open inode stays valid).
 * ``kill -9`` at any point leaves the live file untouched; the next writer deletes the orphaned temporary
   file and starts the run again ("restart cleanly"). A lock file (``flock``) keeps two writers apart.
+* A store path that is a symlink is resolved first: the writer writes beside the real file, swaps the real file and
+  locks the real file's lock, so writers through the link and through the real path exclude each other.
+
+Stores are files people share, so a store is untrusted input (docs/design.md, README "Security"):
+
+* Reader connections (:func:`open_store`) attach the store into a private in-memory database and then turn DuckDB's
+  external access off and lock the configuration: nothing run on them — a view, a macro or a query — can read or list
+  local files (``read_text``, ``read_csv``, ``read_parquet``, ``read_json``, ``glob``), ``COPY`` out, ``ATTACH``
+  another file, or install / load an extension, and the setting cannot be turned back on.
+* circuitscope never writes views or macros, so a store holding any is refused with one sentence before anything
+  reads from it: also before a :class:`StoreWriter` copies it (the writer's connection needs file access, so a
+  hostile view must never run there).
+* Whatever fails while opening or reading a store (a damaged block, a missing table, a non-integer schema version,
+  a name the file system refuses) is one :class:`~backend.errors.StoreError` sentence saying what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import uuid
 from contextlib import contextmanager
@@ -25,91 +41,255 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import duckdb
 
-from backend.errors import StoreError
+from backend.errors import StoreError, literal
 
 if TYPE_CHECKING:
     import pandas as pd
-from backend.store import schema
+from backend.store import saves, schema
+from backend.store.files import is_duckdb_file, views_and_macros
 
-BUILD_HINT = "build one with `python -m backend precompute --model smollm2-135m --store {path}` (or `make demo`)"
+log = logging.getLogger("circuitscope.store")
+
+# Run on every reader connection after the store is attached, in this order: extensions can neither be installed nor
+# auto-loaded (an extension is code from disk), no file outside the attached store can be read, written or listed, and
+# the configuration is locked so that no statement (e.g. in a view) can switch any of this back on.
+READER_LOCKDOWN: tuple[str, ...] = (
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET enable_external_access = false",
+    "SET lock_configuration = true",
+)
+# Fewer bytes than NAME_MAX (255 on Linux) for the store's file name, so that the writer's temporary file
+# (".NAME.<run id>.tmp.wal") and lock file (".NAME.lock") fit too.
+_TEMP_NAME_EXTRA = len(".") + len(".20260101T000000-abcdef.tmp.wal")
+BUILD_COMMAND = "python -m backend precompute --model smollm2-135m --store {path}"
 
 
 def _hint(path: Path) -> str:
-    return BUILD_HINT.format(path=path)
+    # The command is a code span built by literal(): a path holding backticks or markdown stays literal text too.
+    return f"build one with {literal(BUILD_COMMAND.format(path=path), 400)} (or `make demo`)"
 
 
-def _is_duckdb_file(path: Path) -> bool:
-    # DuckDB files carry the magic "DUCK" at byte 8; checking it first turns "not a store" into a clear message
-    # without asking DuckDB to parse arbitrary bytes.
+def _describe_os_error(exc: OSError) -> str:
+    """``[Errno 13] Permission denied: '/x'`` -> ``permission denied`` (the path is already in the sentence)."""
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _duckdb_message(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def real_path(path: str | Path) -> Path:
+    """``path`` with every symlink resolved (the file a writer must replace and lock), or StoreError for a symlink
+    loop or a name the file system refuses."""
+    path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except OSError:
-        return False
-    return len(head) >= 12 and head[8:12] == b"DUCK"
+        # strict=False: a store that does not exist yet is fine. A symlink loop raises RuntimeError on Python 3.11
+        # and OSError(ELOOP) on later versions.
+        return path.resolve()
+    except RuntimeError:
+        raise StoreError(f"The store path {literal(path)} is a symlink loop: point it at a real .duckdb file, or "
+                         "choose another path.") from None
+    except OSError as exc:
+        raise StoreError(f"The store path {literal(path)} cannot be used ({_describe_os_error(exc)}): choose "
+                         "another path.") from None
 
 
 def check_schema(con: duckdb.DuckDBPyConnection, path: Path) -> int:
     """Return the store's schema version, raising StoreError if it is not a circuitscope store we can read."""
-    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    shown = literal(path)
+    # First, before any table is read: circuitscope never writes views or macros, so a store holding some is not one
+    # of ours and may try to read local files through them.
+    n_views, n_macros = views_and_macros(con)
+    if n_views or n_macros:
+        raise StoreError(f"{shown} holds views or macros ({n_views} view(s), {n_macros} macro(s)), which circuitscope "
+                         "never writes: it is not a circuitscope store and was not read; open only stores you built "
+                         f"or trust, or {_hint(path)}.")
+    db = con.execute("SELECT current_database()").fetchall()[0][0]
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ?",
+                                        [db]).fetchall()}
     if "meta" not in tables:
-        raise StoreError(f"{path} is a DuckDB file but not a circuitscope store (no meta table): {_hint(path)}.")
-    rows = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
-    version = int(rows[0][0]) if rows else 0
+        raise StoreError(f"{shown} is a DuckDB file but not a circuitscope store (no meta table): {_hint(path)}.")
+    rows = con.execute("SELECT CAST(value AS VARCHAR) FROM meta WHERE CAST(key AS VARCHAR) = 'schema_version'"
+                       ).fetchall()
+    if not rows or rows[0][0] is None:
+        raise StoreError(f"{shown} has a meta table but no schema version, so it was not written by circuitscope (or "
+                         f"its writer was stopped before the first run): delete it and {_hint(path)}.")
+    raw = str(rows[0][0]).strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise StoreError(f"{shown} records schema version {literal(raw, 40)}, which is not a whole number, so it was "
+                         f"not written by circuitscope: delete it and {_hint(path)}.")
+    version = int(raw)
     if version > schema.SCHEMA_VERSION:
         raise StoreError(
-            f"{path} was written by a newer circuitscope (store schema v{version}, this version reads up to "
+            f"{shown} was written by a newer circuitscope (store schema v{version}, this version reads up to "
             f"v{schema.SCHEMA_VERSION}): update circuitscope (`git pull && make setup`) or open another store."
         )
+    missing = sorted(schema.CORE_TABLES - tables)
+    if missing:
+        raise StoreError(f"{shown} is missing table(s) {', '.join(missing)} that every circuitscope store has "
+                         f"(damaged or not written by circuitscope): delete it and {_hint(path)}.")
     return version
 
 
+def _lock_down(con: duckdb.DuckDBPyConnection) -> None:
+    for statement in READER_LOCKDOWN:
+        con.execute(statement)
+
+
 def open_store(path: str | Path) -> duckdb.DuckDBPyConnection:
-    """Open a store read-only, or raise StoreError with one sentence saying what is wrong and what to do."""
+    """Open a store read-only, or raise StoreError with one sentence saying what is wrong and what to do.
+
+    The connection cannot touch the file system beyond the store (see the module docstring), and a store holding views
+    or macros is refused before any of its data is read.
+    """
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"No store at {path}: {_hint(path)}.")
-    if path.is_dir():
-        raise StoreError(f"{path} is a directory, not a store file: pass the .duckdb file inside it.")
-    if not _is_duckdb_file(path):
-        raise StoreError(f"{path} is not a readable circuitscope store (corrupt or not a DuckDB file): delete it and {_hint(path)}.")
+    shown = literal(path)
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:  # e.g. a name longer than the file system allows (ENAMETOOLONG)
+        raise StoreError(f"The store path {shown} cannot be used ({_describe_os_error(exc)}): choose another "
+                         "store.") from None
+    if not exists:
+        if path.is_symlink():  # a dangling link or a symlink loop (exists() is False for both)
+            real_path(path)  # raises the symlink-loop sentence
+            raise StoreError(f"{shown} is a symlink to a missing file: fix the link or {_hint(path)}.")
+        raise StoreError(f"No store at {shown}: {_hint(path)}.")
+    if is_dir:
+        raise StoreError(f"{shown} is a directory, not a store file: pass the .duckdb file inside it.")
+    if not is_duckdb_file(path):
+        raise StoreError(f"{shown} is not a readable circuitscope store (corrupt or not a DuckDB file): delete it and "
+                         f"{_hint(path)}.")
     con = duckdb.connect(":memory:")
     try:
         # ATTACH into a private in-memory database instead of duckdb.connect(path): DuckDB caches database
         # instances per path within a process, so a plain connect would keep returning the pre-swap file to a
-        # long-lived app process while any old connection is still open.
+        # long-lived app process while any old connection is still open. The lockdown comes after the ATTACH (which
+        # itself needs file access) and before anything reads from the store.
         escaped = str(path).replace("'", "''")
         con.execute(f"ATTACH '{escaped}' AS store (READ_ONLY)")
         con.execute("USE store")
-    except duckdb.Error as exc:
-        con.close()
-        msg = str(exc).splitlines()[0][:200]
-        raise StoreError(f"{path} could not be opened ({msg}): if it is corrupt, delete it and {_hint(path)}.") from None
-    try:
-        check_schema(con, path)
+        aliases = saves.attach(con, real_path(path))  # the committed saves beside the store, also read-only
+        _lock_down(con)
     except StoreError:
         con.close()
         raise
     except duckdb.Error as exc:
         con.close()
-        raise StoreError(f"{path} could not be read ({str(exc).splitlines()[0][:200]}): delete it and {_hint(path)}.") from None
+        raise StoreError(f"{shown} could not be opened ({literal(_duckdb_message(exc))}): if it is corrupt, delete it "
+                         f"and {_hint(path)}.") from None
+    try:
+        version = check_schema(con, path)
+        saves.union_views(con, _current_tables(con, version), aliases)
+    except StoreError:
+        con.close()
+        raise
+    except duckdb.Error as exc:
+        con.close()
+        raise StoreError(f"{shown} could not be read ({literal(_duckdb_message(exc))}): delete it and "
+                         f"{_hint(path)}.") from None
     return con
+
+
+def _current_tables(con: duckdb.DuckDBPyConnection, version: int) -> dict[str, str]:
+    """Let a reader query a store written by an older schema version as if it were current, and return, per table, a
+    SELECT of its rows as the current schema has them (what saves are unioned with). Temporary views add the columns
+    later versions added (as NULL) and empty temporary tables stand in for tables it does not have yet; they live in
+    this connection only (the store stays read-only) and shadow the store's own names."""
+    db = con.execute("SELECT current_database()").fetchall()[0][0]
+    names = [stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in schema.DDL]
+    bases = {name: f'SELECT {saves.select_list(name)} FROM "{db}".main."{name}"' for name in names}
+    if version >= schema.SCHEMA_VERSION:
+        return bases
+    rows = con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                       "WHERE table_catalog = current_database()").fetchall()
+    columns: dict[str, set[str]] = {}
+    for table, column in rows:
+        columns.setdefault(table, set()).add(column)
+    for table, stmt in zip(names, schema.DDL):
+        if table not in columns:
+            # An empty stand-in under another name, shown through a view named like the table (a view over the
+            # saves may replace that view later).
+            stand_in = stmt.replace(f"CREATE TABLE IF NOT EXISTS {table}", f'CREATE TEMP TABLE "_missing_{table}"', 1)
+            con.execute(stand_in)
+            bases[table] = f'SELECT {saves.select_list(table)} FROM temp.main."_missing_{table}"'
+            con.execute(f'CREATE TEMP VIEW "{table}" AS {bases[table]}')
+    added: dict[str, list[str]] = {}
+    for v in range(version + 1, schema.SCHEMA_VERSION + 1):
+        for table, column in schema.ADDED_COLUMNS.get(v, []):
+            name, sql_type = column.split(" ", 1)
+            if table in columns and name not in columns[table]:
+                added.setdefault(table, []).append(f"NULL::{sql_type} AS {name}")
+    for table, extra in added.items():
+        bases[table] = f'SELECT {saves.select_list(table, ", ".join(extra))} FROM "{db}".main."{table}"'
+        con.execute(f'CREATE TEMP VIEW "{table}" AS {bases[table]}')
+    return bases
+
+
+def check_writable(path: str | Path) -> Path:
+    """Check, before any work, that a writer could write the store at ``path``; returns its real path.
+
+    One StoreError sentence when the name is too long for the file system, the path is a directory, a symlink loop or
+    in a directory that cannot be created or written (read-only, ``/proc``), or the existing file is not a readable
+    circuitscope store (which a writer would refuse to build on). Creates the store's directory and its lock file,
+    as the writer would.
+    """
+    real = real_path(path)
+    shown = literal(path)
+    limit = _name_max(real.parent)
+    if len(os.fsencode(real.name)) + _TEMP_NAME_EXTRA > limit:
+        raise StoreError(f"The store name {literal(real.name, 60)} is {len(real.name)} characters long; this file "
+                         f"system allows {limit - _TEMP_NAME_EXTRA} for a store (the writer adds a suffix for its "
+                         "temporary file): choose a shorter name.")
+    try:
+        if real.is_dir():
+            raise StoreError(f"{shown} is a directory, not a store file: pass a .duckdb file path.")
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(_lock_path(real), os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"Cannot write a store at {shown} ({_describe_os_error(exc)}): choose a directory you can "
+                         "write to.") from None
+    if real.exists():
+        open_store(real).close()
+    return real
+
+
+def _name_max(directory: Path) -> int:
+    # The nearest existing ancestor answers for the file system the store will be on.
+    for candidate in (directory, *directory.parents):
+        try:
+            return int(os.pathconf(candidate, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def _lock_path(real: Path) -> Path:
+    return real.parent / f"{_temp_prefix(real)}lock"
 
 
 @dataclass
 class StoreFingerprint:
-    """Identifies one version of a store file: changes whenever a writer swaps a new file in."""
+    """Identifies one version of a store: changes whenever a writer swaps a new file in or a save is listed."""
 
     path: str
     inode: int
     mtime_ns: int
     size: int
+    saves: tuple[int, int] = (0, 0)  # the saves manifest's (mtime_ns, size)
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """The fingerprint as a cache key."""
+        return (self.inode, self.mtime_ns, self.size, *self.saves)
 
 
 def fingerprint(path: str | Path) -> StoreFingerprint:
-    """Fingerprint of the store file now (for cache keys: a swapped-in store gets a new inode)."""
-    st = Path(path).stat()
-    return StoreFingerprint(str(Path(path).resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    """Fingerprint of the store now (for cache keys: a swapped-in store gets a new inode, a save a new manifest)."""
+    real = real_path(path)
+    st = real.stat()
+    return StoreFingerprint(str(real), st.st_ino, st.st_mtime_ns, st.st_size, saves.manifest_stamp(real))
 
 
 def _temp_prefix(path: Path) -> str:
@@ -124,6 +304,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def saving(store_path: str | Path, kind: str, model: str, params: dict[str, Any] | None = None
+           ) -> Iterator[saves.SaveWriter]:
+    """``with saving(path, kind="graph", model=...) as w: w.insert_df(...)`` — write one save beside the store
+    (:mod:`backend.store.saves`); it is visible only when the block ends without an exception. The store must exist:
+    saves add to a store, they never create one."""
+    real = real_path(store_path)
+    open_store(real).close()  # one sentence for a missing, corrupt, hostile or newer-schema store
+    with saves.write_save(real, store_path, kind, model, params) as writer:
+        yield writer
+
+
+def compact(path: str | Path) -> int:
+    """Fold every listed save of the store at ``path`` into the store itself (one copy of the store, as a precompute
+    run makes) and return how many save files were folded. Readers keep serving meanwhile; the copy also drops the
+    space of deleted rows."""
+    real = real_path(path)
+    if not real.exists():
+        raise StoreError(f"There is no store at {literal(path)}.")
+    n = len(saves.listed(real))
+    with StoreWriter(path, kind="compact", model=""):
+        pass
+    return n
+
+
 class StoreWriter:
     """Context manager that writes one precompute run atomically (see module docstring).
 
@@ -133,7 +338,10 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, kind: str, model: str, preset: str = "", params: dict[str, Any] | None = None):
-        self.path = Path(path)
+        # The real file: writing through a symlink must replace the file it points to (not the link) and take that
+        # file's lock, or writers through the link and through the real path would run at once.
+        self.link = Path(path)
+        self.path = real_path(path)
         self.kind, self.model, self.preset = kind, model, preset
         self.params = params or {}
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -144,17 +352,22 @@ class StoreWriter:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fh = open(self.path.parent / f"{_temp_prefix(self.path)}lock", "w")
+        check_writable(self.path)  # one sentence for a read-only / special directory or a name that is too long
+        try:
+            self._lock_fh = open(_lock_path(self.path), "w")
+        except OSError as exc:
+            raise self._failed(exc) from None
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_fh.close()
-            raise StoreError(f"Another precompute is writing {self.path}: wait for it to finish, or stop it.") from None
+            raise StoreError(f"Another precompute is writing {literal(self.link)}: wait for it to finish, or stop "
+                             "it.") from None
         self._remove_orphans()
         try:
             if self.path.exists():
-                # Validate before copying: never build a run on top of a corrupt or newer-schema file.
+                # Validate before copying: never build a run on top of a corrupt, newer-schema or hostile file (a
+                # view in it would otherwise run on the copying connection, which has file access).
                 open_store(self.path).close()
                 self._copy_live_to_tmp()
             self.con = duckdb.connect(str(self.tmp))
@@ -163,16 +376,38 @@ class StoreWriter:
                 "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, NULL, NULL)",
                 [self.run_id, self.kind, self.model, self.preset, json.dumps(self.params), self._started],
             )
-        except BaseException:
+        except BaseException as exc:
             self._discard()
+            if isinstance(exc, (OSError, duckdb.IOException)):
+                raise self._failed(exc) from None
             raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
             self._discard()
+            if isinstance(exc, (OSError, duckdb.IOException)):
+                # A full disk or a vanished directory while the run was written: the live store was never touched.
+                raise self._failed(exc) from None
             return
-        self.commit()
+        try:
+            self.commit()
+        except (OSError, duckdb.IOException) as err:
+            self._discard()
+            raise self._failed(err) from None
+
+    def _failed(self, exc: BaseException) -> StoreError:
+        """One sentence for a write that the file system refused (full disk, read-only, ...); the live store is
+        unchanged because only the temporary copy was being written."""
+        if isinstance(exc, OSError):
+            what = _describe_os_error(exc)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        else:
+            what = _duckdb_message(exc)
+            full = "space" in what.lower()
+        todo = "free some disk space and run it again" if full else "check the directory and run it again"
+        return StoreError(f"Writing the store {literal(self.link)} failed ({literal(what, 80)}); the store is "
+                          f"unchanged: {todo}.")
 
     def commit(self, summary: dict[str, Any] | None = None) -> None:
         """Mark the run complete, make the temporary file durable and swap it over the live store."""
@@ -184,13 +419,18 @@ class StoreWriter:
             "UPDATE runs SET status = 'complete', finished_at = ?, seconds = ?, summary = ? WHERE run_id = ?",
             [finished, (finished - self._started).total_seconds(), json.dumps(getattr(self, "summary", {})), self.run_id],
         )
-        self.con.execute("CHECKPOINT")
-        self.con.close()
-        self.con = None
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        # Saves listed since this run copied the store are folded into the copy before it replaces the store, under
+        # the saves lock so that none can be listed between the fold and the swap (backend.store.saves).
+        with saves.manifest_lock(self.path):
+            folded = saves.fold_into(self.con, self.path)
+            self.con.execute("CHECKPOINT")
+            self.con.close()
+            self.con = None
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)  # the real file: a symlink to it stays a symlink
+            _fsync_dir(self.path.parent)
+            saves.forget(self.path, folded)
         self._release()
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -274,9 +514,17 @@ def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
 
 @contextmanager
 def reading(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    """``with reading(path) as con:`` — a read-only connection closed afterwards."""
+    """``with reading(path) as con:`` — a read-only connection closed afterwards.
+
+    A DuckDB error escaping the block (a damaged block met mid-query, a table the store lacks) becomes one StoreError
+    sentence; the original is logged for developers.
+    """
     con = open_store(path)
     try:
         yield con
+    except duckdb.Error as exc:
+        log.warning("reading %s failed", path, exc_info=exc)
+        raise StoreError(f"{literal(path)} could not be read ({literal(_duckdb_message(exc))}): if it is damaged or "
+                         f"was built by another program, delete it and {_hint(Path(path))}.") from None
     finally:
         con.close()

@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from backend.errors import StoreError
+from backend.errors import StoreError, literal
 from backend.paths import stores_dir
-
-# Environment overrides, read at call time (not import time) so tests and servers can point the app elsewhere.
-
 
 # Environment overrides, read at call time (not import time) so tests and servers can point the app elsewhere.
 STORE_ENV = "CIRCUITSCOPE_STORE"  # store file name opened when the URL names none (default: demo.duckdb)
 
 
 DEFAULT_STORE_NAME = "demo.duckdb"
+# A store name is one file name (at most NAME_MAX = 255 bytes on Linux) or a short path below the stores directory.
+MAX_NAME_BYTES = 255
 
 
 def default_store_name() -> str:
@@ -48,15 +47,28 @@ def resolve_store(name: str, directory: Path | None = None) -> Path:
     name = name.strip()
     if not name:
         raise StoreError("No store was named: choose one in the sidebar.")
+    shown = literal(name, 60)
+    # Checked before the name reaches the file system, which would refuse it with ValueError (a NUL byte) or
+    # OSError (ENAMETOOLONG) instead of a sentence.
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise StoreError(f"The store name {shown} contains control characters (a NUL byte or a line break), which no "
+                         "store file name has: choose a store in the sidebar.")
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        raise StoreError(f"The store name {shown} is {len(name):,} characters long, longer than any file name can be: "
+                         "choose a store in the sidebar.")
     candidate = Path(name)
     if not candidate.is_absolute():
         candidate = directory / candidate
-    resolved = candidate.resolve()
+    try:
+        resolved = candidate.resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError on Python 3.11, OSError ELOOP later)
+        raise StoreError(f"The store {shown} is a symlink loop, not a store file: choose a store in the sidebar, or "
+                         f"replace the link in {literal(directory)}.") from None
     if not resolved.is_relative_to(directory) or resolved == directory:
         raise StoreError(
-            f"The store {name!r} is outside the stores directory {directory}: "
+            f"The store {shown} is outside the stores directory {literal(directory)}: "
             "only stores in that directory can be opened; choose one in the sidebar."
         )
     if resolved.suffix != ".duckdb":
-        raise StoreError(f"The store {name!r} is not a .duckdb file: choose a store in the sidebar.")
+        raise StoreError(f"The store {shown} is not a .duckdb file: choose a store in the sidebar.")
     return resolved

@@ -92,24 +92,36 @@ def dictionary_quality(con: duckdb.DuckDBPyConnection, model: str | None = None)
 
 
 def transcoder_quality(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
-    """MLP transcoders (kind 'transcoder') for the home page: L0, FVE of the MLP output, CE-loss recovered with that one
-    MLP replaced, ΔCE (spliced − clean, nats), its denominator (MLP zeroed − clean), dead share, and the token counts
-    (per-layer CE runs on fewer held-out tokens than FVE: ``ce_tokens`` vs ``eval_tokens``)."""
+    """MLP transcoders (kind 'transcoder') for the home page: L0, FVE of the MLP output and the FVE of the dense linear
+    baseline fitted on the same tokens, ΔCE (spliced − clean, nats) with that one MLP replaced by the transcoder and by
+    the baseline, its denominator (MLP zeroed − clean), CE-loss recovered, dead share, and the token counts (per-layer
+    CE runs on fewer held-out tokens than FVE: ``ce_tokens`` vs ``eval_tokens``)."""
     where, params = ("AND model = ?", [model]) if model else ("", [])
     return frame(con, f"""
-        SELECT dict_id, model, architecture, layer, d_sae, l0, fve, ce_loss_recovered, ce_spliced - ce_clean AS delta_ce,
-               ce_ablated - ce_clean AS ablation_gap, dead_fraction, training_tokens, eval_tokens,
+        SELECT dict_id, model, architecture, layer, d_sae, l0, fve, baseline_fve, fve - baseline_fve AS fve_gain,
+               ce_spliced - ce_clean AS delta_ce, baseline_ce_spliced - ce_clean AS baseline_delta_ce,
+               ce_ablated - ce_clean AS ablation_gap, ce_loss_recovered, dead_fraction, training_tokens, eval_tokens,
                TRY_CAST(json_extract(cfg, '$.metadata.evaluation.ce_tokens') AS BIGINT) AS ce_tokens, source
         FROM dictionaries WHERE kind = 'transcoder' {where} ORDER BY layer, dict_id""", params)
 
 
 def mlp_replacement_evals(con: duckdb.DuckDBPyConnection, model: str | None = None) -> pd.DataFrame:
-    """All-MLPs-replaced evaluations (``replacement_evals``), newest run first: how many MLPs were replaced by their
-    transcoders at once, CE clean / replaced / all those MLPs zeroed, the share recovered, ΔCE and its denominator."""
+    """All-MLPs-replaced evaluations (``replacement_evals``), newest run first, transcoders before their linear
+    baselines: how many MLPs were replaced at once and by what, CE clean / replaced / all those MLPs zeroed, ΔCE and
+    its 95% interval over held-out contexts, KL to the clean model and top-1 agreement (with intervals), the share of
+    CE recovered and its denominator."""
     where, params = ("WHERE e.model = ?", [model]) if model else ("", [])
     return frame(con, f"""
-        SELECT e.eval_id, e.model, e.n_replaced, e.ce_loss_recovered, e.ce_replaced - e.ce_clean AS delta_ce,
-               e.ce_ablated - e.ce_clean AS ablation_gap, e.ce_clean, e.ce_replaced, e.ce_ablated, e.ce_tokens,
-               e.run_id
+        SELECT e.eval_id, e.model, coalesce(e.replacement, 'transcoder') AS replacement, e.n_replaced,
+               e.ce_replaced - e.ce_clean AS delta_ce,
+               TRY_CAST(json_extract(e.stats, '$.intervals.delta_ce[0]') AS DOUBLE) AS delta_ce_lo,
+               TRY_CAST(json_extract(e.stats, '$.intervals.delta_ce[1]') AS DOUBLE) AS delta_ce_hi,
+               e.kl, TRY_CAST(json_extract(e.stats, '$.intervals.kl[0]') AS DOUBLE) AS kl_lo,
+               TRY_CAST(json_extract(e.stats, '$.intervals.kl[1]') AS DOUBLE) AS kl_hi,
+               e.top1, TRY_CAST(json_extract(e.stats, '$.intervals.top1[0]') AS DOUBLE) AS top1_lo,
+               TRY_CAST(json_extract(e.stats, '$.intervals.top1[1]') AS DOUBLE) AS top1_hi,
+               e.ce_loss_recovered, e.ce_ablated - e.ce_clean AS ablation_gap, e.ce_clean, e.ce_replaced,
+               e.ce_ablated, e.ce_tokens,
+               TRY_CAST(json_extract(e.stats, '$.eval_contexts') AS INTEGER) AS eval_contexts, e.run_id
         FROM replacement_evals e LEFT JOIN runs r USING (run_id) {where}
-        ORDER BY r.started_at DESC NULLS LAST, e.eval_id""", params)
+        ORDER BY r.started_at DESC NULLS LAST, coalesce(e.replacement, 'transcoder') = 'linear', e.eval_id""", params)

@@ -15,7 +15,8 @@ corpora                a tokenized corpus: source, licence, context length, size
 contexts               one row per fixed-length context: the document it starts in
 tokens                 (corpus, context, pos) -> token id and the model's next-token loss there
 task_baselines         built-in task metrics on clean and corrupted prompts
-dictionaries           SAEs / transcoders: hook, layer, architecture, widths, quality metrics
+dictionaries           SAEs / transcoders: hook, layer, architecture, widths, quality metrics (v4: the dense
+                       linear baseline of a transcoder: its FVE and CE with that MLP replaced by it)
 dictionary_weights     the dictionary's weights as a safetensors blob (one file = one store)
 features               per-feature summary statistics (density, max activation, dominant head, ...)
 feature_activations    sparse nonzero activations (dict, feature, context, pos, act)
@@ -34,13 +35,14 @@ induction_classes      (v2) long- vs short-prefix classification of candidate in
 head_features          (v2) features a head dominates by DFA share, with their rank and feature family
 head_polysemanticity   (v2) per head: dominant features, families, polysemantic or not (rule in stats)
 attribution_comparisons (v2) one task or clean/corrupt pair scored by several attribution methods
-replacement_evals      (v3) CE loss with several MLPs replaced by their transcoders at once
+replacement_evals      (v3) CE loss with several MLPs replaced by their transcoders at once (v4: or by their
+                       dense linear baselines; KL to the clean model, top-1 agreement, intervals in stats)
 =====================  ===========================================================================
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each statement is idempotent so that opening an older (or the same) version for writing is safe.
 DDL: list[str] = [
@@ -67,7 +69,7 @@ DDL: list[str] = [
         dict_id VARCHAR PRIMARY KEY, model VARCHAR, kind VARCHAR, architecture VARCHAR, hook_name VARCHAR,
         layer INTEGER, d_in INTEGER, d_sae INTEGER, training_tokens BIGINT, l0 DOUBLE, fve DOUBLE,
         ce_clean DOUBLE, ce_spliced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, dead_fraction DOUBLE,
-        eval_tokens BIGINT, source VARCHAR, cfg JSON, run_id VARCHAR)""",
+        eval_tokens BIGINT, source VARCHAR, cfg JSON, run_id VARCHAR, baseline_fve DOUBLE, baseline_ce_spliced DOUBLE)""",
     "CREATE TABLE IF NOT EXISTS dictionary_weights (dict_id VARCHAR PRIMARY KEY, format VARCHAR, data BLOB)",
     # Feature tables (attention-SAE and transcoder features, backend/features/step.py; top_head is NULL and
     # feature_head_dfa empty for transcoders; stats.scored_tokens says how many tokens were scored). BOS (position 0)
@@ -150,10 +152,13 @@ DDL: list[str] = [
     # ---- v3: transcoders and attribution graphs ----
     # One row per evaluation of a set of transcoders spliced in together (dict_ids: JSON list): clean CE, CE with
     # every listed MLP replaced (error dropped), CE with those MLPs' outputs zeroed; the ratio as for dictionaries.
+    # replacement: 'transcoder' or 'linear' (each MLP replaced by its dense linear baseline); kl: mean KL(clean ||
+    # replaced) of the next-token distribution, top1: share of tokens whose top prediction is unchanged; stats holds
+    # 95% bootstrap intervals over the held-out contexts.
     """CREATE TABLE IF NOT EXISTS replacement_evals (
         eval_id VARCHAR PRIMARY KEY, model VARCHAR, dict_ids JSON, n_replaced INTEGER, ce_clean DOUBLE,
         ce_replaced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, ce_tokens BIGINT, stats JSON,
-        run_id VARCHAR)""",
+        run_id VARCHAR, replacement VARCHAR, kl DOUBLE, top1 DOUBLE)""",
 ]
 
 # Indexes for the page queries that must stay fast on large stores (feature page: by dict + feature).
@@ -177,17 +182,31 @@ RUN_TABLES: list[str] = [
     "replacement_evals",
 ]
 
-# version -> statements upgrading the previous version to it. They run after the DDL above (which creates
-# tables new in that version), so they only change tables that already existed.
-MIGRATIONS: dict[int, list[str]] = {
-    2: ["ALTER TABLE attribution_runs ADD COLUMN IF NOT EXISTS comparison_id VARCHAR"],
-    3: [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}" for table, column in (
-        ("graphs", "metadata JSON"), ("graphs", "source VARCHAR"), ("graphs", "title VARCHAR"),
+# version -> columns (table, "name TYPE") that version added to tables older versions already had. Writers upgrade
+# an older store with ALTER TABLE (MIGRATIONS); readers, which never write, see older stores through temporary views
+# that add these columns as NULL (backend.store.access), so every query reads every version.
+ADDED_COLUMNS: dict[int, list[tuple[str, str]]] = {
+    2: [("attribution_runs", "comparison_id VARCHAR")],
+    3: [("graphs", "metadata JSON"), ("graphs", "source VARCHAR"), ("graphs", "title VARCHAR"),
         ("graph_nodes", "dict_id VARCHAR"), ("graph_nodes", "value DOUBLE"), ("graph_nodes", "bias DOUBLE"),
-        ("graph_nodes", "is_target BOOLEAN"), ("graph_nodes", "attribution DOUBLE"), ("graph_edges", "source_factor DOUBLE"),
-        ("graph_edges", "norm_factor DOUBLE"))],
+        ("graph_nodes", "is_target BOOLEAN"), ("graph_nodes", "attribution DOUBLE"),
+        ("graph_edges", "source_factor DOUBLE"), ("graph_edges", "norm_factor DOUBLE")],
+    4: [("dictionaries", "baseline_fve DOUBLE"), ("dictionaries", "baseline_ce_spliced DOUBLE"),
+        ("replacement_evals", "replacement VARCHAR"), ("replacement_evals", "kl DOUBLE"),
+        ("replacement_evals", "top1 DOUBLE")],
+}
+
+# version -> statements upgrading the previous version to it. They run after the DDL above (which creates tables new
+# in that version), so they only change tables that already existed.
+MIGRATIONS: dict[int, list[str]] = {
+    version: [f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}" for table, column in columns]
+    for version, columns in ADDED_COLUMNS.items()
 }
 
 EXPECTED_TABLES: frozenset[str] = frozenset(
     stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in DDL
 )
+
+# Tables every store has had since schema v1 and that opening a store reads (backend.store.queries.summary): a store
+# without one of them is damaged or was not written by circuitscope.
+CORE_TABLES: frozenset[str] = frozenset({"meta", "runs", "models", "corpora", "dictionaries", "task_baselines"})

@@ -28,7 +28,12 @@ class StoreRef:
 
     name: str
     path: Path
-    key: tuple[int, int, int]
+    key: tuple[int, ...]  # the store file and its saves: what query results depend on
+
+    @property
+    def file_key(self) -> tuple[int, ...]:
+        """The store file alone (saves never change dictionaries): the key of cached dictionaries."""
+        return self.key[:3]
 
     def query(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(con, *args)`` on a read-only connection to this store, cached per store version: ``fn`` is a query
@@ -46,13 +51,13 @@ def open_store_ref(name: str, directory: Path | None = None) -> StoreRef:
     if not path.exists():
         open_store(path).close()  # raises the "No store at ...: build one with ..." message
     fp = fingerprint(path)
-    ref = StoreRef(name=name, path=path, key=(fp.inode, fp.mtime_ns, fp.size))
+    ref = StoreRef(name=name, path=path, key=fp.key)
     ref.summary()  # validates (corrupt / newer schema raise StoreError; errors are not cached)
     return ref
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _cached_query(path: str, key: tuple[int, int, int], name: str, args: tuple[Any, ...], _fn: Callable[..., Any]) -> Any:
+def _cached_query(path: str, key: tuple[int, ...], name: str, args: tuple[Any, ...], _fn: Callable[..., Any]) -> Any:
     # `key` is unused in the body on purpose: it is part of the cache key, so a swapped-in store misses the cache.
     # `_fn` is not hashed (leading underscore); `name`, its qualified name, stands for it in the cache key.
     del key, name
@@ -82,7 +87,7 @@ def cached_predictions(model_name: str, ids: tuple[int, ...], k: int = 5) -> pd.
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def get_dictionary(store_path: str, store_key: tuple[int, int, int], dict_id: str) -> Any:
+def get_dictionary(store_path: str, store_key: tuple[int, ...], dict_id: str) -> Any:
     """Load one dictionary (a sae-lens SAE) from a store once per server and store version (``StoreRef.key``).
 
     The SAE is shared by all sessions: callers must not modify it.
@@ -94,7 +99,7 @@ def get_dictionary(store_path: str, store_key: tuple[int, int, int], dict_id: st
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def cached_graph_dictionaries(store_path: str, store_key: tuple[int, int, int], model: str,
+def cached_graph_dictionaries(store_path: str, store_key: tuple[int, ...], model: str,
                               attn_saes: bool) -> tuple[dict[int, Any], dict[int, Any]]:
     """The store's transcoders and (if ``attn_saes``) attention SAEs for ``model`` by layer
     (:func:`backend.dictionaries.storage.graph_dictionaries`), loaded once per server and store version; shared and
@@ -106,7 +111,7 @@ def cached_graph_dictionaries(store_path: str, store_key: tuple[int, int, int], 
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)  # an entry holds attention patterns: ~30 MB at 512 tokens
-def cached_prompt_features(model_name: str, ids: tuple[int, ...], store_path: str, store_key: tuple[int, int, int],
+def cached_prompt_features(model_name: str, ids: tuple[int, ...], store_path: str, store_key: tuple[int, ...],
                            layer_dicts: tuple[tuple[int, str], ...], top_n: int) -> Any:
     """:func:`backend.features.live.analyze_prompt` for the cached model and the store's SAEs, memoised per
     (model, token ids, store version, (layer, dict_id) pairs). Shared and read-only, like the SAEs."""

@@ -14,6 +14,7 @@ that only read the store start fast.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from backend.errors import CircuitscopeError, StoreError
+from backend.errors import CircuitscopeError, StoreError, literal
 from backend.paths import stores_dir
 from backend.store.names import default_store_name, list_stores, resolve_store
 from backend.ui.cache import StoreRef, open_store_ref
@@ -44,6 +45,38 @@ _MODEL_WIDGET = "cs_model_picker"
 _KEEP_STORE = "_cs_store"  # plain session keys survive page switches (widget state does not)
 _KEEP_MODEL = "_cs_model"
 _REFUSED = "_cs_store_refused"
+
+# --------------------------------------------------------------------------------------------------------------
+# Untrusted values in messages and links
+#
+# Every st.error / st.warning / st.info / st.markdown / st.caption body is markdown. A value from the URL, from typed
+# text or from a store is shown through literal() (a code span: nothing in it is markup, so no image is fetched and no
+# link is drawn) or, for a store's longer prose, through prose(). Numbers from the URL go through link_int().
+
+_LINK_INT = re.compile(r"-?[0-9]{1,15}")  # ASCII digits: str.isdigit() accepts '²' and int() accepts '٣' or '1_0'
+# Inline markup, links, images, HTML, Streamlit's :directives[...] and $math$ (block markers such as "-" or "+" only
+# matter at the start of a line, handled in prose()).
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()<>#!|~$:&])")
+
+
+def link_int(raw: str | None) -> int | None:
+    """A whole number from a link parameter (``?pos=3``), or None when it is absent or not one: optional minus sign
+    and at most 15 ASCII digits (larger numbers are out of every range here, and float64 holds them exactly)."""
+    if raw is None or not _LINK_INT.fullmatch(raw.strip()):
+        return None
+    return int(raw.strip())
+
+
+def prose(text: object, limit: int = 2_000) -> str:
+    """Longer untrusted text (a rule or description stored in a store) for a markdown body, readable but inert: every
+    markdown / HTML punctuation character is backslash-escaped, so ``![x](http://...)`` cannot become an image and
+    ``<img>`` no tag; a bare URL may still show as a link, but nothing is fetched until someone clicks it."""
+    flat = re.sub(r"[\x00-\x1f\x7f\u2028\u2029]+", " ", str(text))[:limit]
+    escaped = _MARKDOWN_PUNCTUATION.sub(r"\\\1", flat)
+    # A list marker or an ordered-list number at the very start would turn the line into a list.
+    return re.sub(r"^([-+=]|\d+(?=[.)]))", lambda m: "\\" + m.group(1) if not m.group(1).isdigit()
+                  else m.group(1) + "\\", escaped)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Sidebar pickers and the page wrapper
@@ -145,7 +178,7 @@ def page_context() -> PageContext | None:
     if model is not None:
         row = models_df[models_df["model"] == model]
         info = row.iloc[0].to_dict() if len(row) else {}
-    st.sidebar.caption(f"`{store.path}`")
+    st.sidebar.caption(literal(store.path, 400))
     return PageContext(store=store, summary=summary, model=model, model_info=info)
 
 
@@ -199,9 +232,10 @@ def run_page(title: str, body: Callable[[PageContext], None], caption: str | Non
 
 
 def build_hint(ctx: PageContext) -> str:
-    """The precompute command that (re)builds the current store for the current model."""
+    """The precompute command that (re)builds the current store for the current model, as a markdown code span (the
+    model name and the path come from the store and the file system: literal text, whatever they hold)."""
     model = ctx.model or "smollm2-135m"
-    return f"python -m backend precompute --model {model} --store {ctx.store.path}"
+    return literal(f"python -m backend precompute --model {model} --store {ctx.store.path}", 400)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -310,7 +310,7 @@ def test_bad_input_is_a_sentence(tiny_model: Any, ioi: Any) -> None:
 
 
 def test_registry() -> None:
-    assert set(METHODS) == {"patching", "atp", "relp", "ig"}
+    assert set(METHODS) == {"patching", "atp", "atpstar", "relp", "ig"}
     assert {"patching", "atp", "ig"} <= set(available_methods())
     for spec in METHODS.values():
         assert spec.description and spec.cost

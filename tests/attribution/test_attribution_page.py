@@ -68,7 +68,7 @@ def test_deep_link_opens_a_comparison(app_stores_dir: Path) -> None:
 def test_unknown_deep_link_warns_and_falls_back(app_stores_dir: Path) -> None:
     at = _app(comparison="nope").run()
     _clean(at)
-    assert any("no comparison 'nope'" in w.value for w in at.warning)
+    assert any("no comparison `nope`" in w.value for w in at.warning)
     assert at.query_params["comparison"] == at.selectbox(key="af_comparison").value != "nope"
 
 
@@ -136,3 +136,34 @@ def test_live_pair_bad_input_is_one_sentence(app_stores_dir: Path) -> None:
     at.button[0].click().run()
     assert not at.exception
     assert len(at.error) == 1 and "single token" in at.error[0].value
+
+
+def test_page_shows_the_evaluation_table_and_says_which_set(app_stores_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    row = {"family": "ioi", "kind": "resid", "label": "relp", "method": "relp", "n_pairs": 8, "r": 0.9, "r_lo": 0.8,
+           "r_hi": 0.95, "rho": 0.7, "rho_lo": 0.6, "rho_hi": 0.8, "top10": 0.6, "top10_lo": 0.5, "top10_hi": 0.7,
+           "wall_s": 1.0, "cpu_s": 1.0}
+    summary = {"model": "tiny-llama", "when": "2026-12-07T00:00:00", "split": {"ioi": {"dev": [0], "eval": [1, 2]}},
+               "relp_rules": {"attention": "gradient"}, "table": [row],
+               "timing_eval_records": {"patching": {"wall_s": 100.0, "cpu_s": 80.0},
+                                       "relp": {"wall_s": 1.0, "cpu_s": 0.8}}}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(summary))
+    monkeypatch.setenv("CIRCUITSCOPE_ATTRIBUTION_EVAL", str(path))
+    at = _app().run()
+    _clean(at)
+    assert any("Evaluation set" in m.value and "2 held-out prompt pairs" in m.value for m in at.markdown)
+    table = next(df.value for df in at.dataframe if "r 95% CI" in df.value.columns)
+    assert table["r 95% CI"].tolist() == ["[0.80, 0.95]"] and table["Pearson r"].tolist() == [0.9]
+    cost = next(df.value for df in at.dataframe if "× cheaper than patching (CPU)" in df.value.columns)
+    assert cost.set_index("method").loc["relp", "× cheaper than patching (CPU)"] == pytest.approx(100.0)
+
+
+def test_page_says_when_the_evaluation_is_for_another_model(app_stores_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"model": "smollm2-135m", "table": []}))
+    monkeypatch.setenv("CIRCUITSCOPE_ATTRIBUTION_EVAL", str(path))
+    at = _app().run()
+    _clean(at)
+    assert any("measured on smollm2-135m" in i.value for i in at.info)

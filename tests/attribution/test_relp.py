@@ -45,7 +45,8 @@ def test_rule_hooks_keep_the_forward_pass(llama: Any) -> None:
     tokens = _batch(llama).clean
     with torch.no_grad():
         plain = llama(tokens)
-        for rules in (RelPRules(), DEFAULT_RULES, RelPRules(attention="attnlrp", gate="value"), RelPRules(epsilon=0.1)):
+        for rules in (RelPRules(), DEFAULT_RULES, RelPRules(attention="attnlrp", gate="value"), RelPRules(epsilon=0.1),
+                      RelPRules(attention="cp-lrp"), RelPRules(norm="gradient", gate="gradient")):
             with llama.hooks(fwd_hooks=rule_hooks(llama, rules)):
                 torch.testing.assert_close(llama(tokens), plain, rtol=0, atol=1e-12)
 
@@ -147,3 +148,21 @@ def test_relevance_is_conserved_layer_to_layer(llama: Any, rules: RelPRules) -> 
 def test_plain_gradients_do_not_conserve_relevance(llama: Any) -> None:
     relevance, metric = _layer_relevance(llama, _batch(llama), GRADIENT_RULES)
     assert max(abs(v - metric) for v in relevance) > 1e-3 * max(1.0, abs(metric))
+
+
+def test_cp_lrp_is_the_detached_pattern(llama: Any) -> None:
+    """Detaching q and k (CP-LRP, as LXT does it) and detaching the pattern are the same propagation."""
+    batch = _batch(llama)
+    _close(relp(llama, batch, KINDS, rules=RelPRules(attention="cp-lrp")),
+           relp(llama, batch, KINDS, rules=RelPRules(attention="detach")), rtol=1e-9, atol=1e-12)
+
+
+def test_rules_per_kind(llama: Any) -> None:
+    """A kind -> rules mapping: each kind gets its own rule set (gradient rules on resid: AtP's resid scores)."""
+    batch = _batch(llama)
+    mixed = relp(llama, batch, ["resid", "mlp"], rules={"resid": GRADIENT_RULES, "mlp": RelPRules()})
+    torch.testing.assert_close(mixed.values["resid"], atp(llama, batch, ["resid"]).values["resid"], rtol=1e-9,
+                               atol=1e-12)
+    torch.testing.assert_close(mixed.values["mlp"], relp(llama, batch, ["mlp"], rules=RelPRules()).values["mlp"],
+                               rtol=1e-9, atol=1e-12)
+    assert list(mixed.values) == ["resid", "mlp"] and mixed.examples["resid"].shape[0] == len(batch)

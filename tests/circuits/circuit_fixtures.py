@@ -1,4 +1,5 @@
-"""A small, hand-built attribution graph for tests of drawing and export (no model needed).
+"""A small, hand-built attribution graph for tests of drawing and export (no model needed), and random
+dictionaries for tests that build graphs (:func:`random_transcoders`, :func:`random_sae`).
 
 ``make_graph()`` returns a :class:`backend.circuits.graph.Graph` for a 6-token prompt (BOS included) on a 3-layer
 model with every node kind, a logit target, positive and negative edges, transcoder -> transcoder edges whose
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import math
 import random
+
+from typing import Any
 
 import pandas as pd
 
@@ -156,3 +159,43 @@ def make_graph(extra_edges: int = 0, with_influence: bool = True, seed: int = 0)
         "pruning": {"node_threshold": 0.8, "edge_threshold": 0.98},
     }
     return Graph(nodes=nodes, edges=edges, metadata=metadata)
+
+
+def random_transcoders(model: Any, layers: dict[int, str] | list[int], seed: int = 0) -> dict[int, Any]:
+    """Random sae-lens transcoders (``{layer: architecture}``, default plain ``transcoder``) whose features fire on
+    real activations (a few per token); skip transcoders get a random ``W_skip``, JumpReLU ones a threshold."""
+    import torch
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    arch = layers if isinstance(layers, dict) else {l: "transcoder" for l in layers}
+    d = model.cfg.d_model
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, name in arch.items():
+        cls, cfg_cls = SAE_CLASS_REGISTRY[name]
+        tc = cls(cfg_cls(d_in=d, d_sae=4 * d, d_out=d, apply_b_dec_to_input=False))
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.randn(d, 4 * d, generator=gen) / d ** 0.5)
+            tc.b_enc.fill_(-1.0)
+            tc.W_dec.copy_(torch.randn(4 * d, d, generator=gen) * 0.05)
+            tc.b_dec.copy_(torch.randn(d, generator=gen) * 0.01)
+            if hasattr(tc, "W_skip"):
+                tc.W_skip.copy_(torch.randn(d, d, generator=gen) * 0.3 / d ** 0.5)
+            if hasattr(tc, "threshold"):
+                tc.threshold.fill_(0.2)
+        out[layer] = tc.eval()
+    return out
+
+
+def random_sae(model: Any, seed: int = 1) -> Any:
+    """A random TopK hook_z SAE with nonzero biases (so b_dec is a real constant)."""
+    import torch
+
+    from backend.dictionaries.attention_sae import make_random_sae
+
+    sae = make_random_sae(model.cfg.n_heads * model.cfg.d_head, 64, k=4, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=gen) * 0.05)
+        sae.b_enc.copy_(torch.randn(sae.b_enc.shape, generator=gen) * 0.05)
+    return sae

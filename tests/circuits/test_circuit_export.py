@@ -326,6 +326,30 @@ def test_neuronpedia_json_schema(graph):
     assert min(scores, key=scores.get) == "T2_5_77" and max(scores.values()) == pytest.approx(1.0)
 
 
+def test_neuronpedia_json_carries_the_graph_scores_of_a_built_and_pruned_graph():
+    """A graph built now (no head nodes, demeaned target) exports valid JSON whose metadata carries the graph
+    scores as built and for the pruned view, the conservation split and the target's metric."""
+    from backend.circuits.build import BuildParams, build_graph
+    from backend.circuits.prune import graph_scores, prune
+    from backend.model.registry import load_model
+    from circuit_fixtures import random_transcoders
+
+    model = load_model("tiny-llama")
+    built = build_graph(model, "Mary and John went to", random_transcoders(model, [0, 1]), {},
+                        params=BuildParams(max_nodes=40))
+    pruned = prune(built, 0.8, 0.98)
+    doc = json.loads(ex.export(pruned, "json"))
+    assert neuronpedia.validate_neuronpedia(doc) == []
+    meta = doc["metadata"]
+    assert meta["graph_scores"]["as_built"] == pytest.approx(built.metadata["scores"])
+    assert meta["graph_scores"]["pruned"] == pytest.approx(graph_scores(pruned))
+    assert meta["conservation"]["direct"]["constant"] == pytest.approx(built.metadata["conservation"]["direct"]["constant"])
+    assert meta["target_metric"] == "logit minus mean logit"
+    assert "scores" not in meta["pruning_settings"]
+    as_built = json.loads(ex.export(built, "json"))["metadata"]["graph_scores"]
+    assert as_built["as_built"] == pytest.approx(built.metadata["scores"]) and as_built["pruned"] is None
+
+
 def test_neuronpedia_without_influence_and_validator_catches_problems():
     doc = neuronpedia.to_neuronpedia_json(make_graph(with_influence=False))
     assert neuronpedia.validate_neuronpedia(doc) == []
@@ -350,6 +374,10 @@ def test_registry_and_files(graph, tmp_path):
         assert fmt.name == name and fmt.extension.startswith(".") and "/" in fmt.mime
     data = ex.export(graph, "json")
     assert neuronpedia.validate_neuronpedia(json.loads(data)) == []
+    with pytest.raises(InputError, match="does not exist"):  # a typo in a directory never creates directories
+        ex.export_to_file(graph, tmp_path / "sub" / "g.graphml")
+    assert not (tmp_path / "sub").exists()
+    (tmp_path / "sub").mkdir()
     path = ex.export_to_file(graph, tmp_path / "sub" / "g.graphml")
     assert nx.read_graphml(path).number_of_nodes() == len(graph.nodes)
     path = ex.export_to_file(graph, tmp_path / "g.gv")

@@ -75,7 +75,7 @@ def test_threshold_slider_changes_the_graph(app_stores_dir: Path) -> None:
 def test_unknown_graph_link_says_what_to_do(app_stores_dir: Path) -> None:
     at = _app(graph="g-nope").run()
     assert not at.exception
-    assert any("no graph 'g-nope'" in e.value and "pick one" in e.value for e in at.error)
+    assert any("no graph `g-nope`" in e.value and "pick one" in e.value for e in at.error)
     assert len(at.get("plotly_chart")) == 1  # falls back to a stored graph
 
 
@@ -146,7 +146,9 @@ def test_cli_builds_saves_checks_and_exports_a_graph(tiny_store: Path, tmp_path:
                "--save", "--export", str(out_graphml), "--export", str(out_json), "--faithfulness", "zero"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "faithfulness (zero ablation)" in text and "saved as g-" in text
+    assert "frozen errors, zero ablation" in text and "live errors, zero ablation" in text and "saved as g-" in text
+    assert "replacement score" in text and "completeness score" in text and "cancellation:" in text
+    assert "logit − mean logit" in text
     graphs = _stored(store)
     assert len(graphs) == before + 1 and graphs.iloc[0]["source"] == "cli"
     g = nx.read_graphml(out_graphml)
@@ -159,6 +161,15 @@ def test_cli_builds_saves_checks_and_exports_a_graph(tiny_store: Path, tmp_path:
                  "--export", str(again)]) == 0
     assert set(nx.read_graphml(again).nodes) == set(g.nodes)
     ET.parse(again)
+    # the heads that carry the target's strongest inputs, for a stored graph
+    with reading(store) as con:
+        target = read_graph(con, gid).target_id
+    capsys.readouterr()
+    assert main(["graph", "--store", str(store), "--model", MODEL, "--graph-id", gid, "--faithfulness", "none",
+                 "--heads", target, "--timings"]) == 0
+    text = capsys.readouterr().out
+    assert "heads that carry them" in text and "carried by" in text and ("L0.H" in text or "L1.H" in text)
+    assert '"total"' in text.splitlines()[-1]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -175,3 +186,56 @@ def test_cli_graph_errors_are_one_sentence(tiny_store: Path, capsys: pytest.Capt
     rc = main(["graph", "--store", str(tiny_store), "--model", MODEL, *args])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_graph_scores_and_conservation_are_shown(app_stores_dir: Path) -> None:
+    gid = _stored(app_stores_dir / "test.duckdb")["graph_id"].iloc[0]
+    at = _app(graph=gid).run()
+    _clean(at)
+    labels = {m.label for m in at.metric}
+    assert {"Replacement score", "Completeness score", "Error nodes' share of influence"} <= labels
+    captions = " ".join(c.value for c in at.caption)
+    assert "constant" in captions and "Cancellation" in captions and "as built" in captions
+    with reading(app_stores_dir / "test.duckdb") as con:
+        demeaned = read_graph(con, gid).metadata["target"]["demeaned"]
+    label = "logit − mean logit" if demeaned else "logit difference"
+    assert any(label in str(m.value) for m in at.markdown)
+
+
+def test_node_panel_shows_the_heads_that_carry_its_strongest_inputs(app_stores_dir: Path) -> None:
+    gid = _stored(app_stores_dir / "test.duckdb")["graph_id"].iloc[0]
+    with reading(app_stores_dir / "test.duckdb") as con:
+        graph = read_graph(con, gid)
+    at = _app(graph=gid, node=graph.target_id).run()
+    _clean(at)
+    tables = [d.value for d in at.dataframe if "carried by" in d.value.columns]
+    assert tables and len(tables[0]) > 0
+    assert any("L0.H" in text or "L1.H" in text or "residual" in text for text in tables[0]["carried by"])
+
+
+def test_faithfulness_shows_frozen_and_live_error_nodes_side_by_side(app_stores_dir: Path) -> None:
+    gid = _stored(app_stores_dir / "test.duckdb")["graph_id"].iloc[0]
+    at = _app(graph=gid).run()
+    at.button(key="cg_faith").click().run()
+    _clean(at)
+    text = " ".join(str(m.value) for m in at.markdown)
+    assert "frozen at their clean values" in text and "recomputed live" in text
+    shown = [m for m in at.metric if m.label == "Fraction of the metric kept"] + list(at.warning)
+    assert len(shown) >= 2  # a fraction or, where it means nothing, one sentence instead: for each mode
+
+
+def test_a_graph_stored_with_head_nodes_is_still_drawn_with_its_heads(app_stores_dir: Path) -> None:
+    from circuit_fixtures import make_graph
+
+    from backend.circuits.storage import save_graph
+
+    old = make_graph()
+    old.metadata["model"] = MODEL
+    gid = save_graph(app_stores_dir / "test.duckdb", old, source="app")
+    pruned = prune(old, 0.8, 0.98)
+    heads = set(pruned.nodes.loc[pruned.nodes["kind"] == "head", "node_id"])
+    at = _app(graph=gid, node="L_651").run()
+    _clean(at)
+    assert heads and heads <= _node_ids(_graph_figure(at))
+    assert any("rebuild it" in c.value for c in at.caption)  # no per-head split for head-node graphs
+    assert any("raw logit" in str(m.value) for m in at.markdown)

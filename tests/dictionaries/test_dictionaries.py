@@ -141,6 +141,45 @@ def test_save_load_round_trip_identical_outputs(tmp_path, tiny_acts):
     assert torch.equal(reconstruct(loaded, x), reconstruct(sae, x))
 
 
+def test_weights_read_once_from_the_store_are_loaded_from_the_cache_file_after(tmp_path, monkeypatch):
+    """The first load writes the blob to the weights cache; later loads read that file (the store's blob is not
+    read: shown by replacing the cache file's tensors); a rewrite by a new run gets a new file; a corrupt file is
+    read again from the store."""
+    from safetensors.torch import save_file
+
+    from backend.dictionaries import storage
+    from backend.dictionaries.transcoder import make_random_transcoder
+    from backend.store.access import reading
+
+    monkeypatch.setattr(storage, "WEIGHTS_CACHE", tmp_path / "cache")
+    tc = make_random_transcoder(64, 128, 64, seed=3, architecture="skip_transcoder")
+    with torch.no_grad():
+        tc.W_skip.normal_()
+    row = {"dict_id": "tiny-llama/L0/mlp/skip_transcoder-128", "model": "tiny-llama", "kind": "transcoder",
+           "architecture": "skip_transcoder", "layer": 0}
+    with _writer(tmp_path / "s.duckdb") as w:
+        save_dictionary(w, tc, row)
+    with reading(tmp_path / "s.duckdb") as con:
+        first = load_dictionary(con, row["dict_id"])
+    files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 1 and type(first).__name__ == "SkipTranscoder"
+    assert all(torch.equal(first.state_dict()[k], v) for k, v in tc.state_dict().items())
+    assert all(p.device.type == "cpu" for p in first.parameters())
+    marked = {k: v.clone() for k, v in tc.state_dict().items()}
+    marked["b_dec"] = torch.full_like(marked["b_dec"], 7.0)
+    save_file(marked, str(files[0]))
+    with reading(tmp_path / "s.duckdb") as con:
+        assert torch.equal(load_dictionary(con, row["dict_id"]).b_dec, marked["b_dec"])  # from the file
+    files[0].write_bytes(b"not safetensors")
+    with reading(tmp_path / "s.duckdb") as con:
+        assert torch.equal(load_dictionary(con, row["dict_id"]).b_dec, tc.b_dec.detach())  # back to the store
+    with _writer(tmp_path / "s.duckdb") as w:  # a new run rewrites it: a new cache file
+        save_dictionary(w, tc, row)
+    with reading(tmp_path / "s.duckdb") as con:
+        load_dictionary(con, row["dict_id"])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
 def test_training_reduces_reconstruction_error(tiny_acts):
     acts = tiny_acts[1]
     train, held = acts[:1500], acts[1500:]

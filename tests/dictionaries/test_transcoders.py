@@ -1,4 +1,5 @@
-"""MLP transcoders (backend.transcoders, backend.transcoder_eval) on the tiny random test model."""
+"""MLP transcoders (backend.dictionaries.transcoder, .transcoder_training, .eval, .steps) on the tiny random test
+model; the training recipe itself is tested on synthetic data in test_transcoder_training.py."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from backend.dictionaries.storage import load_transcoders
 from backend.dictionaries.transcoder import (
     encode,
     make_random_transcoder,
+    sink_positions,
     splice_hooks,
-    train_transcoder,
     transcode,
     transcoder_dict_id,
 )
+from backend.dictionaries.transcoder_training import fit_linear, train_transcoder
 from backend.errors import InputError, ModelUnavailableError
 from backend.model.hooks import hook_name
 
@@ -67,34 +69,29 @@ def test_dict_id_and_random_transcoder_fires_on_real_inputs(tiny_model, tokens):
     assert not tc.training and tc.cfg.apply_b_dec_to_input is False and type(tc).__name__ == "Transcoder"
 
 
-def test_training_lowers_mse_and_reaches_the_target_l0(tiny_model, tokens):
+def test_training_beats_the_mean_and_reaches_k(tiny_model, tokens):
     x, y = _mlp_io(tiny_model, tokens[:32], 1)
     x_eval, y_eval = _mlp_io(tiny_model, tokens[32:], 1)
-    target = 16
-    untrained = make_random_transcoder(64, 256, 64, seed=0, l0=target)
-    mse_before = float(((transcode(untrained, x_eval) - y_eval) ** 2).mean())
-    tc, info = train_transcoder(x, y, 256, target_l0=target, epochs=2, batch_size=128, lr=1e-3, seed=0)
-    y_hat = transcode(tc, x_eval)
-    mse_after = float(((y_hat - y_eval) ** 2).mean())
+    k = 16
+    tc, info = train_transcoder((x, y), 256, k=k, epochs=2, batch_size=128, lr=2e-3, seed=0)
+    mse_after = float(((transcode(tc, x_eval) - y_eval) ** 2).mean())
     mse_mean = float(((y_eval - y.mean(0)) ** 2).mean())  # predicting the training mean
-    assert mse_after < 0.9 * mse_mean and mse_after < mse_before
+    assert mse_after < 0.9 * mse_mean
     l0 = float((encode(tc, x_eval) > 0).float().sum(-1).mean())
-    assert 0.5 * target <= l0 <= 1.5 * target
+    assert 0.5 * k <= l0 <= 1.5 * k
     assert info["steps"] > 0 and info["training_tokens"] == x.shape[0]
     assert torch.allclose(tc.W_dec.norm(dim=1), torch.ones(256), atol=1e-4)  # unit decoder rows
-    assert tc.cfg.metadata["training"]["target_l0"] == target and "train_fired" not in tc.cfg.metadata["training"]
-    # The Adam passes are an improvement on the closed-form fit they start from, not a loss.
-    tc0, _ = train_transcoder(x, y, 256, target_l0=target, epochs=0, seed=0)
-    assert _fve(y, transcode(tc, x)) >= _fve(y, transcode(tc0, x)) - 0.02
+    assert tc.cfg.metadata["training"]["k"] == k
+    assert type(tc).__name__ == "JumpReLUSkipTranscoder" and not tc.training
 
 
-def test_skip_transcoder_trains_and_uses_its_skip(tiny_model, tokens):
+def test_the_skip_path_is_part_of_the_prediction(tiny_model, tokens):
     x, y = _mlp_io(tiny_model, tokens[:32], 0)
-    tc, _ = train_transcoder(x, y, 128, architecture="skip_transcoder", target_l0=8)
-    assert type(tc).__name__ == "SkipTranscoder" and float(tc.W_skip.detach().abs().sum()) > 0
+    tc, _ = train_transcoder((x, y), 128, k=8, skip=True, seed=0)
+    assert float(tc.W_skip.detach().abs().sum()) > 0
     assert torch.allclose(transcode(tc, x), tc.decode(encode(tc, x)) + x @ tc.W_skip.T, atol=1e-4)
-    with pytest.raises(InputError):
-        train_transcoder(x, y, 128, architecture="jumprelu_transcoder")
+    plain, _ = train_transcoder((x, y), 128, k=8, skip=False, seed=0)
+    assert type(plain).__name__ == "JumpReLUTranscoder" and not hasattr(plain, "W_skip")
 
 
 def test_splice_hooks_replace_mlp_out_after_bos(tiny_model, tokens):
@@ -117,6 +114,64 @@ def test_splice_hooks_replace_mlp_out_after_bos(tiny_model, tokens):
     assert torch.equal(seen["y"][:, 0], clean[hook_name("mlp_out", 1)][:, 0])  # BOS untouched
 
 
+def test_sink_positions_keep_the_real_mlp_output(tiny_model, tokens):
+    """BOS and document separators are sinks: splicing leaves the model's own MLP output there."""
+    separator = tiny_model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    batch = tokens[:8].clone()
+    batch[:, 5] = separator  # a separator in every context, at a known position
+    sinks = sink_positions(batch, separator)
+    assert sinks[:, 0].all() and sinks[:, 5].all() and int(sinks.sum()) == int((batch == separator).sum()) + 8 - int(
+        (batch[:, 0] == separator).sum())
+    tc = make_random_transcoder(64, 256, 64, seed=2, l0=8)
+    seen = {}
+
+    def after(act, hook):
+        seen["y"] = act.clone()
+
+    with torch.no_grad():
+        tiny_model.run_with_hooks(batch, fwd_hooks=splice_hooks({1: tc}, sinks) + [(hook_name("mlp_out", 1), after)])
+        _, clean = tiny_model.run_with_cache(batch, names_filter=[hook_name("mlp_out", 1)])
+    real = clean[hook_name("mlp_out", 1)]
+    assert torch.equal(seen["y"][:, 0], real[:, 0]) and torch.equal(seen["y"][:, 5], real[:, 5])
+    assert not torch.allclose(seen["y"][:, 6], real[:, 6])  # an ordinary position is replaced
+
+
+def test_training_rows_drop_sinks_and_massive_rows():
+    from backend.dictionaries.steps import training_rows
+
+    tokens = torch.tensor([[1, 7, 0, 8, 9], [1, 4, 4, 0, 5]])  # BOS=1 at position 0, separator id 0
+    y = torch.ones(8, 3)
+    y[3] *= 60.0  # a massive activation (context 0, position 4): norm 60x the median
+    y[5] *= 20.0  # large but ordinary at ratio 50 (context 1, position 2)
+    rows, limit = training_rows(tokens, y, separator_id=0, massive_ratio=50.0)
+    # rows are positions 1..4 of each context: the separators at (0, 2) and (1, 3) and the massive row are dropped
+    assert rows.tolist() == [True, False, True, False, True, True, False, True]
+    assert limit == pytest.approx(50.0 * 3 ** 0.5)  # 50 x the median norm (sqrt 3) of the non-sink rows
+
+
+def test_splicing_keeps_massive_activations_exact(tiny_model, tokens):
+    """Positions whose real MLP output norm is above the transcoder's stored limit keep the real output."""
+    tc = make_random_transcoder(64, 256, 64, seed=2, l0=8)
+    batch = tokens[:4]
+    with torch.no_grad():
+        _, clean = tiny_model.run_with_cache(batch, names_filter=[hook_name("mlp_out", 1)])
+    real = clean[hook_name("mlp_out", 1)]
+    norms = real.norm(dim=-1)
+    limit = float(norms[:, 1:].median())  # half of the positions count as massive at this limit
+    tc.cfg.metadata["massive_norm"] = limit
+    seen = {}
+
+    def after(act, hook):
+        seen["y"] = act.clone()
+
+    with torch.no_grad():
+        tiny_model.run_with_hooks(batch, fwd_hooks=splice_hooks({1: tc}) + [(hook_name("mlp_out", 1), after)])
+    big = norms > limit
+    assert big[:, 1:].any() and (~big[:, 1:]).any()
+    assert torch.equal(seen["y"][big], real[big])
+    assert not torch.allclose(seen["y"][~big][4:], real[~big][4:])
+
+
 def test_splice_hooks_are_differentiable(tiny_model, tokens):
     """The graph builder may backpropagate through the replacement model: the splice must not cut gradients."""
     tc = make_random_transcoder(64, 256, 64, seed=4, l0=8)
@@ -131,69 +186,90 @@ def test_splice_hooks_are_differentiable(tiny_model, tokens):
 # Evaluation against independent computations
 
 
-def _independent_ce(model, tokens, layers, transcoders=None):
-    """Mean next-token CE with ``layers``' MLP outputs at positions >= 1 replaced (transcoders given) or zeroed,
-    with hooks written here: the transcoder input is recomputed from resid_mid with TransformerLens' own norm."""
-    def make(layer):
-        def hook(y, hook):
-            y = y.clone()
-            if transcoders is None:
-                y[:, 1:] = 0
-            else:  # sae-lens' own forward on the input recomputed below
-                y[:, 1:] = transcoders[layer](state[layer][:, 1:])
-            return y
-        return hook
-
+def _independent_run(model, tokens, layers, replace=None):
+    """Final-position-free log-probs of a run with ``layers``' MLP outputs replaced (``replace``: {layer: x -> y}) or
+    zeroed, except at BOS and document-separator positions, with hooks written here: the MLP input is recomputed from
+    resid_mid with the RMS normalisation spelled out (tiny-llama is RMS), the sink mask from the token ids."""
+    separator = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    sink = tokens == separator
+    sink[:, 0] = True
     state = {}
 
     def read_resid_mid(layer):
         def hook(r, hook):
-            # RMSNorm without its weight: exactly what ln2.hook_normalized holds (tiny-llama is RMS).
-            eps = model.cfg.eps
-            state[layer] = r / (r.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            state[layer] = r / (r.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        return hook
+
+    def make(layer):
+        def hook(y, hook):
+            new = torch.zeros_like(y) if replace is None else replace[layer](state[layer])
+            return torch.where(sink[..., None], y, new)
         return hook
 
     hooks = []
     for layer in layers:
         hooks += [(f"blocks.{layer}.hook_resid_mid", read_resid_mid(layer)), (f"blocks.{layer}.hook_mlp_out", make(layer))]
     with torch.no_grad():
-        return model.run_with_hooks(tokens, return_type="loss", fwd_hooks=hooks).item()
+        return model.run_with_hooks(tokens, fwd_hooks=hooks).log_softmax(-1)[:, :-1]
 
 
-def test_fve_and_ce_recovered_match_independent_computation(tiny_model, tokens):
+def _ce(logprobs, tokens):
+    return float(-logprobs.gather(-1, tokens[:, 1:, None])[..., 0].double().mean())
+
+
+def _non_sink_rows(model, tokens):
+    separator = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return (tokens[:, 1:] != separator).reshape(-1)
+
+
+def test_evaluation_matches_independent_computation(tiny_model, tokens):
     from backend.dictionaries.eval import evaluate_transcoders
 
-    x, y = _mlp_io(tiny_model, tokens[:30], 0)
-    tc0, _ = train_transcoder(x, y, 256, target_l0=16, seed=0)
-    x1, y1 = _mlp_io(tiny_model, tokens[:30], 1)
-    tc1, _ = train_transcoder(x1, y1, 256, target_l0=16, seed=1)
-    held = tokens[30:36]
-    per_layer, rep = evaluate_transcoders(tiny_model, {0: tc0, 1: tc1}, held, batch_size=4)  # 2 batches
+    fits, tcs = {}, {}
+    for layer in (0, 1):
+        x, y = _mlp_io(tiny_model, tokens[:30], layer)
+        fits[layer] = fit_linear((x, y))
+        tcs[layer], _ = train_transcoder((x, y), 256, k=16, seed=layer, linear=fits[layer])
+    held = tokens[30:36].clone()
+    held[:3, 10] = tiny_model.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # sinks inside contexts, as in a corpus
+    baselines = {layer: fit.predict for layer, fit in fits.items()}
+    ev = evaluate_transcoders(tiny_model, tcs, held, batch_size=4, baselines=baselines)  # 2 batches
     with torch.no_grad():
-        clean = tiny_model(held, return_type="loss").item()
+        clean_lp = tiny_model(held).log_softmax(-1)[:, :-1]
+    clean = _ce(clean_lp, held)
+    rows = _non_sink_rows(tiny_model, held)
     n_pred = held.shape[0] * (held.shape[1] - 1)
-    for layer, tc in ((0, tc0), (1, tc1)):
-        m = per_layer[layer]
+    for layer in (0, 1):
+        m, base = ev.layers[layer], ev.baselines[layer]
         ex, ey = _mlp_io(tiny_model, held, layer)
-        assert m.fve == pytest.approx(_fve(ey, tc(ex).detach()), abs=1e-5)
-        assert m.l0 == pytest.approx(float((tc.encode(ex) > 0).float().sum(-1).mean()), abs=1e-4)
-        spliced = _independent_ce(tiny_model, held, [layer], {layer: tc})
-        ablated = _independent_ce(tiny_model, held, [layer])
+        ex, ey = ex[rows], ey[rows]
+        assert m.fve == pytest.approx(_fve(ey, tcs[layer](ex).detach()), abs=1e-5)
+        assert base.fve == pytest.approx(_fve(ey, fits[layer].predict(ex)), abs=1e-5)
+        assert m.l0 == pytest.approx(float((tcs[layer].encode(ex) > 0).float().sum(-1).mean()), abs=1e-4)
+        spliced = _ce(_independent_run(tiny_model, held, [layer], tcs), held)
+        linear = _ce(_independent_run(tiny_model, held, [layer], baselines), held)
+        ablated = _ce(_independent_run(tiny_model, held, [layer]), held)
         assert m.ce_clean == pytest.approx(clean, abs=1e-4)
         assert m.ce_spliced == pytest.approx(spliced, abs=1e-4)
+        assert base.ce_spliced == pytest.approx(linear, abs=1e-4)
         assert m.ce_ablated == pytest.approx(ablated, abs=1e-4)
         assert abs(ablated - clean) > 1e-3  # the ratio is defined
         assert m.ce_loss_recovered == pytest.approx((ablated - spliced) / (ablated - clean), rel=1e-3, abs=1e-3)
-        assert m.ce_tokens == n_pred and m.eval_tokens == n_pred
-    both = {0: tc0, 1: tc1}
-    replaced, ablated = _independent_ce(tiny_model, held, [0, 1], both), _independent_ce(tiny_model, held, [0, 1])
-    assert rep.n_replaced == 2 and rep.ce_tokens == n_pred
-    assert rep.ce_clean == pytest.approx(clean, abs=1e-4)
-    assert rep.ce_replaced == pytest.approx(replaced, abs=1e-4)
-    assert rep.ce_ablated == pytest.approx(ablated, abs=1e-4)
-    assert rep.ce_loss_recovered == pytest.approx((ablated - replaced) / (ablated - clean), rel=1e-3, abs=1e-3)
+        assert m.ce_tokens == n_pred and m.eval_tokens == int(rows.sum())
+    for rep, reps in ((ev.replaced, tcs), (ev.baseline_replaced, baselines)):
+        lp = _independent_run(tiny_model, held, [0, 1], reps)
+        kl = (clean_lp.exp() * (clean_lp - lp)).sum(-1)
+        assert rep.n_replaced == 2 and rep.ce_tokens == n_pred
+        assert rep.ce_clean == pytest.approx(clean, abs=1e-4)
+        assert rep.ce_replaced == pytest.approx(_ce(lp, held), abs=1e-4)
+        assert rep.kl == pytest.approx(float(kl.double().mean()), abs=1e-4)
+        assert rep.top1 == pytest.approx(float((clean_lp.argmax(-1) == lp.argmax(-1)).double().mean()), abs=1e-6)
+        assert rep.ce_ablated == pytest.approx(_ce(_independent_run(tiny_model, held, [0, 1]), held), abs=1e-4)
+        lo, hi = rep.intervals["delta_ce"]
+        assert lo <= rep.delta_ce <= hi and lo < hi  # an interval over 6 contexts around the mean
+    assert ev.replaced.replacement == "transcoder" and ev.baseline_replaced.replacement == "linear"
     # Replacing both layers is not the same as replacing either alone: the all-at-once run really is joint.
-    assert rep.ce_replaced != pytest.approx(per_layer[0].ce_spliced, abs=1e-6)
+    assert ev.replaced.ce_replaced != pytest.approx(ev.layers[0].ce_spliced, abs=1e-6)
 
 
 def test_ce_on_a_subset_and_dead_fraction(tiny_model, tokens):
@@ -203,14 +279,15 @@ def test_ce_on_a_subset_and_dead_fraction(tiny_model, tokens):
     with torch.no_grad():
         tc.b_enc[:100] = -1e4  # these 100 can never fire
     held = tokens[30:36]
-    per_layer, rep = evaluate_transcoders(tiny_model, {1: tc}, held, batch_size=4, ce_contexts=2)
-    m = per_layer[1]
-    assert m.ce_tokens == 2 * 31 and m.eval_tokens == 6 * 31 and rep.ce_tokens == 6 * 31
+    ev = evaluate_transcoders(tiny_model, {1: tc}, held, batch_size=4, ce_contexts=2)
+    m = ev.layers[1]
+    assert m.ce_tokens == 2 * 31 and m.eval_tokens == int(_non_sink_rows(tiny_model, held).sum())
+    assert ev.replaced.ce_tokens == 6 * 31 and ev.baseline_replaced is None and ev.baselines == {}
     with torch.no_grad():
         assert m.ce_clean == pytest.approx(tiny_model(held[:2], return_type="loss").item(), abs=1e-4)
     assert m.dead_fraction >= 100 / 256
     all_fired = torch.ones(256, dtype=torch.bool)
-    m2 = evaluate_transcoders(tiny_model, {1: tc}, held, batch_size=4, train_fired={1: all_fired})[0][1]
+    m2 = evaluate_transcoders(tiny_model, {1: tc}, held, batch_size=4, train_fired={1: all_fired}).layers[1]
     assert m2.dead_fraction == 0.0
 
 
@@ -218,31 +295,36 @@ def test_ce_on_a_subset_and_dead_fraction(tiny_model, tokens):
 # Store round trip, precompute step, imports
 
 
-def test_step_writes_transcoders_and_the_replacement_row(tiny_store):
+def test_step_writes_transcoders_baselines_and_the_replacement_rows(tiny_store):
     from backend.store.access import reading
 
     with reading(tiny_store) as con:
         df = con.execute("SELECT * FROM dictionaries WHERE kind = 'transcoder' ORDER BY layer").df()
-        rep = con.execute("SELECT * FROM replacement_evals").df()
+        rep = con.execute("SELECT * FROM replacement_evals ORDER BY replacement").df()
         n_ctx = con.execute("SELECT n_ctx FROM corpora").fetchall()[0][0]
         summary = json.loads(con.execute("SELECT summary FROM runs").fetchall()[0][0])
-    assert list(df.layer) == [0, 1]  # the demo preset's transcoder_layers = "all"
-    assert list(df.dict_id) == [transcoder_dict_id("tiny-llama", layer, "transcoder", 256) for layer in (0, 1)]
+    assert list(df.layer) == [0, 1]  # the demo preset's transcoder layers = "all"
+    arch = "jumprelu_skip_transcoder"
+    assert list(df.dict_id) == [transcoder_dict_id("tiny-llama", layer, arch, 256) for layer in (0, 1)]
     for row in df.itertuples():
-        assert row.hook_name == hook_name("mlp_in", row.layer) and row.architecture == "transcoder"
+        assert row.hook_name == hook_name("mlp_in", row.layer) and row.architecture == arch
         assert (row.d_in, row.d_sae) == (64, 256) and row.source == "trained"
-        assert row.training_tokens == 6 * (n_ctx - 1) and row.eval_tokens == 2 * (n_ctx - 1)
+        assert 0 < row.training_tokens <= 6 * (n_ctx - 1) and 0 < row.eval_tokens <= 2 * (n_ctx - 1)
         assert 0 < row.l0 <= 64 and row.fve <= 1.0 and 0.0 <= row.dead_fraction <= 1.0
         assert all(math.isfinite(v) and v > 0 for v in (row.ce_clean, row.ce_spliced, row.ce_ablated))
+        assert math.isfinite(row.baseline_fve) and math.isfinite(row.baseline_ce_spliced)
         assert row.ce_loss_recovered == pytest.approx((row.ce_ablated - row.ce_spliced) / (row.ce_ablated - row.ce_clean))
         cfg = json.loads(row.cfg)
-        assert cfg["architecture"] == "transcoder" and cfg["d_out"] == 64 and cfg["apply_b_dec_to_input"] is False
+        assert cfg["architecture"] == arch and cfg["d_out"] == 64 and cfg["apply_b_dec_to_input"] is False
         assert cfg["metadata"]["hook_name_out"] == hook_name("mlp_out", row.layer)
-    assert len(rep) == 1
-    r = rep.iloc[0]
-    assert json.loads(r.dict_ids) == list(df.dict_id) and r.n_replaced == 2 and r.ce_tokens == 2 * (n_ctx - 1)
-    assert r.ce_loss_recovered == pytest.approx((r.ce_ablated - r.ce_replaced) / (r.ce_ablated - r.ce_clean))
-    assert json.loads(r.stats)["layers"] == [0, 1]
+        assert cfg["metadata"]["evaluation"]["baseline"]["fve"] == pytest.approx(row.baseline_fve)
+    assert list(rep.replacement) == ["linear", "transcoder"]
+    for r in rep.itertuples():
+        assert json.loads(r.dict_ids) == list(df.dict_id) and r.n_replaced == 2 and r.ce_tokens == 2 * (n_ctx - 1)
+        assert r.ce_loss_recovered == pytest.approx((r.ce_ablated - r.ce_replaced) / (r.ce_ablated - r.ce_clean))
+        assert 0.0 <= r.top1 <= 1.0 and r.kl >= 0.0
+        stats = json.loads(r.stats)
+        assert stats["layers"] == [0, 1] and set(stats["intervals"]) == {"delta_ce", "kl", "top1"}
     assert set(summary["transcoders"]["layers"]) == {"0", "1"} and "transcoders" in summary["step_seconds"]
 
 
@@ -250,26 +332,27 @@ def test_store_round_trip_gives_identical_outputs(tiny_store, tiny_model, tokens
     from backend.dictionaries.storage import load_dictionary
     from backend.store.access import StoreWriter, reading
 
+    stored = transcoder_dict_id("tiny-llama", 1, "jumprelu_skip_transcoder", 256)
     with reading(tiny_store) as con:
         loaded = load_transcoders(con, "tiny-llama")
-        again = load_dictionary(con, transcoder_dict_id("tiny-llama", 1, "transcoder", 256))
+        again = load_dictionary(con, stored)
     assert sorted(loaded) == [0, 1]
-    assert loaded[1].cfg.metadata.dict_id == transcoder_dict_id("tiny-llama", 1, "transcoder", 256)
+    assert loaded[1].cfg.metadata.dict_id == stored
     x, _ = _mlp_io(tiny_model, tokens[:2], 1)
     assert torch.equal(encode(loaded[1], x), encode(again, x))
     # save -> load of a transcoder built here gives bit-identical outputs (skip transcoder: every weight matters).
     from backend.dictionaries.storage import save_dictionary
 
     xs, ys = _mlp_io(tiny_model, tokens[:10], 0)
-    tc, _ = train_transcoder(xs, ys, 128, architecture="skip_transcoder", target_l0=8)
+    tc, _ = train_transcoder((xs, ys), 128, k=8, skip=True)
     path = tmp_path / "rt.duckdb"
     with StoreWriter(path, kind="test", model="tiny-llama") as w:
         save_dictionary(w, tc, {"dict_id": "rt", "model": "tiny-llama", "kind": "transcoder", "layer": 0,
-                                "architecture": "skip_transcoder", "hook_name": hook_name("mlp_in", 0)})
+                                "architecture": "jumprelu_skip_transcoder", "hook_name": hook_name("mlp_in", 0)})
     with reading(path) as con:
         back = load_dictionary(con, "rt")
         assert list(load_transcoders(con, "tiny-llama")) == [0]
-    assert type(back).__name__ == "SkipTranscoder" and not back.training
+    assert type(back).__name__ == "JumpReLUSkipTranscoder" and not back.training
     assert torch.equal(transcode(back, x), transcode(tc, x)) and torch.equal(encode(back, x), encode(tc, x))
 
 
@@ -371,7 +454,7 @@ def test_cli_transcoder_layers_are_separate_from_layers(tmp_path):
                  "--transcoder-layers", "0"]) == 0
     with reading(store) as con:
         kinds = con.execute("SELECT kind, layer FROM dictionaries ORDER BY kind, layer").fetchall()
-        rep = con.execute("SELECT n_replaced FROM replacement_evals").fetchall()
+        rep = con.execute("SELECT n_replaced FROM replacement_evals WHERE replacement = 'transcoder'").fetchall()
     assert kinds == [("attn_sae", 1), ("transcoder", 0)] and rep == [(1,)]
 
 
@@ -399,33 +482,36 @@ def test_cli_imports_a_transcoder_directory_and_rejects_unknown_releases(tmp_pat
 # Home page
 
 
-def test_home_page_lists_transcoders_and_the_all_replaced_row(app_stores_dir):
+def test_home_page_lists_transcoders_baselines_and_the_all_replaced_rows(app_stores_dir):
     from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
 
-    from backend.store import queries
     from backend.store.access import reading
 
     root = Path(__file__).resolve().parents[2]
     at = AppTest.from_file(str(root / "app.py"), default_timeout=120).run()
     assert not at.exception, [e.value for e in at.exception]
     with reading(app_stores_dir / "test.duckdb") as con:
-        want = queries.transcoder_quality(con, "tiny-llama").set_index("dict_id")
-        rep = queries.mlp_replacement_evals(con, "tiny-llama").iloc[0]
-        raw = con.execute("SELECT dict_id, ce_spliced - ce_clean, ce_ablated - ce_clean FROM dictionaries "
-                          "WHERE kind = 'transcoder'").fetchall()
+        raw = con.execute("SELECT dict_id, ce_spliced - ce_clean, baseline_fve, baseline_ce_spliced - ce_clean "
+                          "FROM dictionaries WHERE kind = 'transcoder'").fetchall()
+        reps = con.execute("SELECT replacement, ce_replaced - ce_clean, kl, top1 FROM replacement_evals "
+                           "ORDER BY replacement DESC").fetchall()
     frames = [df.value for df in at.dataframe]
     shown = next(f for f in frames if "ce_tokens" in f.columns).set_index("dict_id")
-    assert sorted(shown.index) == sorted(want.index) == sorted(r[0] for r in raw) and len(raw) == 2
-    for dict_id, delta, gap in raw:
+    assert sorted(shown.index) == sorted(r[0] for r in raw) and len(raw) == 2
+    for dict_id, delta, base_fve, base_delta in raw:
         assert shown.loc[dict_id, "delta_ce"] == pytest.approx(delta)
-        assert shown.loc[dict_id, "ablation_gap"] == pytest.approx(gap)
+        assert shown.loc[dict_id, "baseline_fve"] == pytest.approx(base_fve)
+        assert shown.loc[dict_id, "baseline_delta_ce"] == pytest.approx(base_delta)
         assert shown.loc[dict_id, "ce_tokens"] == 2 * 127
     # The attention-SAE table stays separate from the transcoder table.
     sae_frame = next(f for f in frames if "kind" in f.columns)
     assert set(sae_frame["kind"]) == {"attn_sae"}
-    metrics = {m.label: m.value for m in at.metric}
-    assert metrics["MLPs replaced at once"] == "2"
-    assert metrics["CE recovered (all replaced)"] == f"{rep['ce_loss_recovered']:.3f}"
-    assert metrics["ΔCE (nats)"] == f"{rep['delta_ce']:+.3f}"
+    # One row of metrics for the transcoders, one for the linear baselines, in that order.
+    assert [r[0] for r in reps] == ["transcoder", "linear"]
+    shown_delta = [m.value for m in at.metric if m.label == "ΔCE (nats)"]
+    shown_top1 = [m.value for m in at.metric if m.label == "Top-1 agreement"]
+    assert shown_delta == [f"{r[1]:+.3f}" for r in reps] and shown_top1 == [f"{r[3]:.1%}" for r in reps]
+    captions = " ".join(c.value for c in at.caption)
+    assert "transcoders" in captions and "dense linear baselines" in captions

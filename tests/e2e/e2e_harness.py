@@ -69,8 +69,9 @@ def free_port() -> int:
 class StreamlitServer:
     """``streamlit run app.py`` serving ``stores_dir`` (opening ``store`` by default), its output in ``log_path``.
 
-    ``bind_flag=False`` leaves ``--server.address`` out, to check what the project's config binds to by default.
-    Use as a context manager: the server is stopped on exit, also when a test fails.
+    ``bind_flag=False`` leaves ``--server.address`` out, to check what the project's config binds to by default;
+    ``extra_args`` are appended to the command (e.g. ``["--server.allowedHosts", "*"]``). Use as a context manager: the
+    server is stopped on exit, also when a test fails.
     """
 
     stores_dir: Path
@@ -78,6 +79,7 @@ class StreamlitServer:
     log_path: Path
     port: int = field(default_factory=free_port)
     bind_flag: bool = True
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -91,6 +93,7 @@ class StreamlitServer:
                "--server.headless", "true"]
         if self.bind_flag:
             cmd[4:4] = ["--server.address", "127.0.0.1"]
+        cmd += self.extra_args
         env = {**os.environ, "CIRCUITSCOPE_STORES_DIR": str(self.stores_dir), "CIRCUITSCOPE_STORE": self.store,
                "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "wb") as log:
@@ -139,6 +142,28 @@ class StreamlitServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def websocket_handshake(port: int, host: str, origin: str | None) -> str:
+    """Open Streamlit's WebSocket (``/_stcore/stream``) on 127.0.0.1:``port`` with these ``Host`` and ``Origin``
+    headers, as a browser on a DNS-rebinding page would send them; returns the status line of the server's answer
+    ("HTTP/1.1 101 Switching Protocols" when the connection is accepted) or "" when it closed without one."""
+    import base64
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = ["GET /_stcore/stream HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: streamlit"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.split(b"\r\n", 1)[0].decode(errors="replace") if answer else ""
 
 
 def page_url(base: str, path: str = "", **params: str) -> str:

@@ -192,7 +192,7 @@ def test_inside_the_app_the_feature_link_is_a_page_link(stores: Path) -> None:
     assert params["dict"] == at.query_params["dict"].replace("/", "%2F")
 
 
-@pytest.mark.parametrize("param,value,says", [("dict", "nope/L9/attn_z/topk-1", "has no attention SAE 'nope"),
+@pytest.mark.parametrize("param,value,says", [("dict", "nope/L9/attn_z/topk-1", "has no attention SAE `nope"),
                                               ("feature", str(D_SAE), "is not a feature of"),
                                               ("feature", "-3", "is not a feature of")])
 def test_a_bad_link_falls_back_with_a_warning(stores: Path, tiny_model: Any, param: str, value: str, says: str) -> None:

@@ -229,6 +229,39 @@ def test_v2_store_gains_the_v3_graph_columns_and_tables_when_written(tmp_path: P
                                                "table_name = 'graph_nodes'").fetchall()}
         assert {"dict_id", "value", "bias", "is_target", "attribution"} <= node_cols
         version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]
-        assert int(version) == schema.SCHEMA_VERSION == 3
+        assert int(version) == schema.SCHEMA_VERSION == 4
     finally:
         con.close()
+
+
+def test_an_older_store_reads_as_current_without_being_written(tmp_path: Path) -> None:
+    """A v2 store (no replacement_evals table, no v3/v4 columns) is read through temporary views and tables that add
+    what later versions added, as NULL or empty: every query runs, and the file is not touched."""
+    from backend.store import queries
+
+    store = tmp_path / "s.duckdb"
+    _write_run(store, "a")
+    con = duckdb.connect(str(store))
+    con.execute("DROP TABLE replacement_evals")
+    for version in (4, 3):
+        for table, column in schema.ADDED_COLUMNS[version]:
+            if table == "replacement_evals":
+                continue
+            con.execute(f"DROP INDEX IF EXISTS idx_{table}")
+            con.execute("DROP INDEX IF EXISTS idx_graph_nodes")
+            con.execute("DROP INDEX IF EXISTS idx_graph_edges")
+            con.execute(f"ALTER TABLE {table} DROP COLUMN {column.split()[0]}")
+    con.execute("INSERT INTO dictionaries (dict_id, model, kind, layer, fve) VALUES ('d', 'a', 'transcoder', 0, 0.5)")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.close()
+    before = store.read_bytes()
+    con = open_store(store)
+    try:
+        quality = queries.transcoder_quality(con, "a")
+        assert len(quality) == 1 and quality["fve"].iloc[0] == 0.5 and pd.isna(quality["baseline_fve"].iloc[0])
+        assert queries.mlp_replacement_evals(con, "a").empty  # the table did not exist in v2
+        assert con.execute("SELECT count(*) FROM graph_edges WHERE norm_factor IS NULL").fetchall() == [(0,)]
+        assert "replacement_evals" not in queries.table_counts(con)  # counts list the store's own tables only
+    finally:
+        con.close()
+    assert store.read_bytes() == before

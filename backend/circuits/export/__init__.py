@@ -27,7 +27,7 @@ from backend.circuits.export.graphml import to_graphml
 from backend.circuits.export.images import to_png, to_svg
 from backend.circuits.export.neuronpedia import to_neuronpedia_json
 from backend.circuits.graph import Graph
-from backend.errors import InputError
+from backend.errors import InputError, literal
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,28 @@ def format_for_path(path: str | Path) -> ExportFormat:
     ``.json``)."""
     suffix = Path(path).suffix.lower()
     if suffix not in _SUFFIXES:
-        raise InputError(f"Cannot tell the export format from the file name {str(path)!r}: end it with one of "
+        raise InputError(f"Cannot tell the export format from the file name {literal(path)}: end it with one of "
                          f"{', '.join(sorted(_SUFFIXES))}.")
     return FORMATS[_SUFFIXES[suffix]]
 
 
-def export_to_file(graph: Graph, path: str | Path) -> Path:
-    """Write the graph to ``path`` in the format its suffix names; returns the path."""
+def check_export_path(path: str | Path) -> ExportFormat:
+    """The format of an export target, checked before any work: its suffix names a format and its directory exists
+    (a typo in a directory name must not silently create directories). InputError (one sentence) otherwise."""
     target = Path(path)
-    data = format_for_path(target).render(graph)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    fmt = format_for_path(target)
+    directory = target.parent
+    if not directory.is_dir():
+        raise InputError(f"Cannot write {literal(target)}: the directory {literal(directory)} does not exist; create "
+                         "it first or export elsewhere.")
+    if target.is_dir():
+        raise InputError(f"Cannot write {literal(target)}: it is a directory; give a file name.")
+    return fmt
+
+
+def export_to_file(graph: Graph, path: str | Path) -> Path:
+    """Write the graph to ``path`` (whose directory must exist) in the format its suffix names; returns the path."""
+    target = Path(path)
+    data = check_export_path(target).render(graph)
     target.write_bytes(data)
     return target

@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from backend.circuits.graph import Graph
+from backend.circuits.prune import graph_scores
 
 NEURONPEDIA_FEATURE_TYPES: frozenset[str] = frozenset(
     {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit", "lorsa", "lorsa error"})
@@ -209,8 +210,18 @@ def to_neuronpedia_json(graph: Graph, slug: str | None = None) -> dict[str, Any]
         "info": {"generator": {"name": "circuitscope", "url": ""},
                  "description": f"{meta.get('method', '')} attribution graph of {meta.get('model', '')}"},
         "generation_settings": _jsonable({"method": meta.get("method"), **(meta.get("params") or {})}),
-        "pruning_settings": _jsonable(pruning),
+        "pruning_settings": _jsonable({k: v for k, v in pruning.items() if k != "scores"}),
+        # how far to trust the graph (backend.circuits.quality): circuit-tracer's graph scores for the graph as
+        # built and for this pruned view, the conservation split with its cancellation ratios, faithfulness
+        "graph_scores": _jsonable({
+            "as_built": meta.get("scores") or (None if pruning else graph_scores(graph)),
+            "pruned": (pruning.get("scores") or graph_scores(graph)) if pruning else None}),
+        "conservation": _jsonable(meta.get("conservation")),
+        "target_metric": "logit difference" if target.get("kind") == "logit_diff" else
+        "logit minus mean logit" if target.get("demeaned") else "logit",
     }
+    if meta.get("faithfulness") is not None:
+        metadata["faithfulness"] = _jsonable(meta["faithfulness"])
     if finite_number(pruning.get("node_threshold")) is not None:
         metadata["node_threshold"] = float(pruning["node_threshold"])
     q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
