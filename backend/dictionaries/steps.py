@@ -29,6 +29,7 @@ from backend.dictionaries.storage import (
     load_pretrained_transcoder,
     release_ids,
     save_dictionary,
+    to_stored_precision,
 )
 from backend.dictionaries.transcoder import collect_mlp_io, transcoder_dict_id
 from backend.dictionaries.transcoder import layer_of as transcoder_layer_of
@@ -137,6 +138,8 @@ def step_attention_saes(ctx: "RunContext") -> None:
                 saes[layer], infos[layer] = sae, info
                 del acts[layer]  # free the layer's activations before training the next one
         t = time.perf_counter()
+        for sae in saes.values():
+            to_stored_precision(sae)
         metrics = evaluate_dictionaries(model, saes, tokens[eval_idx[0] : eval_idx[-1] + 1],
                                         batch_size=preset.batch_size, train_fired=train_fired)
         eval_seconds = time.perf_counter() - t
@@ -215,6 +218,8 @@ def import_saes(ctx: "RunContext", saes: dict[str, Any]) -> list[str]:
         by_layer[layer] = (source, sae)
     n = ctx.contexts.tokens.shape[0]
     _, eval_idx = split_contexts(n, ctx.preset.sae.eval_contexts)
+    for _, sae in by_layer.values():
+        to_stored_precision(sae)
     metrics = evaluate_dictionaries(model, {l: s for l, (_, s) in by_layer.items()},
                                     ctx.contexts.tokens[eval_idx[0] : eval_idx[-1] + 1], batch_size=ctx.preset.batch_size)
     ids = []
@@ -382,6 +387,8 @@ def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_i
     preset, spec = ctx.preset, ctx.spec
     tokens = ctx.contexts.tokens
     eval_tokens = tokens[eval_idx[0] : eval_idx[-1] + 1]
+    for tc in transcoders.values():
+        to_stored_precision(tc)
     t = time.perf_counter()
     ev = evaluate_transcoders(ctx.model, transcoders, eval_tokens, batch_size=preset.batch_size,
                               ce_contexts=preset.transcoder.ce_contexts, train_fired=train_fired, baselines=baselines,

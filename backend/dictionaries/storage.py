@@ -104,9 +104,28 @@ def sae_config_json(sae: "SAE") -> str:
     return json.dumps(sae.cfg.to_dict(), default=str, sort_keys=True)
 
 
+# Dictionary weights are stored in half precision: they were 80% of a store's bytes in float32. Every dictionary is
+# rounded to it (:func:`to_stored_precision`) before it is evaluated, so the metrics stored beside it describe
+# exactly the weights a reader loads back (as float32).
+STORED_DTYPE = "float16"
+
+
+def to_stored_precision(sae: "SAE") -> "SAE":
+    """Round ``sae``'s floating-point parameters and buffers in place to the precision they are stored in (values
+    stay float32) and return it; call before evaluating a dictionary that will be saved."""
+    import torch
+
+    dtype = getattr(torch, STORED_DTYPE)
+    with torch.no_grad():
+        for t in [*sae.parameters(), *sae.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.to(dtype).to(t.dtype))
+    return sae
+
+
 def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
     """Write one dictionary: the ``dictionaries`` row (``row`` + cfg JSON + run id, replacing any row with the
-    same ``dict_id``) and its weights as a safetensors blob in ``dictionary_weights``."""
+    same ``dict_id``) and its weights as a safetensors blob in ``dictionary_weights`` (in :data:`STORED_DTYPE`)."""
     import pandas as pd
     from safetensors.torch import save
 
@@ -124,7 +143,11 @@ def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
     con.execute("DELETE FROM dictionaries WHERE dict_id = ?", [dict_id])
     con.execute("DELETE FROM dictionary_weights WHERE dict_id = ?", [dict_id])
     writer.insert_df("dictionaries", pd.DataFrame([{k: v for k, v in full.items() if v is not None}]))
-    blob = save({k: v.detach().contiguous().float() for k, v in sae.state_dict().items()})
+    import torch
+
+    dtype = getattr(torch, STORED_DTYPE)
+    blob = save({k: v.detach().to(dtype).cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+                 for k, v in sae.state_dict().items()})
     con.execute("INSERT INTO dictionary_weights VALUES (?, 'safetensors', ?)", [dict_id, blob])
 
 

@@ -292,6 +292,10 @@ def fingerprint(path: str | Path) -> StoreFingerprint:
     return StoreFingerprint(str(real), st.st_ino, st.st_mtime_ns, st.st_size, saves.manifest_stamp(real))
 
 
+# A run's file is copied once more before it is swapped in when more than this share of its blocks is free.
+COMPACT_ABOVE = 0.1
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -424,8 +428,12 @@ class StoreWriter:
         with saves.manifest_lock(self.path):
             folded = saves.fold_into(self.con, self.path)
             self.con.execute("CHECKPOINT")
+            free, total = self.con.execute("SELECT free_blocks, total_blocks FROM pragma_database_size() "
+                                           "WHERE database_name = current_database()").fetchall()[0]
             self.con.close()
             self.con = None
+            if total and free / total > COMPACT_ABOVE:
+                self._compact_tmp()
             with open(self.tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(self.tmp, self.path)  # the real file: a symlink to it stays a symlink
@@ -434,6 +442,27 @@ class StoreWriter:
         self._release()
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _compact_tmp(self) -> None:
+        # DuckDB does not give the blocks of deleted or rewritten rows back to the file system: a run that replaced
+        # dictionaries and features leaves a third or more of the file free. A copy through DuckDB writes only live
+        # blocks; it replaces the run's file before the swap, so a kill -9 meanwhile leaves two orphans, no store.
+        compacted = self.tmp.with_name(self.tmp.name + ".compact")
+        try:
+            con = duckdb.connect(str(compacted))
+            try:
+                con.execute(f"ATTACH '{str(self.tmp).replace(chr(39), chr(39) * 2)}' AS run (READ_ONLY)")
+                db = con.execute("SELECT current_database()").fetchall()[0][0]
+                con.execute(f'COPY FROM DATABASE run TO "{db}"')
+                con.execute("DETACH run")
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            os.replace(compacted, self.tmp)
+        except BaseException:
+            for p in self.path.parent.glob(f"{compacted.name}*"):
+                p.unlink(missing_ok=True)
+            raise
+
     def _copy_live_to_tmp(self) -> None:
         # ATTACH + COPY FROM DATABASE copies every table through DuckDB itself, so the copy is a consistent
         # snapshot even if a reader has the live file open (a byte copy would be too, but this also compacts).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend.dictionaries.attention_sae import dict_id_for, encode_z
-from backend.dictionaries.storage import load_dictionary
+from backend.dictionaries.storage import load_dictionary, to_stored_precision
 from backend.errors import InputError, ModelUnavailableError
 from backend.model.hooks import hook_name
 
@@ -135,4 +135,5 @@ def test_import_local_sae_directory_into_a_store(tmp_path, tiny_model):
     assert row[0].startswith("local:") and row[1] == 1 and row[2] == 2 * 31 and row[3] == pytest.approx(4.0)
     assert row[4] is None
     x = torch.randn(3, 64)
+    to_stored_precision(sae)  # an import is stored, and evaluated, at storage precision
     assert torch.equal(encode_z(loaded, x), encode_z(sae, x))

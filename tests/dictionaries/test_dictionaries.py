@@ -19,7 +19,13 @@ from backend.dictionaries.attention_sae import (
     to_inference,
     train_attention_sae,
 )
-from backend.dictionaries.storage import load_dictionary, load_local, load_pretrained, save_dictionary
+from backend.dictionaries.storage import (
+    load_dictionary,
+    load_local,
+    load_pretrained,
+    save_dictionary,
+    to_stored_precision,
+)
 from backend.errors import InputError, ModelUnavailableError, StoreError
 from backend.model.activations import collect_z, shuffled_batches
 from backend.model.hooks import hook_name
@@ -123,6 +129,7 @@ def test_save_load_round_trip_identical_outputs(tmp_path, tiny_acts):
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
+    to_stored_precision(sae)  # what every step does before it evaluates a dictionary it will save
     did = dict_id_for("tiny-llama", 1, "topk", 256)
     with _writer(tmp_path / "s.duckdb") as w:
         save_dictionary(w, sae, {"dict_id": did, "model": "tiny-llama", "architecture": "topk", "layer": 1,
@@ -155,6 +162,7 @@ def test_weights_read_once_from_the_store_are_loaded_from_the_cache_file_after(t
     tc = make_random_transcoder(64, 128, 64, seed=3, architecture="skip_transcoder")
     with torch.no_grad():
         tc.W_skip.normal_()
+    to_stored_precision(tc)
     row = {"dict_id": "tiny-llama/L0/mlp/skip_transcoder-128", "model": "tiny-llama", "kind": "transcoder",
            "architecture": "skip_transcoder", "layer": 0}
     with _writer(tmp_path / "s.duckdb") as w:
@@ -233,3 +241,32 @@ def test_pretrained_release_offline_is_one_sentence_without_retries(monkeypatch,
         load_pretrained("no-such-release", "x")
     with pytest.raises(InputError):
         load_pretrained("gpt2-small-hook-z-kk", "blocks.99.hook_z")
+
+
+def test_weights_are_stored_in_half_precision_and_load_back_as_float32(tmp_path):
+    """The blob holds float16 tensors (half the bytes); loading gives float32 values equal to the float16 rounding
+    of what was saved, which is what to_stored_precision makes the in-memory dictionary before it is evaluated."""
+    from safetensors.torch import load
+
+    from backend.store.access import reading
+
+    sae = make_random_sae(64, 256, k=8, seed=6)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.W_enc.mul_(1.0 + 1e-4)  # values float16 cannot hold exactly
+    original = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    did = dict_id_for("tiny-llama", 1, "topk", 256)
+    with _writer(tmp_path / "s.duckdb") as w:
+        save_dictionary(w, sae, {"dict_id": did, "model": "tiny-llama", "architecture": "topk", "layer": 1})
+    with reading(tmp_path / "s.duckdb") as con:
+        blob = con.execute("SELECT data FROM dictionary_weights").fetchall()[0][0]
+        loaded = load_dictionary(con, did)
+    assert {v.dtype for v in load(blob).values()} == {torch.float16}
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, original[name].half().float()), name  # independent rounding, written here
+    assert not torch.equal(loaded.W_enc, original["W_enc"])  # the rounding is real, so the test can fail
+    rounded = to_stored_precision(make_random_sae(64, 256, k=8, seed=6))
+    with torch.no_grad():
+        rounded.W_enc.copy_(original["W_enc"].half().float())
+    assert torch.equal(rounded.W_enc, loaded.W_enc)

@@ -147,10 +147,11 @@ def test_round_trip_through_sae_lens_and_the_store(tmp_path):
     with torch.no_grad():
         assert torch.allclose(again(x[:100]), tc(x[:100]))
     # circuitscope's store (cfg JSON + safetensors via SAE.from_dict)
-    from backend.dictionaries.storage import load_dictionary, save_dictionary
+    from backend.dictionaries.storage import load_dictionary, save_dictionary, to_stored_precision
     from backend.store.access import StoreWriter, reading
 
     path = tmp_path / "s.duckdb"
+    to_stored_precision(tc)  # the transcoder step rounds before evaluating; the store then holds exactly this
     with StoreWriter(path, kind="precompute", model="synthetic") as w:
         save_dictionary(w, tc, {"dict_id": "syn/L0/mlp/jumprelu_skip_transcoder-96", "model": "synthetic",
                                 "kind": "transcoder", "architecture": tc.cfg.architecture(), "layer": 0,

@@ -341,10 +341,11 @@ def test_store_round_trip_gives_identical_outputs(tiny_store, tiny_model, tokens
     x, _ = _mlp_io(tiny_model, tokens[:2], 1)
     assert torch.equal(encode(loaded[1], x), encode(again, x))
     # save -> load of a transcoder built here gives bit-identical outputs (skip transcoder: every weight matters).
-    from backend.dictionaries.storage import save_dictionary
+    from backend.dictionaries.storage import save_dictionary, to_stored_precision
 
     xs, ys = _mlp_io(tiny_model, tokens[:10], 0)
     tc, _ = train_transcoder((xs, ys), 128, k=8, skip=True)
+    to_stored_precision(tc)  # what the transcoder step does before evaluating and saving
     path = tmp_path / "rt.duckdb"
     with StoreWriter(path, kind="test", model="tiny-llama") as w:
         save_dictionary(w, tc, {"dict_id": "rt", "model": "tiny-llama", "kind": "transcoder", "layer": 0,
@@ -390,6 +391,7 @@ def _ctx(tiny_model, writer, layers, tokens=None):
 
 def test_import_a_sae_lens_transcoder_directory(tmp_path, tiny_model):
     from backend.dictionaries.steps import import_transcoder_sources
+    from backend.dictionaries.storage import to_stored_precision
     from backend.store.access import StoreWriter, reading
 
     tc = make_random_transcoder(64, 128, 64, seed=5, l0=6)
@@ -418,6 +420,7 @@ def test_import_a_sae_lens_transcoder_directory(tmp_path, tiny_model):
     assert row[0][3] is None and row[0][4] == "transcoder"
     assert rep == [(1, json.dumps(ids))]
     x = torch.randn(5, 64) * 2
+    to_stored_precision(tc)  # an import is stored, and evaluated, at storage precision
     assert torch.equal(encode(back, x), encode(tc, x)) and torch.equal(transcode(back, x), transcode(tc, x))
 
 

@@ -38,7 +38,10 @@ def saes(tiny_model: Any) -> dict[int, Any]:
     from backend.dictionaries.attention_sae import make_random_sae
 
     d_in = tiny_model.cfg.n_heads * tiny_model.cfg.d_head
-    return {layer: make_random_sae(d_in, D_SAE, 8, seed=layer) for layer in (0, 1)}
+    # At storage precision, as every stored dictionary is: the page's numbers then match these objects exactly.
+    from backend.dictionaries.storage import to_stored_precision
+
+    return {layer: to_stored_precision(make_random_sae(d_in, D_SAE, 8, seed=layer)) for layer in (0, 1)}
 
 
 @pytest.fixture(scope="module")

@@ -265,3 +265,31 @@ def test_an_older_store_reads_as_current_without_being_written(tmp_path: Path) -
     finally:
         con.close()
     assert store.read_bytes() == before
+
+
+def _blocks(path: Path) -> tuple[int, int]:
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute("SELECT free_blocks, total_blocks FROM pragma_database_size()").fetchall()[0]
+    finally:
+        con.close()
+
+
+def test_a_run_that_rewrites_rows_leaves_no_free_space_behind(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+    n = 400_000
+    rows = pd.DataFrame({"dict_id": "d", "feature": range(n), "corpus_id": "c", "context_id": 1, "pos": 1,
+                         "act": [float(i) for i in range(n)]})
+    with StoreWriter(path, kind="test", model="m") as w:
+        w.insert_df("feature_activations", rows)
+    with StoreWriter(path, kind="test", model="m") as w:  # rewrite most rows, as a rerun of a step does
+        w.con.execute("DELETE FROM feature_activations WHERE feature >= 1000")
+        w.insert_df("feature_activations", rows.iloc[1000:200_000].assign(act=-1.0))
+    free, total = _blocks(path)
+    assert free <= 0.1 * total, (free, total)
+    con = open_store(path)
+    try:
+        assert con.execute("SELECT count(*), sum(act < 0) FROM feature_activations").fetchall() == [(200_000, 199_000)]
+    finally:
+        con.close()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
