@@ -3,7 +3,10 @@
 On a copy of the demo store (``data/stores/demo.duckdb``; the tiny test store when there is none):
 * saving one stored graph again (``save_graph``: a file beside the store) vs an empty precompute run (which copies the
   store), medians of three; two saves started at once, both checked to land;
-* the store's size per corpus token and its largest tables (DuckDB's own block accounting, ``pragma_storage_info``).
+* the store's size per corpus token and its largest tables (DuckDB's own block accounting, ``pragma_storage_info``;
+  dictionary weights are blobs outside it, counted apart).
+
+``python -m benchmarks.store_bench`` writes ``benchmarks/results/store-latest.json``.
 """
 
 from __future__ import annotations
@@ -43,10 +46,16 @@ def _sizes(path: Path) -> dict[str, Any]:
             per_table[t] = int(n) * int(block)
     finally:
         con.close()
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        weights = con.execute("SELECT coalesce(sum(octet_length(data)), 0) FROM dictionary_weights").fetchall()[0][0]
+        free = con.execute("SELECT free_blocks * block_size FROM pragma_database_size()").fetchall()[0][0]
+    finally:
+        con.close()
     size = path.stat().st_size
     top = dict(sorted(per_table.items(), key=lambda kv: -kv[1])[:6])
     return {"bytes": size, "corpus_tokens": int(tokens), "bytes_per_corpus_token": round(size / max(tokens, 1), 1),
-            "largest_tables_bytes": top}
+            "dictionary_weights_bytes": int(weights), "free_bytes": int(free), "largest_tables_bytes": top}
 
 
 def run() -> dict[str, Any]:
@@ -89,7 +98,9 @@ def run() -> dict[str, Any]:
         for t in threads:
             t.join()
         with reading(store) as con:
-            landed = con.execute("SELECT count(*) FROM graphs WHERE source = 'bench-concurrent'").fetchall()[0][0]
+            # Both saves write the same graph (same id: the newer replaces the older), so count their save runs.
+            landed = con.execute("SELECT count(*) FROM runs WHERE kind = 'graph' AND status = 'complete' "
+                                 "AND params LIKE '%bench-concurrent%'").fetchall()[0][0]
         result.update({
             "graph_edges": len(graph.edges),
             "save_graph_s_median": round(statistics.median(save_s), 3),
@@ -102,5 +113,8 @@ def run() -> dict[str, Any]:
 
 if __name__ == "__main__":
     import json
+    from datetime import datetime, timezone
 
-    print(json.dumps(run(), indent=2))
+    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "store": run()}
+    (ROOT / "benchmarks" / "results" / "store-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
