@@ -317,12 +317,10 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_intervene(args: argparse.Namespace) -> int:
-    from backend.circuits.build import resolve_target
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
-    from backend.inputs.prompts import encode_prompt
-    from backend.interventions.run import run_intervention
-    from backend.interventions.spec import check, parse
+    from backend.interventions.run import intervene_on_prompt
+    from backend.interventions.spec import parse
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
     from backend.store.access import reading
@@ -331,22 +329,14 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
         raise InputError(f"--top-k is a whole number from 1 to 100, not {args.top_k}.")
     if args.wrong is not None and args.answer is None:
         raise InputError("--wrong needs --answer: the metric is logit(answer) − logit(wrong).")
-    interventions = parse(args.interventions)
+    interventions = parse(args.interventions)  # a bad spec is refused before the model loads
     spec = get_spec(args.model)
     with reading(args.store) as con:
         transcoders, saes = graph_dictionaries(con, spec.name)
-    widths = {("transcoder", l): int(t.cfg.d_sae) for l, t in transcoders.items()}
-    widths.update({("attn", l): int(s.cfg.d_sae) for l, s in saes.items()})
     model = load_model(args.model, progress=say)
-    enc = encode_prompt(model, args.prompt)
-    for i in interventions:
-        check(i, model.cfg.n_layers, model.cfg.n_heads, widths, n_positions=len(enc.ids))
-    target = None
-    if args.answer is not None:
-        t = resolve_target(model, enc.ids, args.answer, args.wrong)
-        target = (t.token_id, t.wrong_id)
-    result = run_intervention(model, enc.ids, interventions, transcoders, saes, mode=args.on, target=target,
-                              top_k=args.top_k, continue_tokens=args.continue_tokens)
+    result = intervene_on_prompt(model, args.prompt, interventions, transcoders, saes, mode=args.on,
+                                 answer=args.answer, wrong=args.wrong, top_k=args.top_k,
+                                 continue_tokens=args.continue_tokens)
     decode = lambda ids: [model.tokenizer.decode([i]) for i in ids]  # noqa: E731
     print(f"{len(interventions)} intervention(s) on the {args.on} model: "
           + "; ".join(i.describe() for i in interventions))

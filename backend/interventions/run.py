@@ -280,3 +280,32 @@ def _greedy(model: Any, tokens: "torch.Tensor", hooks: list[tuple[str, Any]], n:
             out.append(nxt)
             seq = torch.cat([seq, torch.tensor([[nxt]])], dim=1)
     return out
+
+
+def intervene_on_prompt(model: Any, prompt: str | bytes, interventions: str | Sequence[Intervention],
+                        transcoders: Mapping[int, Any], attn_saes: Mapping[int, Any], mode: str = "live",
+                        answer: str | None = None, wrong: str | None = None, top_k: int = 10,
+                        continue_tokens: int = 0) -> InterventionResult:
+    """:func:`run_intervention` on a prompt given as text: the interventions (a spec string such as
+    ``"tc:5:123=0@3; head:2.1*0"``, or parsed ones) are checked against the model and the dictionaries, and the metric
+    is logit(answer) − mean logit (or − logit(wrong)) when ``answer`` is given. What the CLI and the Python API run."""
+    from backend.circuits.build import resolve_target
+    from backend.inputs.prompts import encode_prompt
+    from backend.interventions.spec import check, parse
+
+    if not 1 <= top_k <= 100:
+        raise InputError(f"top_k is a whole number from 1 to 100, not {top_k}.")
+    if wrong is not None and answer is None:
+        raise InputError("A wrong answer needs an answer: the metric is logit(answer) − logit(wrong).")
+    parsed = parse(interventions) if isinstance(interventions, str) else list(interventions)
+    widths = {("transcoder", l): int(t.cfg.d_sae) for l, t in transcoders.items()}
+    widths.update({("attn", l): int(s.cfg.d_sae) for l, s in attn_saes.items()})
+    enc = encode_prompt(model, prompt)
+    for i in parsed:
+        check(i, model.cfg.n_layers, model.cfg.n_heads, widths, n_positions=len(enc.ids))
+    target = None
+    if answer is not None:
+        t = resolve_target(model, enc.ids, answer, wrong)
+        target = (t.token_id, t.wrong_id)
+    return run_intervention(model, enc.ids, parsed, transcoders, attn_saes, mode=mode, target=target, top_k=top_k,
+                            continue_tokens=continue_tokens)
