@@ -187,8 +187,6 @@ def build_ioi(tokenizer: Any, n: int, seed: int = 0, bos: int | None = None) -> 
     distinct names ("When Alice and Bob went to the store, Carol gave a drink to"), so no name is repeated and
     the answer is undetermined. Metric: logit difference IO - S at the last position.
     """
-    import torch
-
     _check_n(n)
     names = _single_tokens(tokenizer, tuple(IOI_NAMES))
     places = _single_tokens(tokenizer, tuple(IOI_PLACES))
@@ -199,55 +197,19 @@ def build_ioi(tokenizer: Any, n: int, seed: int = 0, bos: int | None = None) -> 
             "this tokenizer splits most names, so use another task."
         )
 
-    def fill(template: str, a: str, b: str, s: str, place: str, obj: str) -> str:
-        return template.format(A=a, B=b, S=s, PLACE=place, OBJECT=obj)
-
-    # Keep the templates that tokenize to the most common length, so every prompt has the same length.
-    lengths = {
-        t: len(_encode(tokenizer, fill(t, names[0], names[1], names[1], places[0], objects[0]))) for t in IOI_TEMPLATES
-    }
-    common = max(set(lengths.values()), key=lambda L: (sum(v == L for v in lengths.values()), -L))
-    templates = [t for t in IOI_TEMPLATES if lengths[t] == common]
-
-    rng = random.Random(seed)
-    prefix = _prefix(bos)
-    clean, corrupt, answers, wrongs, prompts, cprompts = [], [], [], [], [], []
-    attempts = 0
-    while len(clean) < n:
-        attempts += 1
-        if attempts > 50 * n + 100:
-            raise InputError("Could not build IOI prompts of equal length with this tokenizer: use another task.")
-        i = len(clean)
-        template = templates[i % len(templates)]
+    def draw(rng: random.Random, i: int) -> tuple[dict[str, str], dict[str, str], str, str]:
         io, s, c1, c2, c3 = rng.sample(names, 5)
         place, obj = rng.choice(places), rng.choice(objects)
         a, b = (io, s) if i % 2 == 0 else (s, io)  # ABBA on even, BABA on odd examples
-        text = fill(template, a, b, s, place, obj)
-        ctext = fill(template, c1, c2, c3, place, obj)
-        ids, cids = _encode(tokenizer, text), _encode(tokenizer, ctext)
-        if len(ids) != common or len(cids) != common:  # a name merged with its neighbour: draw again
-            continue
-        clean.append(prefix + ids)
-        corrupt.append(prefix + cids)
-        answers.append(_single_token(tokenizer, " " + io))
-        wrongs.append(_single_token(tokenizer, " " + s))
-        prompts.append(text)
-        cprompts.append(ctext)
-    return TaskBatch(
-        name="ioi",
-        clean=torch.tensor(clean, dtype=torch.long),
-        corrupt=torch.tensor(corrupt, dtype=torch.long),
-        answer=torch.tensor(answers, dtype=torch.long),
-        wrong=torch.tensor(wrongs, dtype=torch.long),
-        metric_name="logit_diff",
-        description=(
-            "Indirect object identification: 'When Mary and John went to the store, John gave a drink to' -> ' Mary'. "
-            "Corrupted prompts use three different names (ABC). Metric: logit(indirect object) - logit(subject) "
-            "at the last position."
-        ),
-        prompts=prompts,
-        corrupt_prompts=cprompts,
-    )
+        return ({"A": a, "B": b, "S": s, "PLACE": place, "OBJECT": obj},
+                {"A": c1, "B": c2, "S": c3, "PLACE": place, "OBJECT": obj}, " " + io, " " + s)
+
+    probe = {"A": names[0], "B": names[1], "S": names[1], "PLACE": places[0], "OBJECT": objects[0]}
+    return _logit_diff_batch("ioi", _equal_length_pairs(tokenizer, n, seed, bos, IOI_TEMPLATES, draw, "IOI",
+                                                        probe=probe), (
+        "Indirect object identification: 'When Mary and John went to the store, John gave a drink to' -> ' Mary'. "
+        "Corrupted prompts use three different names (ABC). Metric: logit(indirect object) - logit(subject) "
+        "at the last position."))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -461,15 +423,16 @@ FACT_TEMPLATES = (
 
 def _equal_length_pairs(tokenizer: Any, n: int, seed: int, bos: int | None, templates: Sequence[str],
                         draw: Callable[[random.Random, int], tuple[dict[str, str], dict[str, str], str, str]],
-                        task: str) -> tuple[list[list[int]], list[list[int]], list[int], list[int], list[str],
-                                            list[str]]:
-    """Pairs (clean, corrupt) of one template each, all of the templates' most common token length.
+                        task: str, probe: dict[str, str] | None = None
+                        ) -> tuple[list[list[int]], list[list[int]], list[int], list[int], list[str], list[str]]:
+    """Pairs (clean, corrupt) of one template each, all of the templates' most common token length (measured with
+    the slot filling ``probe``, default: the first draw's clean one).
 
     ``draw(rng, i)`` returns the clean and corrupt slot fillings and the answer / wrong words (single tokens with a
     leading space); a draw whose prompts do not tokenize to that length is redrawn.
     """
     rng = random.Random(seed)
-    probe = draw(random.Random(seed), 0)[0]
+    probe = probe if probe is not None else draw(random.Random(seed), 0)[0]
     lengths = {t: len(_encode(tokenizer, t.format(**probe))) for t in templates}
     common = max(set(lengths.values()), key=lambda L: (sum(v == L for v in lengths.values()), -L))
     usable = [t for t in templates if lengths[t] == common]
