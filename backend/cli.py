@@ -60,6 +60,7 @@ def _fraction() -> Callable[[str], float]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from backend.interventions.run import MAX_CONTINUATION, MAX_TOP_K
     from backend.model.registry import DEFAULT_MODEL
 
     parser = _Parser(prog="python -m backend", description="circuitscope backend")
@@ -149,9 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="the live model, or the frozen-attention replacement model an attribution graph explains")
     iv.add_argument("--answer", default=None, help="report the metric logit(answer) − mean logit, e.g. ' Paris'")
     iv.add_argument("--wrong", default=None, help="with --answer: report logit(answer) − logit(wrong) instead")
-    iv.add_argument("--continue", type=int, default=0, dest="continue_tokens", metavar="N",
+    iv.add_argument("--continue", type=_whole(0, MAX_CONTINUATION), default=0, dest="continue_tokens", metavar="N",
                     help="greedy continuation of N tokens with and without the interventions (live model only)")
-    iv.add_argument("--top-k", type=int, default=5, help="next tokens listed (default 5)")
+    iv.add_argument("--top-k", type=_whole(1, MAX_TOP_K), default=5, help="next tokens listed (default 5)")
 
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
@@ -325,8 +326,6 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     from backend.progress import say
     from backend.store.access import reading
 
-    if not 1 <= args.top_k <= 100:
-        raise InputError(f"--top-k is a whole number from 1 to 100, not {args.top_k}.")
     if args.wrong is not None and args.answer is None:
         raise InputError("--wrong needs --answer: the metric is logit(answer) − logit(wrong).")
     interventions = parse(args.interventions)  # a bad spec is refused before the model loads

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 MODES: tuple[str, ...] = ("live", "frozen")
 MAX_CONTINUATION = 64  # greedy tokens generated at most (one forward pass each)
+MAX_TOP_K = 100  # next tokens listed at most
 
 
 @dataclass
@@ -293,8 +294,8 @@ def intervene_on_prompt(model: Any, prompt: str | bytes, interventions: str | Se
     from backend.inputs.prompts import encode_prompt
     from backend.interventions.spec import check, parse
 
-    if not 1 <= top_k <= 100:
-        raise InputError(f"top_k is a whole number from 1 to 100, not {top_k}.")
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InputError(f"top_k is a whole number from 1 to {MAX_TOP_K}, not {top_k}.")
     if wrong is not None and answer is None:
         raise InputError("A wrong answer needs an answer: the metric is logit(answer) − logit(wrong).")
     parsed = parse(interventions) if isinstance(interventions, str) else list(interventions)
