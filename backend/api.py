@@ -73,15 +73,15 @@ class Workspace:
         """One feature's dashboard data: summary, top and per-interval examples, histogram, logit effects, DFA by
         head (attention SAEs)."""
         from backend.features import queries as q
+        from backend.store.access import reading
 
-        return FeatureData(
-            summary=self.query(q.feature_summary, dict_id, int(feature)),
-            top_examples=self.query(q.feature_top_examples, dict_id, int(feature)),
-            quantile_examples=self.query(q.feature_quantile_examples, dict_id, int(feature)),
-            histogram=self.query(q.feature_histogram, dict_id, int(feature)),
-            logits=self.query(q.feature_logits, dict_id, int(feature)),
-            head_dfa=self.query(q.feature_head_dfa, dict_id, int(feature)),
-        )
+        f = int(feature)
+        with reading(self.store) as con:  # one connection (and one attach of the saves) for the six queries
+            return FeatureData(
+                summary=q.feature_summary(con, dict_id, f), top_examples=q.feature_top_examples(con, dict_id, f),
+                quantile_examples=q.feature_quantile_examples(con, dict_id, f),
+                histogram=q.feature_histogram(con, dict_id, f), logits=q.feature_logits(con, dict_id, f),
+                head_dfa=q.feature_head_dfa(con, dict_id, f))
 
     # -- the model and its dictionaries ----------------------------------------------------------------------
     @property
