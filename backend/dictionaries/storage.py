@@ -176,12 +176,13 @@ def load_dictionaries(con: Any, dict_ids: Sequence[str]) -> dict[str, "SAE"]:
         raise StoreError(f"This store has no dictionary {missing[0]!r}: pick one listed on the home page, or re-run "
                          "the precompute.")
     cached = {d: _cache_file(d, run_id, cfg) for d, (cfg, run_id, fmt) in found.items() if fmt == "safetensors"}
+    device = str(resolve_device())
     out: dict[str, Any] = {}
     for d in wanted:
         path = cached.get(d)
         if path is not None and path.is_file():
             try:
-                out[d] = _rebuild(d, found[d][0], found[d][2], None, path)
+                out[d] = _rebuild(d, found[d][0], found[d][2], device, None, path)
                 os.utime(path)  # recently used: kept when the cache is trimmed
             except Exception:  # noqa: BLE001 - an unreadable cache file is read again from the store
                 out.pop(d, None)
@@ -191,7 +192,7 @@ def load_dictionaries(con: Any, dict_ids: Sequence[str]) -> dict[str, "SAE"]:
         for d, data in con.execute(f"SELECT dict_id, data FROM dictionary_weights WHERE dict_id IN ({marks})",
                                    to_read).fetchall():
             blob = bytes(data)
-            out[d] = _rebuild(d, found[d][0], found[d][2], blob)
+            out[d] = _rebuild(d, found[d][0], found[d][2], device, blob)
             if cached.get(d) is not None:
                 _write_cache(cached[d], blob)
     return out
@@ -227,8 +228,10 @@ def _write_cache(path: "Path", blob: bytes) -> None:
         pass
 
 
-def _rebuild(dict_id: str, cfg_json: str, fmt: str, blob: bytes | None, path: "Path | None" = None) -> "SAE":
-    """A sae-lens SAE from its stored config and safetensors weights (the blob, or the cached file ``path``).
+def _rebuild(dict_id: str, cfg_json: str, fmt: str, device: str, blob: bytes | None,
+             path: "Path | None" = None) -> "SAE":
+    """A sae-lens SAE on ``device`` from its stored config and safetensors weights (the blob, or the cached file
+    ``path``).
 
     As sae-lens' own loaders do, the object is built on PyTorch's ``meta`` device and the stored tensors are then
     assigned to it, so no random initialisation runs only to be overwritten. If a class keeps a tensor outside its
@@ -244,7 +247,6 @@ def _rebuild(dict_id: str, cfg_json: str, fmt: str, blob: bytes | None, path: "P
     cfg["dtype"] = "float32"
     tensors = load(blob) if blob is not None else load_file(str(path))
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
-    device = str(resolve_device())
     sae = SAE.from_dict({**cfg, "device": "meta"})
     sae.cfg.device = device
     sae.load_state_dict(state, assign=True)
