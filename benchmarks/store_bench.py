@@ -37,19 +37,15 @@ def _sizes(path: Path) -> dict[str, Any]:
     con = duckdb.connect(str(path), read_only=True)
     try:
         tokens = con.execute("SELECT coalesce(sum(n_tokens), 0) FROM corpora").fetchall()[0][0]
-        block = con.execute("SELECT block_size FROM pragma_database_size()").fetchall()[0][0]
+        block, free = con.execute("SELECT block_size, free_blocks * block_size FROM pragma_database_size()"
+                                  ).fetchall()[0]
+        weights = con.execute("SELECT coalesce(sum(octet_length(data)), 0) FROM dictionary_weights").fetchall()[0][0]
         tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()]
         per_table = {}
         for t in tables:
             n = con.execute(f"SELECT count(DISTINCT block_id) FROM pragma_storage_info('{t}') "
                             "WHERE persistent").fetchall()[0][0]
             per_table[t] = int(n) * int(block)
-    finally:
-        con.close()
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        weights = con.execute("SELECT coalesce(sum(octet_length(data)), 0) FROM dictionary_weights").fetchall()[0][0]
-        free = con.execute("SELECT free_blocks * block_size FROM pragma_database_size()").fetchall()[0][0]
     finally:
         con.close()
     size = path.stat().st_size
