@@ -1,14 +1,21 @@
 """Benchmarks of the per-feature precompute (backend/features/step.py) and the Feature Browser queries.
 
 * :func:`bench_precompute_throughput` — tokens/s of the whole features step for one attention SAE on the real model
-  (forward to the SAE's layer with hook_z captured, SAE encode, nonzeros, top-N/DFA, sorted bulk insert, the SQL-derived
-  tables and the logit tables), as a ratio to a bare forward pass over the same tokens to the same layer, measured in
-  the same run (goal >= 0.6). The SAE is a *random* sae-lens TopK SAE (576 -> 2304, k 32: every token has 32 active
-  features, the L0 of the trained demo SAEs), because training one would dominate the benchmark.
-* :func:`bench_query_latency` — p50 / p95 latency of every query a feature page runs, each on a fresh read-only
-  connection (as the app does: one ``reading(path)`` per cached query), on a synthetic store with >= 10^6 nonzero
-  activations whose feature densities are log-uniform over four decades (like trained SAEs) and 32 active features
-  per token (goal: p95 < 300 ms per query).
+  (forward to the SAE's hook_z, SAE encode, nonzeros, top-N/DFA, staging, sorted bulk insert, the SQL-derived tables
+  and the logit tables), as a ratio to a bare forward pass over the same tokens to the same layer (blocks 0..layer),
+  measured in the same run (goal >= 0.85), with the breakdown of where the step's time goes, and what writing to the
+  store costs (share of the step, seconds per 10^6 nonzeros) and takes (feature tables' bytes per corpus token). The
+  SAE is a *random* sae-lens TopK SAE (576 -> 2304, k 32: every token has 32 active features, the L0 of the trained
+  demo SAEs), because training one would dominate the benchmark.
+* :func:`bench_query_latency` — p50 / p95 latency of every query a feature page runs, on a synthetic store of >= 10^7
+  nonzero activations over several dictionaries, each written by the features step's own write path, whose feature
+  densities are log-uniform over four decades (like trained SAEs) with 32 active features per token; and on the demo
+  store when there is one (10.8M nonzeros from the real precompute). Each query runs on a fresh read-only connection
+  (``reading(path)``: how the app read before) and on one lent by the store version's reader pool
+  (``backend.store.readers``: how the app's cached queries read now), in the same run (goal: p95 < 100 ms per query).
+
+``python -m benchmarks.features_bench [all|throughput|queries] [--demo PATH]``; ``all`` also writes
+``benchmarks/results/features-latest.json``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ def bench_precompute_throughput(model_name: str = "smollm2-135m", n_contexts: in
     from backend.features import step as features
     from backend.model.registry import load_model
     from backend.store.access import StoreWriter
+    from benchmarks.store_bench import table_bytes as _table_bytes
 
     model = load_model(model_name)
     cfg = model.cfg
@@ -67,11 +75,17 @@ def bench_precompute_throughput(model_name: str = "smollm2-135m", n_contexts: in
 
     def step() -> tuple[float, dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
-            with StoreWriter(Path(tmp) / "bench.duckdb", kind="bench", model=model_name) as w:
+            path = Path(tmp) / "bench.duckdb"
+            with StoreWriter(path, kind="bench", model=model_name) as w:
+                empty = _table_bytes(w.con)
                 t0 = time.perf_counter()
                 info = features.build_features(w, model, [features.DictEntry(f"bench/L{layer}", layer, sae)],
                                                tokens, "bench-corpus", batch_size=batch_size)
-                return time.perf_counter() - t0, info
+                took = time.perf_counter() - t0
+                w.con.execute("CHECKPOINT")
+                info["table_bytes"] = {t: b - empty.get(t, 0) for t, b in _table_bytes(w.con).items()
+                                       if t.startswith("feature") and b > empty.get(t, 0)}
+            return took, info
 
     with torch.no_grad():
         model(tokens[:batch_size], stop_at_layer=layer + 1)  # warm-up at the real batch shape
@@ -82,17 +96,32 @@ def bench_precompute_throughput(model_name: str = "smollm2-135m", n_contexts: in
         runs.append(step())
     bare_best = min(bare_s)
     full, info = min(runs, key=lambda r: r[0])
+    nonzeros = int(sum(info["nonzeros"].values()))
+    write_s = info["stage_s"] + info["write_s"]
+    feature_bytes = sum(info["table_bytes"].values())
     return {
         "sae": f"random sae-lens TopKSAE {cfg.n_heads * cfg.d_head}->{d_sae}, k {k}, layer {layer}",
-        "tokens": n_tokens, "nonzeros": int(sum(info["nonzeros"].values())),
+        "tokens": n_tokens, "nonzeros": nonzeros,
         "bare_forward_tokens_per_s": round(n_tokens / bare_best, 1),
         "features_step_tokens_per_s": round(n_tokens / full, 1),
         "ratio_to_bare_forward": round(bare_best / full, 3),
         "bare_forward_s_runs": [round(t, 2) for t in bare_s], "features_step_s_runs": [round(r[0], 2) for r in runs],
-        "goal_ratio": 0.6,
+        # feature_logits is one [d_sae, d_model] @ [d_model, d_vocab] product per dictionary, whatever the corpus
+        # size: the step's ratio without it is what the per-token work costs.
+        "ratio_to_bare_forward_without_logits": round(bare_best / (full - info["logits_s"]), 3),
+        "goal_ratio": 0.85,
         "breakdown_s": {"forward": info["forward_s"], "encode_nonzeros_dfa": info["encode_s"],
-                        "sort_insert_sql": info["write_s"], "logits": info["logits_s"], "total": round(full, 2)},
+                        "stage_insert": info["stage_s"], "sort_insert_sql": info["write_s"],
+                        "logits": info["logits_s"], "total": round(full, 2)},
+        # What writing to the store costs and takes: staging + the sorted copy + the SQL-derived tables, as a share
+        # of the step and per million nonzeros; the feature tables' bytes (DuckDB blocks) per corpus token.
+        "store_write": {"share_of_step": round(write_s / full, 3),
+                        "s_per_million_nonzeros": round(write_s / (nonzeros / 1e6), 3),
+                        "feature_table_bytes": info["table_bytes"],
+                        "bytes_per_corpus_token": round(feature_bytes / n_tokens, 1),
+                        "bytes_per_nonzero": round(feature_bytes / nonzeros, 1)},
     }
+
 
 
 def build_synthetic_store(path: Path, n_contexts: int = 640, n_dicts: int = 4, n_ctx: int = 128, d_sae: int = 2304,
