@@ -21,7 +21,8 @@ the transcoder step leaves the MLP inputs of the leading contexts it trained on.
 first ``preset.features.transcoder_contexts`` contexts: every MLP layer at L0 ~30 is ~10x the SAEs' rows per token.
 Nonzeros go batch by batch to a TEMP staging table (bounded Python memory) and are copied sorted once per dictionary;
 everything else is derived from them in DuckDB SQL. Top-N activations (with their per-head contributions) are kept
-by a streaming per-feature merge, so DFA needs no second pass.
+by a streaming per-feature merge, so DFA needs no second pass; per-head contributions are computed only
+for the activations that enter a feature's top-N, and the forward pass stops at the last hook it captures.
 
 **BOS is not scored.** Position 0 of every context is the BOS token, an attention-sink outlier whose z is far
 from the rest: it is excluded from every statistic, example, histogram and denominator here (pages still show it).

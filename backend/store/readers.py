@@ -27,7 +27,8 @@ import duckdb
 
 from backend.store.access import open_store, read_errors
 
-IDLE = 4  # idle connections kept per store version (a page runs its queries one after another)
+IDLE = 2  # idle connections kept per store version: a page runs its queries one after another, and each open
+# connection keeps the blocks it has read cached (DuckDB frees them on close)
 
 
 class ReaderPool:
