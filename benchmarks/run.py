@@ -5,8 +5,9 @@ Writes ``benchmarks/results/latest.json`` (and a dated copy) with:
   each in its own subprocess so imports and caches do not leak between them;
 * forward throughput (tokens/s) of the embedded model at a few batch sizes, with 1 and 2 torch threads
   (on a loaded 2-core machine 1 thread is sometimes faster: measured, not assumed);
-* ``features``: the attention-SAE feature precompute's throughput as a ratio to a bare forward pass, and the
-  Feature Browser's query latency p50/p95 on a store with >= 10^6 nonzero activations (benchmarks/features_bench.py).
+* ``features``: the attention-SAE feature precompute's throughput as a ratio to a bare forward pass (with where its time
+  goes and what its store writes cost and take per corpus token), and the Feature Browser's query latency p50/p95 on a
+  store with >= 10^7 nonzero activations, on fresh and on pooled read-only connections (benchmarks/features_bench.py).
 * ``attribution``: Pearson r of AtP / RelP / IG with activation patching per component kind on IOI, and the wall-time
   ratio of activation patching to RelP over all heads and MLPs (benchmarks/attribution_bench.py).
 * ``induction``: the induction precompute step's wall time as a ratio to a bare forward pass over the same probe
@@ -14,7 +15,7 @@ Writes ``benchmarks/results/latest.json`` (and a dated copy) with:
 * ``transcoder``: one layer's transcoder quality (held-out FVE beside its dense linear baseline, L0) vs training tokens,
   and its training time as a ratio to the forward pass that collects those tokens (benchmarks/transcoder_bench.py).
 * ``store``: saving a graph beside the store vs an empty precompute commit (a copy of the store), two saves at once,
-  and the store's bytes per corpus token and largest tables (benchmarks/store_bench.py).
+  and the store's bytes per corpus token, per nonzero activation and largest tables (benchmarks/store_bench.py).
 * ``e2e``: time to result in headless chromium, p50 / p95 over ten concurrent Prompt Explorer sessions on one server,
   as a ratio to one session alone; every session's answer checked, model loads counted (benchmarks/e2e_bench.py).
 

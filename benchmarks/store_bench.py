@@ -4,7 +4,7 @@ On a copy of the demo store (``data/stores/demo.duckdb``; the tiny test store wh
 * saving one stored graph again (``save_graph``: a file beside the store) vs an empty precompute run (which copies the
   store), medians of three; two saves started at once, both checked to land;
 * the store's size per corpus token and its largest tables (DuckDB's own block accounting, ``pragma_storage_info``;
-  dictionary weights are blobs outside it, counted apart).
+  dictionary weights are blobs outside it, counted apart), and feature_activations' bytes per nonzero activation.
 
 ``python -m benchmarks.store_bench`` writes ``benchmarks/results/store-latest.json``.
 """
@@ -31,37 +31,42 @@ def _tiny_store(tmp: Path) -> Path:
     return path
 
 
+def table_bytes(con: Any) -> dict[str, int]:
+    """Bytes of every table of the connection's database, counted as DuckDB's storage blocks."""
+    block = con.execute("SELECT block_size FROM pragma_database_size()").fetchall()[0][0]
+    tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary").fetchall()]
+    return {t: int(con.execute(f"SELECT count(DISTINCT block_id) FROM pragma_storage_info('{t}') WHERE persistent"
+                                ).fetchall()[0][0]) * int(block) for t in tables}
+
+
 def _sizes(path: Path) -> dict[str, Any]:
     import duckdb
 
     con = duckdb.connect(str(path), read_only=True)
     try:
         tokens = con.execute("SELECT coalesce(sum(n_tokens), 0) FROM corpora").fetchall()[0][0]
-        block, free = con.execute("SELECT block_size, free_blocks * block_size FROM pragma_database_size()"
-                                  ).fetchall()[0]
+        free = con.execute("SELECT free_blocks * block_size FROM pragma_database_size()").fetchall()[0][0]
         weights = con.execute("SELECT coalesce(sum(octet_length(data)), 0) FROM dictionary_weights").fetchall()[0][0]
-        tables = [r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()]
-        per_table = {}
-        for t in tables:
-            n = con.execute(f"SELECT count(DISTINCT block_id) FROM pragma_storage_info('{t}') "
-                            "WHERE persistent").fetchall()[0][0]
-            per_table[t] = int(n) * int(block)
+        per_table = table_bytes(con)
+        nonzeros = con.execute("SELECT count(*) FROM feature_activations").fetchall()[0][0]
     finally:
         con.close()
     size = path.stat().st_size
     top = dict(sorted(per_table.items(), key=lambda kv: -kv[1])[:6])
     return {"bytes": size, "corpus_tokens": int(tokens), "bytes_per_corpus_token": round(size / max(tokens, 1), 1),
-            "dictionary_weights_bytes": int(weights), "free_bytes": int(free), "largest_tables_bytes": top}
+            "dictionary_weights_bytes": int(weights), "free_bytes": int(free), "largest_tables_bytes": top,
+            "feature_activations": {"nonzeros": int(nonzeros), "bytes_per_nonzero": round(
+                per_table.get("feature_activations", 0) / max(nonzeros, 1), 2)}}
 
 
-def run() -> dict[str, Any]:
-    """The store write overhead and size figures (see the module docstring)."""
+def run(demo: Path = DEMO) -> dict[str, Any]:
+    """The store write overhead and size figures (see the module docstring), on a copy of ``demo``."""
     from backend.circuits.storage import list_graphs, read_graph, save_graph
     from backend.store.access import StoreWriter, reading
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        source = DEMO if DEMO.exists() else _tiny_store(tmp)
+        source = demo if demo.exists() else _tiny_store(tmp)
         store = tmp / "copy.duckdb"
         shutil.copyfile(source, store)
         with reading(store) as con:
@@ -108,9 +113,12 @@ def run() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    import argparse
     import json
     from datetime import datetime, timezone
 
-    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "store": run()}
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--demo", type=Path, default=DEMO, help="the store to measure (a copy of it)")
+    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "store": run(parser.parse_args().demo)}
     (ROOT / "benchmarks" / "results" / "store-latest.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

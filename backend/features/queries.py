@@ -23,13 +23,15 @@ WINDOW_AFTER = 8  # ... and after it
 def feature_dictionaries(con: duckdb.DuckDBPyConnection, kind: str | None = None) -> pd.DataFrame:
     """Dictionaries with feature tables (attention SAEs first, then transcoders; by layer), or only those of
     ``kind`` ('attn_sae' / 'transcoder'): dict_id, model, kind, layer, d_sae, n_heads, n_features, n_alive, ... ."""
+    # One pass over `features` grouped by dictionary (not three correlated subqueries per dictionary), and the JSON
+    # parsed once per dictionary: every feature row of a dictionary carries the same stats.
     return frame(con, """
         SELECT d.dict_id, d.model, d.kind, d.layer, d.architecture, d.d_in, d.d_sae, d.l0, d.fve, m.n_heads,
-               (SELECT count(*) FROM features f WHERE f.dict_id = d.dict_id) AS n_features,
-               (SELECT count(*) FROM features f WHERE f.dict_id = d.dict_id AND f.n_active > 0) AS n_alive,
-               (SELECT any_value(json_extract(f.stats, '$.scored_tokens')::BIGINT) FROM features f
-                WHERE f.dict_id = d.dict_id) AS scored_tokens
+               coalesce(f.n_features, 0) AS n_features, coalesce(f.n_alive, 0) AS n_alive, f.scored_tokens
         FROM dictionaries d LEFT JOIN models m ON m.model = d.model
+        LEFT JOIN (SELECT dict_id, count(*) AS n_features, count(*) FILTER (WHERE n_active > 0) AS n_alive,
+                          json_extract(any_value(stats), '$.scored_tokens')::BIGINT AS scored_tokens
+                   FROM features GROUP BY dict_id) f ON f.dict_id = d.dict_id
         WHERE d.kind IN ('attn_sae', 'transcoder') AND (? IS NULL OR d.kind = ?)
         ORDER BY d.model, d.kind = 'transcoder', d.layer, d.dict_id""", [kind, kind])
 

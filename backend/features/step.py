@@ -21,7 +21,8 @@ the transcoder step leaves the MLP inputs of the leading contexts it trained on.
 first ``preset.features.transcoder_contexts`` contexts: every MLP layer at L0 ~30 is ~10x the SAEs' rows per token.
 Nonzeros go batch by batch to a TEMP staging table (bounded Python memory) and are copied sorted once per dictionary;
 everything else is derived from them in DuckDB SQL. Top-N activations (with their per-head contributions) are kept
-by a streaming per-feature merge, so DFA needs no second pass.
+by a streaming per-feature merge, so DFA needs no second pass; per-head contributions are computed only
+for the activations that enter a feature's top-N, and the forward pass stops at the last hook it captures.
 
 **BOS is not scored.** Position 0 of every context is the BOS token, an attention-sink outlier whose z is far
 from the rest: it is excluded from every statistic, example, histogram and denominator here (pages still show it).
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -113,8 +114,12 @@ class _TopN:
         """Mask of new activations that could enter their feature's top-n."""
         return act > self.threshold[feat]
 
-    def merge(self, feat: np.ndarray, act: np.ndarray, ctx: np.ndarray, pos: np.ndarray, contrib: np.ndarray) -> None:
-        """Add candidates and keep the top-n per feature."""
+    def merge(self, feat: np.ndarray, act: np.ndarray, ctx: np.ndarray, pos: np.ndarray,
+              contrib: np.ndarray | Callable[[np.ndarray], np.ndarray]) -> None:
+        """Add candidates and keep the top-n per feature. ``contrib``: the candidates' per-head contributions, or a
+        function returning them for the candidates (indices) that enter the top-n, so that the others, usually most
+        of them, are never computed."""
+        n_old = len(self.feat)
         f = np.concatenate([self.feat, feat])
         a = np.concatenate([self.act, act])
         order = np.lexsort((-a, f))
@@ -123,11 +128,15 @@ class _TopN:
         sizes = np.diff(np.r_[starts, len(f)])
         rank = np.arange(len(f)) - np.repeat(starts, sizes)
         keep = order[rank < self.n]
+        new = keep >= n_old
+        kept = np.empty((len(keep), self.contrib.shape[1]), np.float32)
+        kept[~new] = self.contrib[keep[~new]]
+        kept[new] = contrib(keep[new] - n_old) if callable(contrib) else contrib[keep[new] - n_old]
         self.feat = np.concatenate([self.feat, feat])[keep]
         self.act = a[keep]
         self.ctx = np.concatenate([self.ctx, ctx])[keep]
         self.pos = np.concatenate([self.pos, pos])[keep]
-        self.contrib = np.concatenate([self.contrib, contrib])[keep]
+        self.contrib = kept
         full = sizes >= self.n
         last = starts + np.minimum(sizes, self.n) - 1  # index (in the sorted arrays) of each group's n-th best
         self.threshold[f[starts[full]]] = a[order][last[full]]
@@ -158,6 +167,22 @@ def _encode(d: DictEntry, x: torch.Tensor) -> torch.Tensor:
     from backend.dictionaries.transcoder import encode
 
     return encode(d.sae, x)
+
+
+def _contributions(d: DictEntry, x: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor, f_idx: torch.Tensor,
+                   cand: np.ndarray, n_heads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """For :meth:`_TopN.merge`: the per-head contributions of the candidates ``cand[i]`` (indices into this batch's
+    nonzeros) that enter the top-n; no columns for a transcoder (no heads)."""
+
+    def compute(i: np.ndarray) -> np.ndarray:
+        if not d.per_head:
+            return np.zeros((len(i), 0), np.float32)
+        rows = torch.from_numpy(cand[i])
+        flat = flatten_heads(x).reshape(-1, n_heads * x.shape[-1])
+        tok = b_idx[rows] * x.shape[1] + p_idx[rows]
+        return head_contributions(d.sae, flat[tok], f_idx[rows], n_heads).cpu().numpy()
+
+    return compute
 
 
 @torch.no_grad()
@@ -219,16 +244,10 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
             stage(writer, index[d.dict_id], feat, vals, ctx_ids, pos)
             staged += time.perf_counter() - t_w
             top = tops[d.dict_id]
-            cand = top.candidates(feat, vals)
-            if cand.any():
-                pick = torch.from_numpy(cand)
-                if d.per_head:
-                    flat = flatten_heads(x).reshape(-1, n_heads * d_head)
-                    tok = (b_idx * x.shape[1] + p_idx)[pick]
-                    contrib = head_contributions(d.sae, flat[tok], f_idx[pick], n_heads).cpu().numpy()
-                else:
-                    contrib = np.zeros((int(cand.sum()), 0), np.float32)
-                top.merge(feat[cand], vals[cand], ctx_ids[cand], pos[cand], contrib)
+            cand = np.flatnonzero(top.candidates(feat, vals))
+            if len(cand):
+                top.merge(feat[cand], vals[cand], ctx_ids[cand], pos[cand],
+                          _contributions(d, x, b_idx, p_idx, f_idx, cand, n_heads))
         timings["encode_s"] += time.perf_counter() - t1 - staged
         timings["stage_s"] += staged
     counts: dict[str, int] = {}

@@ -26,17 +26,33 @@ def flatten_heads(z: "torch.Tensor") -> "torch.Tensor":
 Act = tuple[str, int]  # (hook kind of backend.model.hooks, layer): one activation site
 
 
+class _AllCaptured(Exception):
+    """Raised by the last capture hook of :func:`capture_batch`: nothing after it in the forward pass is needed."""
+
+
 def capture_batch(model: Any, batch: "torch.Tensor", acts: Sequence[Act]) -> dict[Act, "torch.Tensor"]:
     """One no-grad forward pass of ``batch`` ([b, n_ctx], BOS at 0) capturing every activation site in ``acts``:
     ``{(kind, layer): tensor [b, n_ctx - 1, ...]}`` with the BOS position dropped (attention-sink outlier, never
-    trained on or scored). ``stop_at_layer`` skips the blocks above the highest layer."""
+    trained on or scored). The pass stops as soon as the last site is captured: ``stop_at_layer`` skips the blocks
+    above the highest layer, and the rest of that block (for hook_z: the attention output and the MLP, about three
+    quarters of a block) is cut short by the last capture hook."""
     import torch
 
     names = {hook_name(kind, int(layer)): (kind, int(layer)) for kind, layer in acts}
+    out: dict[Act, "torch.Tensor"] = {}
+
+    def capture(value: "torch.Tensor", hook: Any) -> None:
+        out[names[hook.name]] = value[:, 1:].detach()
+        if len(out) == len(names):
+            raise _AllCaptured  # TransformerLens removes the hooks on the way out (run_with_hooks resets them)
+
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch, names_filter=list(names),
-                                        stop_at_layer=max(layer for _, layer in names.values()) + 1)
-    return {act: cache[name][:, 1:] for name, act in names.items()}
+        try:
+            model.run_with_hooks(batch, fwd_hooks=[(name, capture) for name in names],
+                                 stop_at_layer=max(layer for _, layer in names.values()) + 1)
+        except _AllCaptured:
+            pass
+    return out
 
 
 class Precollector:

@@ -550,10 +550,19 @@ def reading(path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """
     con = open_store(path)
     try:
-        yield con
+        with read_errors(path):
+            yield con
+    finally:
+        con.close()
+
+
+@contextmanager
+def read_errors(path: str | Path) -> Iterator[None]:
+    """``with read_errors(path):`` — a DuckDB error raised while reading the store at ``path`` becomes one StoreError
+    sentence (the original is logged for developers)."""
+    try:
+        yield
     except duckdb.Error as exc:
         log.warning("reading %s failed", path, exc_info=exc)
         raise StoreError(f"{literal(path)} could not be read ({literal(_duckdb_message(exc))}): if it is damaged or "
                          f"was built by another program, delete it and {_hint(Path(path))}.") from None
-    finally:
-        con.close()

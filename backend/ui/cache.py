@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from backend.model.shared import SharedModel
-from backend.store import queries
+from backend.store import queries, readers
 from backend.store.access import fingerprint, open_store, reading
 from backend.store.names import resolve_store
 
@@ -58,10 +58,11 @@ def open_store_ref(name: str, directory: Path | None = None) -> StoreRef:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _cached_query(path: str, key: tuple[int, ...], name: str, args: tuple[Any, ...], _fn: Callable[..., Any]) -> Any:
-    # `key` is unused in the body on purpose: it is part of the cache key, so a swapped-in store misses the cache.
+    # `key` is part of the cache key, so a swapped-in store misses the cache; it also picks the store version's pool
+    # of open connections (opening one costs more than a feature page's queries: backend/store/readers.py).
     # `_fn` is not hashed (leading underscore); `name`, its qualified name, stands for it in the cache key.
-    del key, name
-    with reading(path) as con:
+    del name
+    with readers.pool(path, key).connection() as con:
         return _fn(con, *args)
 
 

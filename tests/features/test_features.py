@@ -249,6 +249,10 @@ def test_feature_lists_by_head_and_token(feature_store: dict[str, Any]) -> None:
     with reading(feature_store["path"]) as con:
         dicts = feature_queries.feature_dictionaries(con).set_index("dict_id")
         assert int(dicts.loc[DICT_ID, "n_features"]) == D_SAE and int(dicts.loc[DICT_ID, "n_heads"]) == 4
+        alive = con.execute("SELECT count(DISTINCT feature) FROM feature_activations WHERE dict_id = ?",
+                            [DICT_ID]).fetchall()[0][0]
+        assert int(dicts.loc[DICT_ID, "n_alive"]) == alive > 0
+        assert int(dicts.loc[DICT_ID, "scored_tokens"]) == feature_store["info"]["scored_tokens"]
         by_head = feature_queries.features_by_head(con, DICT_ID, 0)
         assert len(by_head) and (by_head["top_head"] == 0).all()
         s = feature_queries.feature_summary(con, DICT_ID, int(by_head["feature"].iloc[0]))

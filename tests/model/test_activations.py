@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.model.activations import Precollector, collect
+from backend.model.activations import Precollector, capture_batch, collect
 from backend.store.access import reading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +35,22 @@ def test_collect_matches_the_transformer_lens_cache(tiny_model: Any, tokens: tor
         layer = int(name.split(".")[1])
         want = cache[name][:, 1:].reshape(tokens.shape[0] * (tokens.shape[1] - 1), -1)  # heads flattened head-major
         torch.testing.assert_close(got[(kind, layer)], want, rtol=1e-5, atol=1e-6)
+
+
+def test_capture_batch_stops_after_its_last_site_with_the_full_passes_values(tiny_model: Any,
+                                                                            tokens: torch.Tensor) -> None:
+    ran: list[str] = []
+    tiny_model.blocks[1].hook_mlp_out.add_hook(lambda value, hook: ran.append(hook.name))
+    try:
+        got = capture_batch(tiny_model, tokens, [("z", 0), ("z", 1)])
+    finally:
+        tiny_model.reset_hooks()
+    assert ran == []  # the pass ended at blocks.1.attn.hook_z, before layer 1's MLP
+    assert not any(hp.fwd_hooks for hp in tiny_model.hook_dict.values())  # no capture hook left behind
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens)
+    for layer in (0, 1):
+        torch.testing.assert_close(got[("z", layer)], cache[f"blocks.{layer}.attn.hook_z"][:, 1:], rtol=0, atol=0)
 
 
 def test_precollector_in_a_loss_pass_keeps_only_wanted_leading_contexts(tiny_model: Any, tokens: torch.Tensor) -> None:
