@@ -89,6 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--transcoder-layers", default=None,
                      help="layers that get transcoders, same syntax as --layers (default: the preset's, 'all'); "
                           "--layers does not change them")
+    pre.add_argument("--resume", action="store_true",
+                     help="continue the unfinished run that a crash or kill left for this store (same options), from "
+                          "its last finished step or layer")
 
     att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, AtP*, RelP, IG) on a task or a "
                                            "clean/corrupt pair and store the comparison",
@@ -167,7 +170,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
 
     precompute(args.model, args.store, preset=args.preset, layers=args.layers, corpus_source=args.corpus,
                n_contexts=args.contexts, saes=args.saes, transcoders=args.transcoders,
-               transcoder_layers=args.transcoder_layers)
+               transcoder_layers=args.transcoder_layers, resume=args.resume)
     return 0
 
 

@@ -189,7 +189,7 @@ def evaluate_dictionaries(
         stats = reconstruction_stats(saes[layer], acts)
         fired = stats["fired"]
         if train_fired is not None and layer in train_fired:
-            fired = fired | train_fired[layer]
+            fired = fired | train_fired[layer].to(fired.device)
         c_clean, c_spl, c_abl = (ce[layer][k] / n_pred for k in ("clean", "spliced", "ablated"))
         denom = c_abl - c_clean
         out[layer] = DictionaryMetrics(
@@ -493,7 +493,7 @@ def evaluate_transcoders(
         s = stats[layer].result()
         fired = s["fired"]
         if train_fired is not None and layer in train_fired:
-            fired = fired | train_fired[layer]
+            fired = fired | train_fired[layer].to(fired.device)
         c_clean, c_spl, c_abl = (ce[layer] / n_pred_ce) if n_pred_ce else (nan, nan, nan)
         out[layer] = _metrics(float(s["l0"]), float(s["fve"]), c_clean, c_spl, c_abl,
                               float(1.0 - fired.float().mean()), int(s["tokens"]), n_pred_ce)

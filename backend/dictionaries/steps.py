@@ -51,13 +51,34 @@ SAE_MEMORY_BYTES = 3 * 1024**3
 TRANSCODER_MEMORY_BYTES = 4 * 1024**3
 
 
-def _row(ctx: "RunContext", dict_id: str, layer: int, architecture: str, metrics: DictionaryMetrics,
+def _row(ctx: "RunContext", dict_id: str, layer: int, architecture: str, metrics: DictionaryMetrics | None,
          training_tokens: int | None, source: str) -> dict[str, Any]:
     return {
         "dict_id": dict_id, "model": ctx.spec.name, "kind": ATTN_SAE, "architecture": architecture,
         "hook_name": hook_name("z", layer), "layer": int(layer), "training_tokens": training_tokens,
-        "source": source, **metrics.as_row(),
+        "source": source, **(metrics.as_row() if metrics is not None else {}),
     }
+
+
+def _trained(ctx: "RunContext", step: str, ids: Mapping[int, str]) -> tuple[dict[int, Any], dict[int, Any],
+                                                                            dict[int, dict[str, Any]]]:
+    """The dictionaries ``ids`` ({layer: dict_id}) this run trained and stored layer by layer, read back from the
+    store, with each layer's recorded tensors and facts (:meth:`RunContext.finish`). An uninterrupted run and a
+    resumed one evaluate exactly these objects (the stored weights), so they write the same metrics."""
+    from backend.dictionaries.storage import load_dictionaries
+
+    loaded = load_dictionaries(ctx.con, list(ids.values()), cache=False)
+    return ({layer: loaded[i] for layer, i in ids.items()},
+            {layer: ctx.unit_tensors(step, layer) for layer in ids},
+            {layer: ctx.unit_info(step, layer) for layer in ids})
+
+
+def _skipped(ctx: "RunContext", step: str, layers: Sequence[int], what: str) -> list[int]:
+    """The layers of ``layers`` still to do in ``step`` (a resumed run finished the others; says which)."""
+    done = [layer for layer in layers if ctx.done(step, layer)]
+    if done:
+        say(f"Skipping the {what} of layer(s) {', '.join(map(str, done))}: the unfinished run had finished them")
+    return [layer for layer in layers if layer not in done]
 
 
 def sae_precollect_wants(ctx: "RunContext") -> dict[tuple[str, int], int]:
@@ -80,7 +101,9 @@ def sae_precollect_wants(ctx: "RunContext") -> dict[tuple[str, int], int]:
 def step_attention_saes(ctx: "RunContext") -> None:
     """Train, evaluate and store an attention SAE for each layer in ``ctx.layers`` (per the preset).
 
-    Re-running replaces the dictionaries with the same dict_id. Skipped when the preset trains no SAEs.
+    Re-running replaces the dictionaries with the same dict_id. Skipped when the preset trains no SAEs. Each layer
+    is one unit of work: its SAE is stored (unevaluated) and recorded as it is trained, so a resumed run trains only
+    the others; all of them are then evaluated as stored.
     """
     import torch
 
@@ -106,17 +129,18 @@ def step_attention_saes(ctx: "RunContext") -> None:
     if preset.sae.threads:
         torch.set_num_threads(preset.sae.threads)
     summary: dict[str, Any] = {"layers": {}, "train_contexts": len(train_idx), "eval_contexts": len(eval_idx)}
+    step = "attention_saes"
+    todo = _skipped(ctx, step, sorted(ctx.layers), "attention-SAE training")
+    ids = {layer: dict_id_for(spec.name, layer, arch, d_sae) for layer in sorted(ctx.layers)}
     try:
         bytes_per_layer = len(train_idx) * (n_ctx - 1) * d_in * 4
-        saes: dict[int, Any] = {}
-        infos: dict[int, dict[str, Any]] = {}
-        train_fired: dict[int, torch.Tensor] = {}
         # hook_z the corpus step gathered (sae_precollect_wants): the leading rows are the training contexts'.
         pre = ctx.precollected or {}
         n_train_rows = len(train_idx) * (n_ctx - 1)
-        reuse = all(("z", l) in pre and pre[("z", l)].shape[0] >= n_train_rows for l in ctx.layers)
+        reuse = all(("z", l) in pre and pre[("z", l)].shape[0] >= n_train_rows for l in todo)
         summary["reused_activations"] = reuse
-        for group in [sorted(ctx.layers)] if reuse else layer_groups(ctx.layers, bytes_per_layer, SAE_MEMORY_BYTES):
+        groups = [todo] if reuse else layer_groups(todo, bytes_per_layer, SAE_MEMORY_BYTES)
+        for group in groups if todo else []:
             t = time.perf_counter()
             if reuse:
                 acts = {l: pre[("z", l)][:n_train_rows] for l in group}
@@ -125,7 +149,7 @@ def step_attention_saes(ctx: "RunContext") -> None:
                                  desc=f"Collecting hook_z L{','.join(map(str, group))}")
                 say(f"Collected {n_train_rows} tokens x {len(group)} layer(s) in {time.perf_counter() - t:.0f} s")
             for layer in group:
-                dict_id = dict_id_for(spec.name, layer, arch, d_sae)
+                dict_id = ids[layer]
                 say(f"Training {dict_id}")
                 sae, info = train_attention_sae(
                     acts[layer], d_sae, architecture=arch, k=preset.sae.k, lr=preset.sae.lr,
@@ -134,26 +158,30 @@ def step_attention_saes(ctx: "RunContext") -> None:
                               "context_size": n_ctx, "prepend_bos": True, "dict_id": dict_id,
                               "corpus_id": ctx.corpus_id, "bos_excluded": True},
                 )
-                train_fired[layer] = fired_features(sae, acts[layer])
-                saes[layer], infos[layer] = sae, info
-                del acts[layer]  # free the layer's activations before training the next one
+                fired = fired_features(sae, acts[layer])
+                save_dictionary(ctx.writer, to_stored_precision(sae),
+                                _row(ctx, dict_id, layer, arch, None, info["training_tokens"], "trained"))
+                ctx.finish(step, layer, info={k: info[k] for k in ("training_tokens", "seconds", "samples_per_second")},
+                           tensors={"train_fired": fired})
+                say(f"Stored {dict_id} (layer {layer} of the {step} step finished)")
+                del acts[layer], sae  # free the layer's activations before training the next one
         t = time.perf_counter()
-        for sae in saes.values():
-            to_stored_precision(sae)
+        saes, states, infos = _trained(ctx, step, ids)
         metrics = evaluate_dictionaries(model, saes, tokens[eval_idx[0] : eval_idx[-1] + 1],
-                                        batch_size=preset.batch_size, train_fired=train_fired)
+                                        batch_size=preset.batch_size,
+                                        train_fired={layer: state["train_fired"] for layer, state in states.items()})
         eval_seconds = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
     for layer in sorted(saes):
-        dict_id = dict_id_for(spec.name, layer, arch, d_sae)
+        dict_id = ids[layer]
         m = metrics[layer]
         saes[layer].cfg.metadata["evaluation"] = {
             "eval_contexts": len(eval_idx), "first_eval_context": int(eval_idx[0]), "ce_tokens": m.ce_tokens,
             "delta_ce": m.delta_ce, "ablation": "hook_z zeroed at positions >= 1 (attn_out = b_O)",
         }
         save_dictionary(ctx.writer, saes[layer],
-                        _row(ctx, dict_id, layer, arch, m, infos[layer]["training_tokens"], "trained"))
+                        _row(ctx, dict_id, layer, arch, m, infos[layer]["training_tokens"], "trained"), weights=False)
         summary["layers"][layer] = {
             "dict_id": dict_id, "l0": round(m.l0, 2), "fve": round(m.fve, 4),
             "ce_loss_recovered": round(m.ce_loss_recovered, 4), "delta_ce": round(m.delta_ce, 4),
@@ -283,7 +311,12 @@ def step_transcoders(ctx: "RunContext") -> None:
     transcoders and for the baselines). Re-running replaces rows with the same ids."""
     import torch
 
-    from backend.dictionaries.transcoder_training import data_statistics, inference_architecture, train_transcoder
+    from backend.dictionaries.transcoder_training import (
+        LinearFit,
+        data_statistics,
+        inference_architecture,
+        train_transcoder,
+    )
     from backend.inputs.corpus import document_separator_id
 
     preset = ctx.preset
@@ -311,24 +344,24 @@ def step_transcoders(ctx: "RunContext") -> None:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     timing = {"collect": 0.0, "fit": 0.0}
-    transcoders: dict[int, Any] = {}
-    baselines: dict[int, Any] = {}
-    massive: dict[int, float] = {}
-    infos: dict[int, dict[str, Any]] = {}
+    step = "transcoders"
+    todo = _skipped(ctx, step, sorted(layers), "transcoder training")
+    ids = {layer: transcoder_dict_id(spec.name, layer, inference_architecture(cfg.skip), d_sae) for layer in layers}
     # The transcoder feature step scores the first transcoder_feature_contexts contexts: when those are training
-    # contexts, keep their MLP inputs (the first rows of each layer's x) so that step needs no forward pass.
+    # contexts, keep their MLP inputs (the first rows of each layer's x) so that step needs no forward pass (only
+    # when every layer is trained here: that step reads all layers' inputs or none).
     n_keep = min(preset.features.transcoder_contexts or len(tokens), len(tokens))
-    keep = list(train_idx[:n_keep]) == list(range(n_keep))
+    keep = list(train_idx[:n_keep]) == list(range(n_keep)) and len(todo) == len(layers)
     kept: dict[tuple[str, int], Any] = {}
     n_train = len(train_idx) * (n_ctx - 1)
     # MLP inputs / outputs the corpus step gathered (transcoder_precollect_wants): their leading rows are the
     # training contexts'.
     pre = ctx.precollected or {}
-    reuse = all((k, l) in pre and pre[(k, l)].shape[0] >= n_train for l in layers for k in ("mlp_in", "mlp_out"))
+    reuse = all((k, l) in pre and pre[(k, l)].shape[0] >= n_train for l in todo for k in ("mlp_in", "mlp_out"))
     train_tokens = tokens[train_idx]
     try:
-        groups = [sorted(layers)] if reuse else layer_groups(layers, n_train * d_model * 4 * 2, TRANSCODER_MEMORY_BYTES)
-        for group in groups:
+        groups = [todo] if reuse else layer_groups(todo, n_train * d_model * 4 * 2, TRANSCODER_MEMORY_BYTES)
+        for group in groups if todo else []:
             t = time.perf_counter()
             if reuse:
                 acts = {l: (pre.pop(("mlp_in", l))[:n_train], pre.pop(("mlp_out", l))[:n_train]) for l in group}
@@ -345,22 +378,36 @@ def step_transcoders(ctx: "RunContext") -> None:
                 rows, limit = training_rows(train_tokens, y, separator, cfg.massive_ratio)
                 x, y = x[rows], y[rows]
                 linear = data_statistics((x, y), ridge=cfg.ridge)  # the dense linear baseline, same tokens
-                dict_id = transcoder_dict_id(spec.name, layer, inference_architecture(cfg.skip), d_sae)
-                transcoders[layer], infos[layer] = train_transcoder(
+                dict_id = ids[layer]
+                tc, info = train_transcoder(
                     (x, y), d_sae, k=cfg.k, skip=cfg.skip, architecture=cfg.architecture, epochs=cfg.epochs,
                     lr=cfg.lr, batch_size=cfg.batch_size, ridge=cfg.ridge, seed=layer, linear=linear,
                     metadata={**_metadata(ctx, layer, dict_id, n_ctx), "massive_norm": limit},
                     progress=True, desc=f"Training {dict_id}")
-                infos[layer]["train_fired"] = transcoder_fired_features(transcoders[layer], x)
-                infos[layer]["dropped_rows"] = int((~rows).sum())
-                baselines[layer] = linear.predict
-                massive[layer] = limit
-                del x, y
+                fired = transcoder_fired_features(tc, x)
+                info["dropped_rows"] = int((~rows).sum())  # also in the transcoder's metadata (its training facts)
+                save_dictionary(ctx.writer, to_stored_precision(tc), {
+                    "dict_id": dict_id, "model": spec.name, "kind": TRANSCODER, "architecture": tc.cfg.architecture(),
+                    "hook_name": hook_name("mlp_in", layer), "layer": int(layer),
+                    "training_tokens": info.get("training_tokens"), "source": "trained"})
+                # The baseline is kept as its fitted W and b (with its statistics) for the evaluation below.
+                ctx.finish(step, layer, info={"fit_seconds": info["seconds"], "dropped_rows": info["dropped_rows"],
+                                              "massive": limit, "n": linear.n, "scale_x": linear.scale_x,
+                                              "scale_y": linear.scale_y, "train_fve": linear.train_fve},
+                           tensors={"train_fired": fired, "baseline_W": linear.W, "baseline_b": linear.b})
+                say(f"Stored {dict_id} (layer {layer} of the {step} step finished)")
+                del x, y, tc
             timing["fit"] += time.perf_counter() - t
         t = time.perf_counter()
+        transcoders, states, infos = _trained(ctx, step, ids)
+        baselines = {layer: LinearFit(W=states[layer]["baseline_W"].to(tc.W_enc.device),
+                                      b=states[layer]["baseline_b"].to(tc.W_enc.device),
+                                      **{k: infos[layer][k] for k in ("n", "scale_x", "scale_y", "train_fve")}).predict
+                     for layer, tc in transcoders.items()}
         summary = _evaluate_and_save(ctx, transcoders, eval_idx, source="trained",
-                                     train_fired={l: i.pop("train_fired") for l, i in infos.items()},
-                                     baselines=baselines, massive=massive)
+                                     train_fired={layer: state["train_fired"] for layer, state in states.items()},
+                                     baselines=baselines, massive={layer: i["massive"] for layer, i in infos.items()},
+                                     weights_stored=True)
         timing["evaluate"] = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
@@ -369,16 +416,17 @@ def step_transcoders(ctx: "RunContext") -> None:
     summary.update(reused_activations=reuse, train_contexts=len(train_idx), training_tokens=n_train,
                    seconds={k: round(v, 1) for k, v in {**timing, "total": time.perf_counter() - t_start}.items()})
     for layer, info in infos.items():
-        summary["layers"][layer].update(fit_seconds=info["seconds"], dropped_rows=info["dropped_rows"])
+        summary["layers"][layer].update(fit_seconds=info["fit_seconds"], dropped_rows=info["dropped_rows"])
     ctx.summary["transcoders"] = summary
 
 
 def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_idx: Sequence[int], source: Any,
                        train_fired: Mapping[int, Any] | None = None, baselines: Mapping[int, Any] | None = None,
-                       massive: Mapping[int, float] | None = None) -> dict[str, Any]:
+                       massive: Mapping[int, float] | None = None, weights_stored: bool = False) -> dict[str, Any]:
     """Evaluate ``transcoders`` ({layer: tc}) and their ``baselines`` ({layer: x -> ŷ}, optional) on the held-out
     contexts ``eval_idx``, store one ``dictionaries`` row per layer and one ``replacement_evals`` row for the
-    transcoders all at once (and one for the baselines); ``source``: a string or {layer: string}."""
+    transcoders all at once (and one for the baselines); ``source``: a string or {layer: string}.
+    ``weights_stored``: this run already stored their weights (only the rows are written)."""
     import hashlib
     import json
 
@@ -418,7 +466,8 @@ def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_i
             "dict_id": dict_id, "model": spec.name, "kind": TRANSCODER, "architecture": arch,
             "hook_name": hook_name("mlp_in", layer), "layer": int(layer),
             "training_tokens": training.get("training_tokens"), "source": src, **m.as_row(),
-            **({"baseline_fve": base.fve, "baseline_ce_spliced": base.ce_spliced} if base is not None else {})})
+            **({"baseline_fve": base.fve, "baseline_ce_spliced": base.ce_spliced} if base is not None else {})},
+            weights=not weights_stored)
         dict_ids.append(dict_id)
         summary["layers"][layer] = {
             "dict_id": dict_id, "l0": round(m.l0, 2), "fve": round(m.fve, 4), "ce_loss_recovered": round(m.ce_loss_recovered, 4),

@@ -123,9 +123,10 @@ def to_stored_precision(sae: "SAE") -> "SAE":
     return sae
 
 
-def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
+def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any], weights: bool = True) -> None:
     """Write one dictionary: the ``dictionaries`` row (``row`` + cfg JSON + run id, replacing any row with the
-    same ``dict_id``) and its weights as a safetensors blob in ``dictionary_weights`` (in :data:`STORED_DTYPE`)."""
+    same ``dict_id``) and its weights as a safetensors blob in ``dictionary_weights`` (in :data:`STORED_DTYPE`).
+    ``weights=False`` replaces the row only (a dictionary whose weights this run already stored, now evaluated)."""
     import pandas as pd
     from safetensors.torch import save
 
@@ -141,8 +142,10 @@ def save_dictionary(writer: Any, sae: "SAE", row: dict[str, Any]) -> None:
     full["kind"] = full["kind"] or ATTN_SAE
     full["d_in"], full["d_sae"] = int(sae.cfg.d_in), int(sae.cfg.d_sae)
     con.execute("DELETE FROM dictionaries WHERE dict_id = ?", [dict_id])
-    con.execute("DELETE FROM dictionary_weights WHERE dict_id = ?", [dict_id])
     writer.insert_df("dictionaries", pd.DataFrame([{k: v for k, v in full.items() if v is not None}]))
+    if not weights:
+        return
+    con.execute("DELETE FROM dictionary_weights WHERE dict_id = ?", [dict_id])
     import torch
 
     dtype = getattr(torch, STORED_DTYPE)
@@ -156,13 +159,14 @@ def load_dictionary(con: Any, dict_id: str) -> "SAE":
     return load_dictionaries(con, [dict_id])[dict_id]
 
 
-def load_dictionaries(con: Any, dict_ids: Sequence[str]) -> dict[str, "SAE"]:
+def load_dictionaries(con: Any, dict_ids: Sequence[str], cache: bool = True) -> dict[str, "SAE"]:
     """Rebuild the sae-lens SAEs stored under ``dict_ids`` (eval mode, float32, on the device of :func:`backend.model.device.resolve_device`), by dict_id.
 
     Reading a weights blob out of DuckDB runs at tens of MB/s here — seconds for the ~30 dictionaries of a graph —
     so each blob, once read, is also written to :data:`WEIGHTS_CACHE` as the safetensors file it already is, keyed by
     its dict_id and the run that wrote it (a dictionary rewritten by a later run gets a new run id, hence a new file);
-    later loads read that file from disk instead. Dictionaries without a run id are always read from the store.
+    later loads read that file from disk instead. Dictionaries without a run id, or all with ``cache=False`` (a run
+    reading back what it is writing), are always read from the store.
     """
     wanted = sorted(set(dict_ids))
     if not wanted:
@@ -175,7 +179,8 @@ def load_dictionaries(con: Any, dict_ids: Sequence[str]) -> dict[str, "SAE"]:
     if missing:
         raise StoreError(f"This store has no dictionary {missing[0]!r}: pick one listed on the home page, or re-run "
                          "the precompute.")
-    cached = {d: _cache_file(d, run_id, cfg) for d, (cfg, run_id, fmt) in found.items() if fmt == "safetensors"}
+    cached = {d: _cache_file(d, run_id, cfg) for d, (cfg, run_id, fmt) in found.items()
+              if fmt == "safetensors" and cache}
     device = str(resolve_device())
     out: dict[str, Any] = {}
     for d in wanted:

@@ -188,14 +188,16 @@ def _contributions(d: DictEntry, x: torch.Tensor, b_idx: torch.Tensor, p_idx: to
 @torch.no_grad()
 def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: torch.Tensor, corpus_id: str,
                    batch_size: int = 16, precollected: Mapping[Act, torch.Tensor] | None = None,
-                   logits: bool = True, desc: str = "Feature activations") -> dict[str, Any]:
+                   logits: bool = True, desc: str = "Feature activations",
+                   written: Callable[[DictEntry, int], None] | None = None) -> dict[str, Any]:
     """Compute and write all per-feature tables for ``dicts`` over ``tokens`` ``[n, n_ctx]`` (BOS at position 0).
 
     One forward pass per batch captures every dictionary's input at once (``stop_at_layer`` skips the layers above
     the highest one). If ``precollected`` already holds those inputs for *these* tokens, in
     :func:`backend.model.activations.collect`'s layout (``{(kind, layer): [n * (n_ctx - 1), d_in]}``, context-major, BOS
     dropped), no forward pass runs at all. ``logits=False`` skips ``feature_logits`` (its cost is one
-    ``[d_sae, d_model] @ [d_model, d_vocab]`` product per dictionary). Returns timings and row counts.
+    ``[d_sae, d_model] @ [d_model, d_vocab]`` product per dictionary). ``written(d, nonzeros)`` is called once each
+    dictionary's tables are complete. Returns timings and row counts.
     """
     n, n_ctx = tokens.shape
     n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
@@ -259,6 +261,8 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
             writer.insert_df("feature_logits", top_logits(model, d.sae, d.layer, kind=d.kind).assign(dict_id=d.dict_id))
         timings["logits_s"] += time.perf_counter() - t1
         timings["write_s"] += t1 - t0
+        if written is not None:
+            written(d, counts[d.dict_id])
     con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
     return {"tokens": int(n * n_ctx), "scored_tokens": int(rows_total), "nonzeros": counts,
             **{k: round(v, 2) for k, v in timings.items()}}
@@ -353,20 +357,32 @@ def _release(ctx: "RunContext", dicts: Sequence[DictEntry]) -> None:
         ctx.precollected = {a: v for a, v in ctx.precollected.items() if a not in used} or None
 
 
-def _step(ctx: "RunContext", kind: str, what: str, n_contexts: int | None, logits: bool = True) -> dict[str, Any] | None:
+def _step(ctx: "RunContext", step: str, kind: str, what: str, n_contexts: int | None,
+          logits: bool = True) -> dict[str, Any] | None:
     """Per-feature tables for this run's dictionaries of ``kind`` over the first ``n_contexts`` corpus contexts
-    (None: all), reusing and then freeing ``ctx.precollected``; None if the run has no such dictionary."""
+    (None: all), reusing and then freeing ``ctx.precollected``; None if the run has no such dictionary. Each
+    dictionary (one per layer) is a unit of work of ``step``: a resumed run scores only those not finished."""
     dicts = _run_dictionaries(ctx, kind)
     if not dicts:
         say(f"No {what}s in this run: skipping their feature step.")
         return None
     if ctx.contexts is None:
         raise InputError(f"The {what} feature step needs the corpus step to run first.")
+    todo = [d for d in dicts if not ctx.done(step, d.layer)]
+    if len(todo) < len(dicts):
+        say(f"Skipping the {what} features of layer(s) {', '.join(str(d.layer) for d in dicts if d not in todo)}: "
+            "the unfinished run had finished them")
     tokens = ctx.contexts.tokens[: n_contexts or None]
     n, n_ctx = tokens.shape
-    pre = _usable(ctx.precollected, dicts, n * (n_ctx - 1))
-    info = build_features(ctx.writer, ctx.model, dicts, tokens, ctx.corpus_id, ctx.preset.batch_size,
-                          precollected=pre, logits=logits, desc=f"{what[0].upper()}{what[1:]} feature activations")
+    pre = _usable(ctx.precollected, todo, n * (n_ctx - 1))
+
+    def written(d: DictEntry, nonzeros: int) -> None:
+        ctx.finish(step, d.layer, info={"dict_id": d.dict_id, "nonzeros": nonzeros})
+
+    info = build_features(ctx.writer, ctx.model, todo, tokens, ctx.corpus_id, ctx.preset.batch_size,
+                          precollected=pre, logits=logits, desc=f"{what[0].upper()}{what[1:]} feature activations",
+                          written=written) if todo else {"tokens": int(n * n_ctx), "scored_tokens": int(n * (n_ctx - 1))}
+    info["nonzeros"] = {d.dict_id: ctx.unit_info(step, d.layer)["nonzeros"] for d in dicts}
     info["reused_activations"] = pre is not None
     _release(ctx, dicts)
     return info
@@ -375,7 +391,7 @@ def _step(ctx: "RunContext", kind: str, what: str, n_contexts: int | None, logit
 def step_features(ctx: "RunContext") -> None:
     """Precompute step: per-feature data for every attention-SAE dictionary this run wrote, over every corpus context
     (see module docstring)."""
-    info = _step(ctx, "attn_sae", "attention SAE", None)
+    info = _step(ctx, "features", "attn_sae", "attention SAE", None)
     if info is not None:
         ctx.summary["features"] = info
 
@@ -384,7 +400,7 @@ def step_transcoder_features(ctx: "RunContext") -> None:
     """Precompute step: per-feature data (examples, statistics, histograms, logit effects if the preset stores them)
     for every transcoder this run wrote, over the first ``preset.features.transcoder_contexts`` corpus contexts (30
     layers x L0 ~30 nonzeros per token add up: the demo scores fewer tokens than for the attention SAEs)."""
-    info = _step(ctx, "transcoder", "transcoder", ctx.preset.features.transcoder_contexts,
+    info = _step(ctx, "transcoder_features", "transcoder", "transcoder", ctx.preset.features.transcoder_contexts,
                  logits=ctx.preset.features.transcoder_logits)
     if info is not None:
         ctx.summary["transcoder_features"] = info

@@ -38,12 +38,43 @@ class RunContext:
     # Activations an earlier step collected that a later one may reuse instead of a forward pass:
     # {(hook kind, layer): [n * (n_ctx - 1), d]} over the first n corpus contexts (backend.model.activations layout).
     precollected: "dict[Site, torch.Tensor] | None" = None
+    # Units of work this run already finished ((step, layer or None) -> (info, safetensors state or None)): a resumed
+    # run skips them and rebuilds what they left in memory from this and from the tables they wrote.
+    units: "dict[tuple[str, int | None], tuple[dict[str, Any], bytes | None]]" = field(default_factory=dict)
 
     @property
     def con(self) -> "duckdb.DuckDBPyConnection":
         """The run's writable connection."""
         assert self.writer.con is not None
         return self.writer.con
+
+    def done(self, step: str, layer: int | None = None) -> bool:
+        """Whether this run already finished ``step`` (its ``layer`` when given), before an interruption."""
+        return (step, layer) in self.units
+
+    def unit_info(self, step: str, layer: int | None = None) -> dict[str, Any]:
+        """The JSON facts a finished unit recorded (:meth:`finish`)."""
+        return self.units[(step, layer)][0]
+
+    def unit_tensors(self, step: str, layer: int | None = None) -> "dict[str, torch.Tensor]":
+        """The tensors a finished unit recorded (:meth:`finish`), on the CPU."""
+        from safetensors.torch import load
+
+        state = self.units[(step, layer)][1]
+        return {} if state is None else load(state)
+
+    def finish(self, step: str, layer: int | None = None, info: dict[str, Any] | None = None,
+               tensors: "dict[str, torch.Tensor] | None" = None) -> None:
+        """Record that ``step`` (its ``layer``, or all of it) finished, with the facts (JSON) and tensors a resumed run
+        needs from it, and make the run's writes so far durable."""
+        from safetensors.torch import save
+
+        import json
+
+        info = json.loads(json.dumps(info or {}, default=str))  # as a resumed run reads it back
+        state = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}) if tensors else None
+        self.writer.finish_unit(step, layer, info, state)
+        self.units[(step, layer)] = (info, state)
 
     @property
     def run_id(self) -> str:

@@ -5,10 +5,18 @@ run's :class:`~backend.store.access.StoreWriter`. Later capabilities (attention 
 steps to :data:`STEPS`; presets say how much work each step does. The whole run is swapped into the store
 only when every step succeeded (see :mod:`backend.store.access`), so an interrupted run loses nothing and a re-run
 simply starts again.
+
+A run can also be **resumed** (``resume=True``, ``precompute --resume``) after a crash or ``kill -9``: the writer
+records every finished step, and every finished layer of the steps that work layer by layer, in its staging copy
+(:meth:`~backend.store.access.StoreWriter.finish_unit`); a resumed run skips them and rebuilds the in-memory state
+later steps read (the corpus contexts, the summary) from what the unfinished run wrote. Each layer's randomness
+depends only on its step and layer (seeds), so a resumed run writes what an uninterrupted one would
+(``docs/design.md``, "Resumable runs").
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -107,6 +115,27 @@ def step_corpus(ctx: RunContext) -> None:
     ctx.summary["corpus"] = {"corpus_id": ctx.corpus_id, "contexts": n, "tokens": n * n_ctx, "mean_loss": mean_loss}
 
 
+def restore_corpus(ctx: RunContext) -> None:
+    """Rebuild ``ctx.contexts`` and ``ctx.corpus_id`` of a resumed run from the corpus its corpus step stored."""
+    import torch
+
+    from backend.inputs.corpus import Contexts
+
+    rows = ctx.con.execute("SELECT corpus_id, source, n_contexts, n_ctx FROM corpora WHERE run_id = ?",
+                           [ctx.run_id]).fetchall()
+    if not rows:
+        raise InputError(f"The unfinished run {ctx.run_id} recorded its corpus step but holds no corpus: run the "
+                         "precompute without --resume to start afresh.")
+    corpus_id, source, n, n_ctx = rows[0]
+    ids = ctx.con.execute("SELECT token_id FROM tokens WHERE corpus_id = ? ORDER BY context_id, pos",
+                          [corpus_id]).fetchnumpy()["token_id"]
+    doc_ids = [r[0] for r in ctx.con.execute("SELECT doc_id FROM contexts WHERE corpus_id = ? ORDER BY context_id",
+                                             [corpus_id]).fetchall()]
+    ctx.corpus_id = corpus_id
+    ctx.contexts = Contexts(tokens=torch.from_numpy(ids.astype("int64")).reshape(n, n_ctx), doc_ids=doc_ids,
+                            corpus=source)
+
+
 def step_tasks(ctx: RunContext) -> None:
     """Run every built-in task on clean and corrupted prompts and store the metric of each."""
     import torch
@@ -164,6 +193,7 @@ def precompute(
     saes: list[str] | None = None,
     transcoders: list[str] | None = None,
     transcoder_layers: str | None = None,
+    resume: bool = False,
 ) -> str:
     """Build (or add a run to) the store at ``store_path``; returns the run id.
 
@@ -171,7 +201,8 @@ def precompute(
     attention SAEs to import instead of training: sae-lens release names (one SAE per selected layer, id
     ``blocks.L.hook_z``) or sae-lens-format directories. ``transcoders`` likewise imports transcoders instead of
     training them (sae-lens releases, ``RELEASE:SAE_ID``, or directories); ``transcoder_layers`` overrides the preset's
-    transcoder layer selection (same syntax as ``layers``, which does not affect transcoders).
+    transcoder layer selection (same syntax as ``layers``, which does not affect transcoders). ``resume`` continues
+    the unfinished run a crash left for this store, given the same options (one StoreError sentence otherwise).
     """
     from backend.model.registry import get_spec, load_model
     from backend.store.access import StoreWriter, check_writable
@@ -192,15 +223,64 @@ def precompute(
         model = load_model(model_name, progress=say)
     params = {"preset": asdict(chosen), "layers": layer_list, "corpus": corpus_source, "saes": list(saes or []),
               "transcoder_layers": tc_layers, "transcoders": list(transcoders or [])}
-    with StoreWriter(store_path, kind="precompute", model=spec.name, preset=chosen.name, params=params) as writer:
-        ctx = RunContext(model=model, spec=spec, writer=writer, preset=chosen, layers=layer_list,
-                         corpus_source=corpus_source, sae_sources=list(saes or []), transcoder_layers=tc_layers,
-                         transcoder_sources=list(transcoders or []))
-        for name, step in STEPS:
-            t = time.perf_counter()
-            step(ctx)
-            ctx.summary.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t, 2)
-        ctx.summary["seconds"] = round(time.perf_counter() - t0, 2)
-        writer.summary = ctx.summary
+    writer = StoreWriter(store_path, kind="precompute", model=spec.name, preset=chosen.name, params=params,
+                         resume=resume)
+    try:
+        with writer:
+            ctx = RunContext(model=model, spec=spec, writer=writer, preset=chosen, layers=layer_list,
+                             corpus_source=corpus_source, sae_sources=list(saes or []), transcoder_layers=tc_layers,
+                             transcoder_sources=list(transcoders or []))
+            if writer.discarded:
+                say(f"Deleted the unfinished run(s) {', '.join(writer.discarded)} of this store (--resume would have "
+                    "continued it)")
+            _restore(ctx)
+            before = float(ctx.summary.get("seconds", 0.0))  # the unfinished run's own time, when resumed
+            for name, step in STEPS:
+                if writer.resumed_complete or ctx.done(name):
+                    say(f"Skipping the {name} step: the unfinished run had finished it")
+                    continue
+                t = time.perf_counter()
+                _seed(name)
+                step(ctx)
+                ctx.summary.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t, 2)
+                ctx.summary["seconds"] = round(before + time.perf_counter() - t0, 2)
+                ctx.finish(name, info={"summary": ctx.summary})
+            writer.summary = ctx.summary
+    except BaseException:
+        if writer.kept_unfinished:
+            say(f"The unfinished run {writer.run_id} is kept beside the store: run the same command with --resume to "
+                "continue it")
+        raise
     say(f"Run {writer.run_id} written to {store_path} in {time.perf_counter() - t0:.0f} s")
     return writer.run_id
+
+
+def _seed(step: str, layer: int | None = None) -> None:
+    """Seed torch's global generator from (step, layer) alone, so that whatever draws from it in a unit of work draws
+    the same numbers whether or not earlier units ran in this process (steps also seed their own generators)."""
+    import zlib
+
+    import torch
+
+    torch.manual_seed(zlib.crc32(f"{step}:{layer}".encode()))
+
+
+def _restore(ctx: RunContext) -> None:
+    """For a resumed run: say what is skipped, and rebuild the summary and the corpus contexts from what the
+    unfinished run recorded and wrote (activations it held in memory are not rebuilt: steps collect them again)."""
+    if not ctx.writer.resumed:
+        return
+    ctx.units = {(step, layer): (info, state) for step, layer, info, state in ctx.writer.finished_units()}
+    steps = [step for step, layer in ctx.units if layer is None]
+    layers = sorted(f"{step} L{layer}" for step, layer in ctx.units if layer is not None and step not in steps)
+    say(f"Resuming run {ctx.run_id}: finished steps {', '.join(steps) or 'none'}"
+        + (f"; finished layers of the next step: {', '.join(layers)}" if layers else ""))
+    if ctx.writer.resumed_complete:
+        import json
+
+        raw = ctx.con.execute("SELECT summary FROM runs WHERE run_id = ?", [ctx.run_id]).fetchall()[0][0]
+        ctx.summary = json.loads(raw or "{}")
+    elif steps:
+        ctx.summary = copy.deepcopy(ctx.unit_info(steps[-1])["summary"])
+    if ctx.done("corpus") or ctx.writer.resumed_complete:
+        restore_corpus(ctx)

@@ -7,8 +7,12 @@ Design (DuckDB allows one writer process per file, and a writer excludes readers
   temporary file beside it, writes the new run there, checkpoints, fsyncs and then ``os.replace``\\ s it over
   the live path. The rename is atomic on POSIX: a reader sees either the old file or the new one, never a
   half-written run; readers that already hold the old file keep reading it (their open inode stays valid).
-* ``kill -9`` at any point leaves the live file untouched; the next writer deletes the orphaned temporary
-  file and starts the run again ("restart cleanly"). A lock file (``flock``) keeps two writers apart.
+* ``kill -9`` at any point leaves the live file untouched. The next writer either deletes the orphaned temporary
+  file and starts its run afresh, or, with ``resume=True`` (``precompute --resume``), reopens it and goes on: the
+  temporary file records each finished unit of work (a step, or one layer of a step) in a progress table, made
+  durable with a DuckDB ``CHECKPOINT`` as each unit finishes, and is refused in one sentence when its options differ
+  or the live store was replaced since it was copied. The progress table is dropped at commit. A lock file
+  (``flock``) keeps two writers apart.
 * A store path that is a symlink is resolved first: the writer writes beside the real file, swaps the real file and
   locks the real file's lock, so writers through the link and through the real path exclude each other.
 
@@ -265,6 +269,16 @@ def _name_max(directory: Path) -> int:
     return 255
 
 
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": leaf}`` (the options of a run, to name which ones differ)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def _lock_path(real: Path) -> Path:
     return real.parent / f"{_temp_prefix(real)}lock"
 
@@ -341,7 +355,8 @@ class StoreWriter:
     the live store is exactly as before.
     """
 
-    def __init__(self, path: str | Path, kind: str, model: str, preset: str = "", params: dict[str, Any] | None = None):
+    def __init__(self, path: str | Path, kind: str, model: str, preset: str = "", params: dict[str, Any] | None = None,
+                 resume: bool = False):
         # The real file: writing through a symlink must replace the file it points to (not the link) and take that
         # file's lock, or writers through the link and through the real path would run at once.
         self.link = Path(path)
@@ -353,6 +368,11 @@ class StoreWriter:
         self._lock_fh: Any = None
         self.con: duckdb.DuckDBPyConnection | None = None
         self._started = datetime.now(timezone.utc)
+        self.resume = resume
+        self.resumed = False  # set by __enter__ when it reopened an unfinished run
+        self.resumed_complete = False  # ... that was already marked complete (stopped while being swapped in)
+        self.discarded: list[str] = []  # run ids of unfinished runs a fresh start deleted
+        self.kept_unfinished = False  # a unit finished: a failing run keeps its temporary file for --resume
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
@@ -367,8 +387,16 @@ class StoreWriter:
             self._lock_fh.close()
             raise StoreError(f"Another precompute is writing {literal(self.link)}: wait for it to finish, or stop "
                              "it.") from None
-        self._remove_orphans()
+        if self.resume:
+            try:
+                self._reopen_unfinished()
+            except BaseException:
+                self._keep()  # the unfinished run stays as it was: it can still be resumed with the right options
+                raise
+            return self
+        self.discarded = self._remove_orphans()
         try:
+            base = self._base_stamp()
             if self.path.exists():
                 # Validate before copying: never build a run on top of a corrupt, newer-schema or hostile file (a
                 # view in it would otherwise run on the copying connection, which has file access).
@@ -376,6 +404,8 @@ class StoreWriter:
                 self._copy_live_to_tmp()
             self.con = duckdb.connect(str(self.tmp))
             self._ensure_schema()
+            self.con.execute(schema.PROGRESS_DDL)
+            self.con.execute("INSERT OR REPLACE INTO meta VALUES ('resume_base', ?)", [base])
             self.con.execute(
                 "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, NULL, NULL)",
                 [self.run_id, self.kind, self.model, self.preset, json.dumps(self.params), self._started],
@@ -389,7 +419,10 @@ class StoreWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
-            self._discard()
+            if self.kept_unfinished:
+                self._keep()  # the finished units survive an exception too (Ctrl-C, out of memory, a full disk)
+            else:
+                self._discard()
             if isinstance(exc, (OSError, duckdb.IOException)):
                 # A full disk or a vanished directory while the run was written: the live store was never touched.
                 raise self._failed(exc) from None
@@ -397,7 +430,10 @@ class StoreWriter:
         try:
             self.commit()
         except (OSError, duckdb.IOException) as err:
-            self._discard()
+            if self.kept_unfinished:
+                self._keep()
+            else:
+                self._discard()
             raise self._failed(err) from None
 
     def _failed(self, exc: BaseException) -> StoreError:
@@ -423,6 +459,9 @@ class StoreWriter:
             "UPDATE runs SET status = 'complete', finished_at = ?, seconds = ?, summary = ? WHERE run_id = ?",
             [finished, (finished - self._started).total_seconds(), json.dumps(getattr(self, "summary", {})), self.run_id],
         )
+        # What only a resumed run needs: no committed store holds it.
+        self.con.execute(f"DROP TABLE IF EXISTS {schema.PROGRESS_TABLE}")
+        self.con.execute("DELETE FROM meta WHERE key = 'resume_base'")
         # Saves listed since this run copied the store are folded into the copy before it replaces the store, under
         # the saves lock so that none can be listed between the fold and the swap (backend.store.saves).
         with saves.manifest_lock(self.path):
@@ -498,21 +537,110 @@ class StoreWriter:
         if version is None:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", [self._started.isoformat()])
 
-    def _remove_orphans(self) -> None:
-        # Left by a writer killed mid-run: we hold the lock, so no live writer owns them.
+    def _remove_orphans(self, keep: Path | None = None) -> list[str]:
+        """Delete what writers killed mid-run left (we hold the lock, so no live writer owns them), except the
+        temporary file ``keep`` and its WAL; returns the run ids of the unfinished runs deleted."""
+        kept = {keep.name, f"{keep.name}.wal"} if keep is not None else set()
+        gone = []
         for p in self.path.parent.glob(f"{_temp_prefix(self.path)}*.tmp*"):
+            if p.name in kept:
+                continue
+            if p.name.endswith(".tmp"):
+                gone.append(p.name[len(_temp_prefix(self.path)) : -len(".tmp")])
             p.unlink(missing_ok=True)
+        return gone
+
+    def _base_stamp(self) -> str:
+        """The live file a run is copied from, as a string (inode, size, modification time; ``none`` when there is
+        no store yet): a resumed run must be swapped over that same file, not over one put there meanwhile."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return "none"
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+    def _reopen_unfinished(self) -> None:
+        """Reopen the temporary file of the run a killed writer left, if its kind, model, preset and parameters are
+        this writer's and the live store is the one it was copied from; one StoreError sentence otherwise."""
+        prefix = _temp_prefix(self.path)
+        found = sorted(p for p in self.path.parent.glob(f"{prefix}*.tmp") if p.is_file())
+        if not found:
+            raise StoreError(f"There is no unfinished run of {literal(self.link)} to resume: run the precompute "
+                             "without --resume.")
+        tmp = found[-1]  # run ids start with their UTC start time: the latest
+        run_id = tmp.name[len(prefix) : -len(".tmp")]
+        damaged = (f"The unfinished run {literal(run_id)} of {literal(self.link)} cannot be resumed (its temporary "
+                   f"file is damaged): run the precompute without --resume to start afresh.")
+        try:
+            open_store(tmp).close()  # views, macros, a newer schema: refused before a writable connection opens it
+            self.con = duckdb.connect(str(tmp))
+            rows = self.con.execute("SELECT kind, model, preset, params, status, started_at FROM runs WHERE run_id = ?",
+                                    [run_id]).fetchall()
+            base = self.con.execute("SELECT value FROM meta WHERE key = 'resume_base'").fetchall()
+        except (StoreError, duckdb.Error):
+            raise StoreError(damaged) from None
+        if not rows:
+            raise StoreError(damaged)
+        kind, model, preset, params, status, started = rows[0]
+        given = {"kind": self.kind, "model": self.model, "preset name": self.preset,
+                 **_flat(json.loads(json.dumps(self.params)))}
+        recorded = {"kind": kind, "model": model, "preset name": preset, **_flat(json.loads(params or "{}"))}
+        differ = sorted(k for k in given.keys() | recorded.keys() if given.get(k) != recorded.get(k))
+        if differ:
+            raise StoreError(f"The unfinished run {literal(run_id)} of {literal(self.link)} was started with other "
+                             f"options ({', '.join(differ)} differ): give the same options to resume it, or leave out "
+                             "--resume to start afresh.")
+        if not base or base[0][0] != self._base_stamp():
+            raise StoreError(f"The store {literal(self.link)} was replaced after the unfinished run {literal(run_id)} "
+                             "started, so that run cannot be swapped in: leave out --resume to start afresh.")
+        self._remove_orphans(keep=tmp)
+        self.con.execute(schema.PROGRESS_DDL)
+        self.kept_unfinished = True
+        self.tmp, self.run_id, self.resumed = tmp, run_id, True
+        self.resumed_complete = status == "complete"
+        self._started = started.replace(tzinfo=timezone.utc) if started.tzinfo is None else started
+
+    # -- progress of the run (what a resumed run skips) ---------------------------------------------------
+    def finished_units(self) -> list[tuple[str, int | None, dict[str, Any], bytes | None]]:
+        """The units of work this run finished so far, in the order they finished: ``(step, layer or None, info,
+        state blob or None)``."""
+        assert self.con is not None
+        rows = self.con.execute(f"SELECT step, layer, info, state FROM {schema.PROGRESS_TABLE} WHERE run_id = ? "
+                                "ORDER BY finished_at", [self.run_id]).fetchall()
+        return [(step, layer, json.loads(info or "{}"), None if state is None else bytes(state))
+                for step, layer, info, state in rows]
+
+    def finish_unit(self, step: str, layer: int | None = None, info: dict[str, Any] | None = None,
+                    state: bytes | None = None) -> None:
+        """Record that ``step`` (``layer`` of it, or all of it when None) finished, and make everything the run wrote
+        so far durable (a ``kill -9`` afterwards loses none of it)."""
+        assert self.con is not None
+        self.con.execute(f"DELETE FROM {schema.PROGRESS_TABLE} WHERE run_id = ? AND step = ? "
+                         "AND layer IS NOT DISTINCT FROM ?", [self.run_id, step, layer])
+        self.con.execute(f"INSERT INTO {schema.PROGRESS_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
+                         [self.run_id, step, layer, datetime.now(timezone.utc), json.dumps(info or {}, default=str),
+                          state])
+        self.con.execute("CHECKPOINT")
+        self.kept_unfinished = True
 
     def _discard(self) -> None:
+        self._close()
+        for p in self.path.parent.glob(f"{self.tmp.name}*"):  # the file and its .wal, before the lock is released
+            p.unlink(missing_ok=True)
+        self._release()
+
+    def _keep(self) -> None:
+        """Close the run's connection and release the lock, leaving its temporary file (for ``--resume``)."""
+        self._close()
+        self._release()
+
+    def _close(self) -> None:
         if self.con is not None:
             try:
                 self.con.close()
             except duckdb.Error:
                 pass
             self.con = None
-        for p in self.path.parent.glob(f"{self.tmp.name}*"):  # the file and its .wal
-            p.unlink(missing_ok=True)
-        self._release()
 
     def _release(self) -> None:
         if self._lock_fh is not None:

@@ -207,6 +207,14 @@ EXPECTED_TABLES: frozenset[str] = frozenset(
     stmt.split("EXISTS ", 1)[1].split(" ", 1)[0].strip() for stmt in DDL
 )
 
+# The progress of the run a writer is building, kept only in its staging copy (backend.store.access.StoreWriter) and
+# dropped when the run is committed, so no committed store has it and the schema version does not change. One row per
+# finished unit of work: a step as a whole (layer NULL) or one layer of a step that works layer by layer, with what
+# a resumed run needs to go on from it (``info``: JSON; ``state``: a safetensors blob of tensors, never pickle).
+PROGRESS_TABLE = "run_progress"
+PROGRESS_DDL = (f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} (run_id VARCHAR, step VARCHAR, layer INTEGER, "
+                "finished_at TIMESTAMP, info JSON, state BLOB)")
+
 # Tables every store has had since schema v1 and that opening a store reads (backend.store.queries.summary): a store
 # without one of them is damaged or was not written by circuitscope.
 CORE_TABLES: frozenset[str] = frozenset({"meta", "runs", "models", "corpora", "dictionaries", "task_baselines"})
