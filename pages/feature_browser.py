@@ -168,12 +168,12 @@ def _strip(tokens: list[str], acts: list[float], vmax: float) -> str:
     return token_html.token_strip_html(list(tokens), [float(a) for a in acts], vmax=vmax, label="act")
 
 
-def _examples(df: pd.DataFrame, vmax: float) -> None:
+def _examples(df: pd.DataFrame, vmax: float, section: str) -> None:
     for _, row in df.iterrows():
         st.caption(f"act **{row['act']:.3f}** · context {int(row['context_id'])}, position {int(row['pos'])}")
         positions = [int(p) for p in row["positions"]]
         # whole numbers only in the attributes: the browser tests read each example's window from them
-        st.html(f'<div data-testid="fb-example" data-context="{int(row["context_id"])}" data-pos="{int(row["pos"])}" '
+        st.html(f'<div data-testid="fb-example" data-section="{section}" data-context="{int(row["context_id"])}" data-pos="{int(row["pos"])}" '
                 f'data-first="{min(positions)}" data-last="{max(positions)}">'
                 + _strip(row["tokens"], row["acts"], vmax) + "</div>")
 
@@ -393,13 +393,13 @@ def dashboard(ctx: shell.PageContext, dict_id: str, feature: int) -> None:
                 _invariant(ctx, int(s["layer"]), feature)
         st.markdown(f"#### Top {TOP_K} activations")
         st.caption("One example per passage: no two windows shown overlap in the same context.")
-        _examples(ctx.store.query(feature_queries.feature_top_examples, dict_id, feature, TOP_K), vmax)
+        _examples(ctx.store.query(feature_queries.feature_top_examples, dict_id, feature, TOP_K), vmax, "top")
         with st.expander("Examples from each activation interval"):
             quant = ctx.store.query(feature_queries.feature_quantile_examples, dict_id, feature, N_INTERVALS, PER_INTERVAL)
             for interval, part in quant.groupby("interval", sort=False):
                 lo, hi = int(interval) / N_INTERVALS * vmax, (int(interval) + 1) / N_INTERVALS * vmax
                 st.markdown(f"**Interval {int(interval) + 1} of {N_INTERVALS}** (activation {lo:.3f} – {hi:.3f})")
-                _examples(part, vmax)
+                _examples(part, vmax, "interval")
     st.markdown("#### Direct logit effects")
     logits = ctx.store.query(feature_queries.feature_logits, dict_id, feature)
     if logits.empty:  # presets may skip storing them (30 transcoder layers cost ~50 s): one feature's is instant
