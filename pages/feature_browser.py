@@ -291,8 +291,8 @@ def _flags(ctx: shell.PageContext, dict_id: str, feature: int) -> None:
                    f"{feature_queries.DENSE_ABOVE:.0%}), so its top examples show little of what it detects.")
     if flags["outlier"]:
         st.warning(f"Outlier activation: its maximum {flags['max_act']:.3f} is over "
-                   f"{feature_queries.OUTLIER_RATIO:g}× the median of its top activations ({flags['typical_top']:.3f}); "
-                   "the shading of the other examples is relative to that one token.")
+                   f"{feature_queries.OUTLIER_RATIO:g}× its next largest ({flags['second']:.3f}); the shading of the "
+                   "other examples is relative to that one token.")
 
 
 def _own_text(ctx: shell.PageContext, dict_id: str, layer: int, kind: str, feature: int, vmax: float) -> None:

@@ -108,7 +108,7 @@ def feature_detail(con: "duckdb.DuckDBPyConnection", dict_id: str, feature: int)
         "mean_act": finite(s["mean_act"]),
         "histogram": {"lo": [float(v) for v in hist["lo"]], "hi": [float(v) for v in hist["hi"]],
                       "count": [int(v) for v in hist["count"]]},
-        "dense": flags["dense"], "outlier": flags["outlier"], "typical_top_act": finite(flags["typical_top"]),
+        "dense": flags["dense"], "outlier": flags["outlier"], "second_act": finite(flags["second"]),
         "examples_quantiles": quantiles,
     }
 

@@ -21,9 +21,11 @@ TOP_CANDIDATES = 200  # largest activations of a feature considered for its dist
 # A feature firing on more than this share of scored tokens is flagged dense: at one token in ten it fires on most
 # sentences, so its top examples say little about what it detects (docs/methods.md, "Dense and outlier features").
 DENSE_ABOVE = 0.10
-# Flagged as an outlier when its max activation exceeds this multiple of the median of its top activations: the
-# colour scale of its examples is then set by one token, and that token may be a glitch (docs/methods.md).
-OUTLIER_RATIO = 3.0
+# Flagged as an outlier when its max activation exceeds this multiple of its second-largest one (and it fired at least
+# OUTLIER_MIN_ACTIVE times): the colour scale of its examples is then set by one token far above every other, and that
+# token may be a glitch (docs/methods.md).
+OUTLIER_RATIO = 2.0
+OUTLIER_MIN_ACTIVE = 20
 
 
 def distinct_neighbourhoods(candidates: str, span: int, group: str = "") -> str:
@@ -167,15 +169,17 @@ def features_by_head(con: duckdb.DuckDBPyConnection, dict_id: str, head: int, li
 
 def feature_flags(con: duckdb.DuckDBPyConnection, dict_id: str, feature: int) -> dict[str, Any]:
     """Warnings for a feature's dashboard: ``dense`` (density above :data:`DENSE_ABOVE`), ``outlier`` (max activation
-    above :data:`OUTLIER_RATIO` times ``typical_top``, the median of its stored top activations), with the figures."""
+    above :data:`OUTLIER_RATIO` times ``second``, its second-largest activation, when it fired at least
+    :data:`OUTLIER_MIN_ACTIVE` times), with the figures."""
     rows = con.execute("""
-        SELECT f.density, f.max_act, (SELECT median(e.act) FROM feature_examples e
-                                      WHERE e.dict_id = f.dict_id AND e.feature = f.feature) AS typical_top
+        SELECT f.density, f.max_act, f.n_active, (SELECT max(e.act) FROM feature_examples e
+                                                  WHERE e.dict_id = f.dict_id AND e.feature = f.feature
+                                                    AND e.rank = 2) AS second
         FROM features f WHERE f.dict_id = ? AND f.feature = ?""", [dict_id, int(feature)]).fetchall()
-    density, max_act, typical = rows[0] if rows else (None, None, None)
+    density, max_act, n_active, second = rows[0] if rows else (None, None, 0, None)
     return {"dense": bool(density is not None and density > DENSE_ABOVE),
-            "outlier": bool(typical and max_act is not None and max_act > OUTLIER_RATIO * typical),
-            "density": density, "max_act": max_act, "typical_top": typical}
+            "outlier": bool(second and (n_active or 0) >= OUTLIER_MIN_ACTIVE and max_act > OUTLIER_RATIO * second),
+            "density": density, "max_act": max_act, "second": second}
 
 
 def features_by_token(con: duckdb.DuckDBPyConnection, dict_id: str, text: str, limit: int = 200,
