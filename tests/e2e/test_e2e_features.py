@@ -205,3 +205,68 @@ def test_your_own_text_shows_the_features_activation_per_token(tab: Tab, e2e_sto
         assert shown == pytest.approx(float(acts[i - 1, feature]), abs=6e-4), (i, title)
     assert strip.locator("img").count() == 0 and "<img src=x" in strip.inner_text()
     assert tab.problems() == []
+
+
+def test_dense_and_outlier_features_are_flagged(tab: Tab, e2e_stores: Path) -> None:
+    store = _store(e2e_stores)
+    with reading(store) as con:
+        dense = con.execute("SELECT dict_id, feature, density FROM features WHERE density > 0.1 ORDER BY density DESC "
+                            "LIMIT 1").fetchall()[0]
+        sparse = con.execute("SELECT dict_id, feature FROM features WHERE n_active >= 5 AND density < 0.05 "
+                             "ORDER BY dict_id, feature LIMIT 1").fetchall()[0]
+        # an outlier by the documented rule, computed here: fired >= 20 times, max over twice the second largest
+        outlier = con.execute("""
+            SELECT dict_id, feature FROM (
+                SELECT dict_id, feature, count(*) AS n, max(act) AS m1,
+                       list(act ORDER BY act DESC)[2] AS m2 FROM feature_activations GROUP BY ALL)
+            WHERE n >= 20 AND m1 > 2 * m2 ORDER BY dict_id, feature LIMIT 1""").fetchall()
+    tab.open("feature_browser", dict=dense[0], feature=str(dense[1]))
+    warning = tab.wait_for_alert("Warning", "Dense feature")
+    assert f"{dense[2]:.0%}" in warning
+    tab.open("feature_browser", dict=sparse[0], feature=str(sparse[1]))
+    _subheader(tab, int(sparse[1])).wait_for(state="visible")
+    assert not [w for w in tab.alerts("Warning") if "Dense feature" in w]
+    if outlier:  # the random tiny model may have none; the rule itself is unit-tested in tests/features
+        tab.open("feature_browser", dict=outlier[0][0], feature=str(outlier[0][1]))
+        tab.wait_for_alert("Warning", "Outlier activation")
+    assert tab.problems() == []
+
+
+def test_whole_token_search_and_one_click_from_the_list(tab: Tab, e2e_stores: Path) -> None:
+    store = _store(e2e_stores)
+    dict_id = _attn_dict(store)
+    with reading(store) as con:
+        rows = con.execute("""
+            SELECT e.feature, v.token_str FROM feature_examples e JOIN tokens t USING (corpus_id, context_id, pos)
+            JOIN vocab v ON v.token_id = t.token_id WHERE e.dict_id = ?""", [dict_id]).fetchall()
+    # a word whose prefix is a different token somewhere: substring search finds more features than whole-token
+    words = sorted({s.strip() for _, s in rows if len(s.strip()) >= 3})
+    def found(prefix: str, whole: bool) -> set[int]:
+        return {int(f) for f, s in rows if (s.strip().lower() == prefix.lower() if whole else
+                                            prefix.lower() in s.lower())}
+
+    # prefer a prefix that is itself a token somewhere, so that the whole-token list has a row to click
+    pairs = sorted(((w, w[:-1]) for w in words if found(w[:-1], True) != found(w[:-1], False)),
+                   key=lambda p: (not found(p[1], True), p[0]))
+    prefix = pairs[0][1]
+    whole, partial = found(prefix, True), found(prefix, False)
+    tab.open("feature_browser", dict=dict_id, feature="0")
+    tab.page.get_by_text("By token text").click()
+    box = tab.page.get_by_role("textbox", name="Token text contains")
+    box.fill(prefix)
+    box.press("Enter")
+    tab.page.locator(f'{MAIN} [data-testid="stDataFrame"]').first.wait_for(state="visible")  # substring: found
+    tab.wait_idle()
+    assert len(partial) > len(whole)
+    tab.page.get_by_text("Whole token only").click()
+    tab.wait_idle()
+    if whole:
+        _click_first_row(tab)  # one click opens the feature; the list stays on screen
+        tab.page.locator(f"{MAIN} h3", has_text="Feature ").first.wait_for(state="visible")
+        tab.wait_idle()
+        assert int(query_param(tab.page.url, "feature")) in whole
+        assert tab.page.locator(f'{MAIN} [data-testid="stDataFrame"]').count() >= 1
+    else:
+        message = tab.wait_for_alert("Info", "that is")
+        assert prefix in message
+    assert tab.problems() == []
