@@ -65,6 +65,7 @@ def test_label_search_finds_a_feature_and_opens_it_in_one_click(tab: Tab, e2e_st
     box.press("Enter")
     tab.page.locator(MAIN, has_text="Automatic labels are computed offline").first.wait_for(state="visible")
     _click_first_row(tab)
+    tab.page.wait_for_function("(d) => new URLSearchParams(location.search).get('dict') === d", arg=dict_id)
     _subheader(tab, feature).wait_for(state="visible")
     tab.wait_idle()
     assert f"layer {layer} MLP transcoder" in _subheader(tab, feature).inner_text()
@@ -262,9 +263,11 @@ def test_whole_token_search_and_one_click_from_the_list(tab: Tab, e2e_stores: Pa
     tab.wait_idle()
     if whole:
         _click_first_row(tab)  # one click opens the feature; the list stays on screen
-        tab.page.locator(f"{MAIN} h3", has_text="Feature ").first.wait_for(state="visible")
+        tab.page.wait_for_function("(want) => want.includes(new URLSearchParams(location.search).get('feature'))",
+                                   arg=[str(f) for f in whole])
+        opened = int(query_param(tab.page.url, "feature"))
+        _subheader(tab, opened).wait_for(state="visible")
         tab.wait_idle()
-        assert int(query_param(tab.page.url, "feature")) in whole
         assert tab.page.locator(f'{MAIN} [data-testid="stDataFrame"]').count() >= 1
     else:
         message = tab.wait_for_alert("Info", "that is")
