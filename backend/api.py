@@ -17,9 +17,9 @@
     ws.export_sae(dict_id, "exported-sae/")             # sae-lens directory (SAE.load_from_disk reads it)
     ws.feature_on_text(dict_id, 7, "Paris is lovely")   # one feature's activation on each token of your text
 
-The store is opened read-only for every call; only :meth:`Workspace.save_graph`, :meth:`Workspace.set_label`,
-:meth:`Workspace.add_automatic_labels` and :meth:`Workspace.compare` with ``save=True`` write (beside the store, never
-copying it). The model and the dictionaries load on first use, on the
+The store is opened read-only for every call; only :meth:`Workspace.save_graph`, :meth:`Workspace.set_label` and
+:meth:`Workspace.compare` with ``save=True`` write (beside the store, never copying it), and
+:meth:`Workspace.add_automatic_labels` (a run of kind ``label``, which copies the store as every run does). The model and the dictionaries load on first use, on the
 device :mod:`backend.model.device` chooses (``device=`` overrides it).
 """
 
@@ -106,7 +106,7 @@ class Workspace:
         return save_user_label(self.store, dict_id, feature, text)
 
     def add_automatic_labels(self) -> int:
-        """Compute every feature's automatic label and save them beside the store; returns how many."""
+        """Compute every feature's automatic label and write them into the store (a run of kind ``label``)."""
         from backend.features.labels import label_store
 
         return label_store(self.store)

@@ -155,8 +155,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="greedy continuation of N tokens with and without the interventions (live model only)")
     iv.add_argument("--top-k", type=_whole(1, MAX_TOP_K), default=5, help="next tokens listed (default 5)")
 
-    lb = sub.add_parser("label", help="add the automatic feature labels to an existing store (a save beside it), or "
-                                      "write your own label of one feature")
+    lb = sub.add_parser("label", help="add the automatic feature labels to an existing store (a small run, no "
+                                      "rebuild), or write your own label of one feature (a save beside the store)")
     lb.add_argument("--store", required=True, help="path of the .duckdb store")
     lb.add_argument("--dict", default=None, dest="dict_id", help="with --feature and --set: the feature's dictionary")
     lb.add_argument("--feature", type=_whole(0, 10**9), default=None, help="the feature index")
@@ -413,7 +413,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         if args.dict_id is not None or args.feature is not None:
             raise InputError("--dict and --feature go with --set TEXT (your label of that feature).")
         n = label_store(args.store)
-        print(f"{args.store}: automatic labels of {n:,} features saved beside the store")
+        print(f"{args.store}: automatic labels of {n:,} features written (a run of kind 'label')")
         return 0
     if args.dict_id is None or args.feature is None:
         raise InputError("--set needs --dict DICT_ID and --feature INDEX: the feature to label.")

@@ -6,7 +6,9 @@ users write, which are preferred wherever a label is shown.
   distinct_neighbourhoods`), the one or two tokens it fires on most often, the token before them when most examples
   share it, and the output token it promotes most, e.g. ``"Paris" / "London" after "of" → "France"``. It says what
   the feature's statistics show, not what it means: pages mark it as automatic. Written by the precompute's
-  ``labels`` step, or added to an existing store as a save (:func:`label_store`, ``python -m backend label``).
+  ``labels`` step, or added to an existing store by a small run of its own (:func:`label_store`, ``python -m backend
+  label``): not a save, because a precompute folds saves in after its own steps, so labels saved earlier would
+  replace the ones it just computed for retrained dictionaries.
 * **User labels** (:func:`save_user_label`) are saves beside the store (``user_labels``, one row per feature, a newer
   save replacing an older one); an empty label removes the user's label.
 * :func:`feature_label`, :func:`search_labels` and :func:`label_nodes` read the label a feature shows: the user's,
@@ -109,19 +111,21 @@ def step_labels(ctx: "RunContext") -> None:
 
 
 def label_store(store_path: str | Path) -> int:
-    """Add (or refresh) the automatic labels of every dictionary of an existing store, as a save beside it (no
-    rebuild, no copy of the store; a newer labelling replaces an older one dictionary by dictionary). Returns how many
-    features were labelled."""
-    from backend.store.access import reading
+    """Add (or refresh) the automatic labels of every dictionary of an existing store without rebuilding it: one run of
+    kind ``label`` through the store's writer (the file is copied, labelled and swapped in atomically, as any run;
+    readers keep serving meanwhile). Returns how many features were labelled."""
+    from backend.store.access import StoreWriter, reading
 
     with reading(store_path) as con:
-        labels = automatic_labels(con)
+        if not con.execute("SELECT count(*) FROM feature_examples").fetchall()[0][0]:
+            raise InputError(f"{literal(store_path)} has no feature examples to label: run the precompute first.")
         model = str(con.execute("SELECT coalesce(any_value(model), '') FROM models").fetchall()[0][0])
-    if labels.empty:
-        raise InputError(f"{literal(store_path)} has no feature examples to label: run the precompute first.")
-    with saving(store_path, kind="label", model=model, params={"features": len(labels)}) as writer:
-        writer.insert_df("feature_labels", labels.assign(run_id=writer.run_id))
-    return len(labels)
+    with StoreWriter(store_path, kind="label", model=model) as writer:
+        assert writer.con is not None
+        writer.con.execute("DELETE FROM feature_labels")
+        n = write_automatic_labels(writer, writer.con)
+        writer.summary = {"labels": {"features": n}}
+    return n
 
 
 def clean_label(text: str) -> str:

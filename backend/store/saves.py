@@ -48,7 +48,6 @@ SAVE_TABLES: dict[str, str] = {
     "attribution_comparisons": "comparison_id",
     "attribution_runs": "comparison_id",
     "attributions": "attr_id",
-    "feature_labels": "dict_id",
     "user_labels": "label_key",
 }
 # Tables read back in the order their rows were written (``ORDER BY rowid``; one graph's rows live in one source): a

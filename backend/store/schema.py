@@ -163,8 +163,8 @@ DDL: list[str] = [
         run_id VARCHAR, replacement VARCHAR, kl DOUBLE, top1 DOUBLE)""",
     # ---- v5: feature labels (backend/features/labels.py) ----
     # One automatic label per live feature, from its top examples' tokens and contexts and its top promoted token;
-    # stats holds the figures the label was made from. Written by the precompute's labels step or by
-    # `python -m backend label` (a save keyed by dict_id: a newer labelling of a dictionary replaces the older one).
+    # stats holds the figures the label was made from. Written by the precompute's labels step or by a
+    # `python -m backend label` run.
     """CREATE TABLE IF NOT EXISTS feature_labels (
         dict_id VARCHAR, feature INTEGER, label VARCHAR, stats JSON, run_id VARCHAR)""",
     # A label a user wrote (saves only). label_key = dict_id || '#' || feature: the key under which a newer save

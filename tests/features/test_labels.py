@@ -88,26 +88,35 @@ def test_automatic_labels_match_an_independent_computation(tiny_store: Path) -> 
     assert any("→" in lab for lab in attn.label)
 
 
-def test_label_store_adds_labels_as_a_save_without_touching_the_store(store: Path) -> None:
+def test_label_store_adds_labels_to_an_existing_store_in_a_run_of_its_own(store: Path) -> None:
     import duckdb
 
     con = duckdb.connect(str(store))
     con.execute("DELETE FROM feature_labels")
     con.close()
-    before = (store.stat().st_size, store.stat().st_mtime_ns)
+    labels.save_user_label(store, *_first_feature(store), "kept")  # a save beside the store survives the run
     with reading(store) as con:
         assert con.execute("SELECT count(*) FROM feature_labels").fetchall()[0][0] == 0
         want = labels.automatic_labels(con)
+        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("features", "graphs")}
     n = labels.label_store(store)
     assert n == len(want) > 0
-    assert (store.stat().st_size, store.stat().st_mtime_ns) == before  # a save beside it, no rewrite
     with reading(store) as con:
+        assert con.execute("SELECT count(*) FROM runs WHERE kind = 'label' AND status = 'complete'").fetchall() == [(1,)]
+        assert {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in counts} == counts
+        assert labels.feature_label(con, *_first_feature(store))["label"] == "kept"
         got = con.execute("SELECT dict_id, feature, label FROM feature_labels ORDER BY ALL").df()
     pd.testing.assert_frame_equal(got, want[["dict_id", "feature", "label"]].sort_values(
         ["dict_id", "feature", "label"]).reset_index(drop=True))
-    labels.label_store(store)  # again: replaces, per dictionary, instead of adding duplicates
+    labels.label_store(store)  # again: replaces instead of adding duplicates
     with reading(store) as con:
         assert con.execute("SELECT count(*) FROM feature_labels").fetchall()[0][0] == n
+
+
+def _first_feature(path: Path) -> tuple[str, int]:
+    with reading(path) as con:
+        d, f = con.execute("SELECT dict_id, feature FROM features WHERE n_active > 0 ORDER BY ALL LIMIT 1").fetchall()[0]
+    return d, int(f)
 
 
 def test_user_labels_are_preferred_searchable_and_removable(store: Path) -> None:
