@@ -11,9 +11,15 @@
     ws.export(circuit, "paris.json")                    # .json (Neuronpedia) .graphml .dot .svg .png
     ws.intervene("The capital of France is", "transcoder:0:5=zero", answer=" Paris")
     ws.compare(task="ioi", examples=2)                  # patching vs AtP / AtP* / RelP / IG
+    ws.search_labels("France")                          # features of every dictionary by label text
+    ws.set_label(dict_id, 7, "capital cities")          # your label, preferred over the automatic one
+    ws.export_bundle(circuit, "paris-bundle.zip")       # graph JSON + one circuit-tracer feature JSON per feature
+    ws.export_sae(dict_id, "exported-sae/")             # sae-lens directory (SAE.load_from_disk reads it)
+    ws.feature_on_text(dict_id, 7, "Paris is lovely")   # one feature's activation on each token of your text
 
-The store is opened read-only for every call; only :meth:`Workspace.save_graph` and :meth:`Workspace.compare` with
-``save=True`` write (beside the store, never copying it). The model and the dictionaries load on first use, on the
+The store is opened read-only for every call; only :meth:`Workspace.save_graph`, :meth:`Workspace.set_label` and
+:meth:`Workspace.compare` with ``save=True`` write (beside the store, never copying it), and
+:meth:`Workspace.add_automatic_labels` (a run of kind ``label``, which copies the store as every run does). The model and the dictionaries load on first use, on the
 device :mod:`backend.model.device` chooses (``device=`` overrides it).
 """
 
@@ -38,6 +44,8 @@ class FeatureData:
     """What a feature's dashboard shows, as the store holds it."""
 
     summary: dict[str, Any] | None
+    label: dict[str, Any]
+    flags: dict[str, Any]
     top_examples: "pd.DataFrame"
     quantile_examples: "pd.DataFrame"
     histogram: "pd.DataFrame"
@@ -73,15 +81,68 @@ class Workspace:
         """One feature's dashboard data: summary, top and per-interval examples, histogram, logit effects, DFA by
         head (attention SAEs)."""
         from backend.features import queries as q
+        from backend.features.labels import feature_label
         from backend.store.access import reading
 
         f = int(feature)
-        with reading(self.store) as con:  # one connection (and one attach of the saves) for the six queries
+        with reading(self.store) as con:  # one connection (and one attach of the saves) for every query
             return FeatureData(
-                summary=q.feature_summary(con, dict_id, f), top_examples=q.feature_top_examples(con, dict_id, f),
+                summary=q.feature_summary(con, dict_id, f), label=feature_label(con, dict_id, f),
+                flags=q.feature_flags(con, dict_id, f), top_examples=q.feature_top_examples(con, dict_id, f),
                 quantile_examples=q.feature_quantile_examples(con, dict_id, f),
                 histogram=q.feature_histogram(con, dict_id, f), logits=q.feature_logits(con, dict_id, f),
                 head_dfa=q.feature_head_dfa(con, dict_id, f))
+
+    def search_labels(self, text: str, kind: str | None = None, limit: int = 500) -> "pd.DataFrame":
+        """Features of every dictionary whose label (yours, else the automatic one) contains ``text``."""
+        from backend.features.labels import search_labels
+
+        return self.query(search_labels, text, kind, limit)
+
+    def set_label(self, dict_id: str, feature: int, text: str) -> str:
+        """Save your label of a feature beside the store ('' removes it); returns the label stored."""
+        from backend.features.labels import save_user_label
+
+        return save_user_label(self.store, dict_id, feature, text)
+
+    def add_automatic_labels(self) -> int:
+        """Compute every feature's automatic label and write them into the store (a run of kind ``label``)."""
+        from backend.features.labels import label_store
+
+        return label_store(self.store)
+
+    def export_bundle(self, graph: "Graph", path: str | Path) -> Path:
+        """Write ``graph`` with one circuit-tracer feature JSON per feature node: a directory or a ``.zip``."""
+        from backend.features.bundle import write_bundle
+
+        return self.query(write_bundle, graph, path)
+
+    def export_sae(self, dict_id: str, directory: str | Path) -> Path:
+        """Write a stored dictionary as a sae-lens directory (``sae_lens.SAE.load_from_disk`` reads it back)."""
+        from backend.dictionaries.storage import export_sae_lens
+
+        return self.query(export_sae_lens, dict_id, directory)
+
+    def feature_on_text(self, dict_id: str, feature: int, text: str) -> "pd.DataFrame":
+        """One feature's activation at each token of ``text`` (BOS first, NaN: not scored): token, act."""
+        import pandas as pd
+
+        from backend.dictionaries.storage import load_dictionary
+        from backend.features.live import feature_on_tokens
+        from backend.features.queries import feature_summary
+        from backend.inputs.prompts import encode_prompt
+        from backend.store.access import reading
+
+        with reading(self.store) as con:
+            s = feature_summary(con, dict_id, int(feature))
+            if s is None:
+                from backend.errors import InputError
+
+                raise InputError(f"This store has no feature {int(feature)} in dictionary {dict_id!r}.")
+            sae = load_dictionary(con, dict_id)
+        enc = encode_prompt(self.model, text)
+        acts = feature_on_tokens(self.model, sae, str(s["kind"]), int(s["layer"]), int(feature), enc.ids)
+        return pd.DataFrame({"token": enc.strings, "act": acts})
 
     # -- the model and its dictionaries ----------------------------------------------------------------------
     @property
@@ -108,9 +169,13 @@ class Workspace:
         difference ``answer − wrong``, as built (unpruned), with its scores and conservation in its metadata."""
         from backend.circuits.build import BuildParams, build_graph
 
+        from backend.features.labels import label_nodes
+
         transcoders, saes = self.replacement()
-        return build_graph(self.model, prompt, transcoders, saes, answer=answer, wrong=wrong,
-                           params=BuildParams(max_nodes=max_nodes), model_name=self.model_name)
+        graph = build_graph(self.model, prompt, transcoders, saes, answer=answer, wrong=wrong,
+                            params=BuildParams(max_nodes=max_nodes), model_name=self.model_name)
+        graph.nodes = self.query(label_nodes, graph.nodes)  # the features' labels (yours, else automatic)
+        return graph
 
     def stored_graph(self, graph_id: str) -> "Graph":
         """A graph saved in the store."""

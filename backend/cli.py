@@ -1,4 +1,5 @@
-"""Command line: ``python -m backend precompute | attribute | graph | intervene | info``.
+"""Command line: ``python -m backend precompute | attribute | graph | intervene | label | search | bundle |
+export-sae | info | compact``.
 
 User errors (unknown model, bad store, bad options, a full disk) print one line starting with ``error:`` and exit
 with status 2 — never a traceback wall or argparse's usage block. Every option is checked, within bounds, before any
@@ -157,6 +158,34 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="greedy continuation of N tokens with and without the interventions (live model only)")
     iv.add_argument("--top-k", type=_whole(1, MAX_TOP_K), default=5, help="next tokens listed (default 5)")
 
+    lb = sub.add_parser("label", help="add the automatic feature labels to an existing store (a small run, no "
+                                      "rebuild), or write your own label of one feature (a save beside the store)")
+    lb.add_argument("--store", required=True, help="path of the .duckdb store")
+    lb.add_argument("--dict", default=None, dest="dict_id", help="with --feature and --set: the feature's dictionary")
+    lb.add_argument("--feature", type=_whole(0, 10**9), default=None, help="the feature index")
+    lb.add_argument("--set", default=None, dest="user_label", metavar="TEXT",
+                    help="your label of that feature (preferred over the automatic one; '' removes it)")
+
+    se = sub.add_parser("search", help="find features of every dictionary by label text")
+    se.add_argument("--store", required=True, help="path of the .duckdb store")
+    se.add_argument("text", help="text the label contains (any case)")
+    se.add_argument("--kind", choices=["attn_sae", "transcoder"], default=None, help="only this kind of dictionary")
+    se.add_argument("--limit", type=_whole(1, 10_000), default=50, help="rows printed (default 50)")
+
+    bu = sub.add_parser("bundle", help="export a stored graph with one dashboard JSON per feature (circuit-tracer / "
+                                       "Neuronpedia feature format)")
+    bu.add_argument("--store", required=True, help="path of the .duckdb store")
+    bu.add_argument("--graph-id", required=True, help="a graph stored in --store (see the Circuit Graph page)")
+    bu.add_argument("--out", required=True, help="a new or empty directory, or a .zip file")
+    bu.add_argument("--node-threshold", type=_fraction(), default=0.8, help="prune first: node influence kept (0.8)")
+    bu.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="edge influence kept (default 0.98)")
+
+    ex = sub.add_parser("export-sae", help="write a stored dictionary as a sae-lens directory (cfg.json + "
+                                           "sae_weights.safetensors; sae_lens.SAE.load_from_disk reads it)")
+    ex.add_argument("--store", required=True, help="path of the .duckdb store")
+    ex.add_argument("--dict", required=True, dest="dict_id", help="the dictionary's id (python -m backend info)")
+    ex.add_argument("--out", required=True, help="a new or empty directory")
+
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
 
@@ -245,6 +274,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     from backend.circuits.storage import read_graph, save_graph
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
+    from backend.features.labels import label_nodes
     from backend.model.registry import get_spec, load_model
     from backend.progress import say
     from backend.store.access import check_writable, reading
@@ -275,6 +305,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
             say("This store has no transcoders: every MLP is one error node (build them with the precompute).")
         graph, system = build(model, args.prompt, transcoders, saes, answer=args.answer, wrong=args.wrong,
                               params=BuildParams(max_nodes=args.max_nodes), model_name=spec.name)
+        with reading(args.store) as con:
+            graph.nodes = label_nodes(con, graph.nodes)
         for warning in graph.metadata.get("warnings", []):
             say(warning)
     lap("build")
@@ -376,12 +408,73 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_label(args: argparse.Namespace) -> int:
+    from backend.errors import InputError
+    from backend.features.labels import label_store, save_user_label
+
+    if args.user_label is None:
+        if args.dict_id is not None or args.feature is not None:
+            raise InputError("--dict and --feature go with --set TEXT (your label of that feature).")
+        n = label_store(args.store)
+        print(f"{args.store}: automatic labels of {n:,} features written (a run of kind 'label')")
+        return 0
+    if args.dict_id is None or args.feature is None:
+        raise InputError("--set needs --dict DICT_ID and --feature INDEX: the feature to label.")
+    label = save_user_label(args.store, args.dict_id, args.feature, args.user_label)
+    print(f"{args.dict_id} #{args.feature}: " + (f"labelled {label!r}" if label else "your label removed"))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from backend.features.labels import search_labels
+    from backend.store.access import reading
+
+    with reading(args.store) as con:
+        found = search_labels(con, args.text, kind=args.kind, limit=args.limit)
+    if found.empty:
+        print(f"no feature label contains {args.text!r}")
+        return 0
+    found["source"] = found["automatic"].map({True: "automatic", False: "user"})
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80):
+        print(found[["dict_id", "feature", "label", "source", "density", "max_act"]].to_string(index=False))
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from backend.circuits.prune import prune
+    from backend.circuits.storage import read_graph
+    from backend.features.bundle import write_bundle
+    from backend.store.access import reading
+
+    with reading(args.store) as con:
+        graph = prune(read_graph(con, args.graph_id), args.node_threshold, args.edge_threshold)
+        out = write_bundle(con, graph, args.out)
+    print(f"wrote {out} ({len(graph.nodes)} nodes)")
+    return 0
+
+
+def _cmd_export_sae(args: argparse.Namespace) -> int:
+    from backend.dictionaries.storage import export_sae_lens
+    from backend.store.access import reading
+
+    with reading(args.store) as con:
+        out = export_sae_lens(con, args.dict_id, args.out)
+    print(f"wrote {out} (cfg.json, sae_weights.safetensors)")
+    return 0
+
+
 def _cmd_compact(args: argparse.Namespace) -> int:
     from backend.store.access import compact
 
     n = compact(args.store)
     print(f"{args.store}: {n} save file{'s' if n != 1 else ''} folded into the store")
     return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "label": _cmd_label, "search": _cmd_search, "bundle": _cmd_bundle, "export-sae": _cmd_export_sae}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -405,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_graph(args)
         if args.command == "compact":
             return _cmd_compact(args)
+        if args.command in _COMMANDS:
+            return _COMMANDS[args.command](args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -43,6 +43,11 @@ def test_the_readme_example_runs(store: Path, tmp_path: Path, monkeypatch: pytes
     assert scope["steer"].metric_change is not None and len(scope["steer"].interventions) == 2
     assert set(scope["comparison"].runs) >= {"patching", "atp", "relp"}
     assert scope["dash"].summary is not None and len(scope["dash"].top_examples)
+    after = scope["ws"].feature(scope["dicts"].dict_id.iloc[0], 7).label  # read after the example's set_label
+    assert after["label"] == "my name for it" and not after["automatic"]
+    assert (tmp_path / "paris-bundle.zip").is_file() and (tmp_path / "exported-sae" / "cfg.json").is_file()
+    assert len(scope["acts"]) == len(scope["acts"]["token"]) and scope["acts"]["act"].iloc[1:].notna().all()
+    assert isinstance(scope["found"], type(scope["acts"]))
 
 
 def test_each_call_gives_what_the_function_it_wraps_gives(store: Path, tiny_model: Any) -> None:

@@ -16,6 +16,7 @@ def step_graphs(ctx: "RunContext") -> None:
     from backend.circuits.storage import write_graph
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
+    from backend.features.labels import label_nodes
     from backend.progress import say, track
 
     transcoders, saes = graph_dictionaries(ctx.con, ctx.spec.name)
@@ -28,6 +29,7 @@ def step_graphs(ctx: "RunContext") -> None:
         except InputError as exc:  # e.g. an answer that is several tokens for this tokenizer
             say(f"Skipped the graph of {prompt!r}: {exc}")
             continue
+        graph.nodes = label_nodes(ctx.con, graph.nodes)  # the labels step ran earlier in this run
         gid = write_graph(ctx.con, graph, ctx.run_id, source="precompute")
         done.append({"graph_id": gid, "nodes": len(graph.nodes), "edges": len(graph.edges),
                      "seconds": graph.metadata["seconds"]})

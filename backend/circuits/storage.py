@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from backend.circuits.graph import EDGE_COLUMNS, NODE_COLUMNS, Graph
 from backend.errors import StoreError
+from backend.features.labels import label_nodes
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -97,6 +98,7 @@ def read_graph(con: "duckdb.DuckDBPyConnection", graph_id: str) -> Graph:
                         [graph_id]).df()
     nodes["feature"] = nodes["feature"].astype("Int64")
     nodes["is_target"] = nodes["is_target"].astype(bool)
+    nodes = label_nodes(con, nodes)  # the features' current labels (a user's, else the automatic one)
     for c in ("source_factor", "invariant", "norm_factor", "weight"):
         edges[c] = edges[c].astype("float64")
     return Graph(nodes=nodes, edges=edges, metadata=metadata)

@@ -343,3 +343,34 @@ def graph_dictionaries(con: "duckdb.DuckDBPyConnection", model_name: str, attn_s
     """What an attribution graph of ``model_name`` replaces: ``({layer: transcoder}, {layer: attention SAE})`` (the
     SAEs only if ``attn_saes``). A store without transcoders still builds graphs: every MLP is then an error node."""
     return load_transcoders(con, model_name), (load_attention_saes(con, model_name) if attn_saes else {})
+
+
+def export_sae_lens(con: "duckdb.DuckDBPyConnection", dict_id: str, directory: str | Path) -> Path:
+    """Write the stored dictionary ``dict_id`` as a sae-lens directory (``cfg.json`` + ``sae_weights.safetensors``,
+    sae-lens' own ``save_model``) that ``sae_lens.SAE.load_from_disk`` reads back as the same class (an SAE, a
+    Transcoder, a skip transcoder, ...). ``directory`` is created; an existing one must be empty, its parent must
+    exist. Returns the directory."""
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        raise InputError(f"Cannot write {directory}: the directory {directory.parent} does not exist.")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise InputError(f"Cannot export into {directory}: give a new or empty directory.")
+    sae = load_dictionary(con, dict_id).to("cpu")
+    sae.cfg.device = "cpu"
+    sae.save_model(directory)
+    return directory
+
+
+def sae_lens_zip(con: "duckdb.DuckDBPyConnection", dict_id: str) -> bytes:
+    """:func:`export_sae_lens` as one zip archive of the two files (the Feature Browser's download)."""
+    import io
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = export_sae_lens(con, dict_id, Path(tmp) / "sae")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(out.iterdir()):
+                zf.write(f, f.name)
+    return buf.getvalue()

@@ -201,6 +201,37 @@ def feature_activations(sae: "SAE", cache: Cache, layer: int, feature: int) -> n
     return out
 
 
+def encode_input(sae: "SAE", kind: str, x: "torch.Tensor") -> "torch.Tensor":
+    """Feature activations ``[..., d_sae]`` of a dictionary's inputs ``x`` (hook_z ``[..., n_heads, d_head]`` for an
+    attention SAE, the MLP's normalised input for a transcoder; ``kind`` is a key of
+    :data:`backend.dictionaries.kinds.KINDS`), by sae-lens' own encode."""
+    from backend.dictionaries.kinds import KINDS
+
+    if KINDS[kind].per_head:
+        return encode_z(sae, x)
+    from backend.dictionaries.transcoder import encode as encode_mlp_in
+
+    return encode_mlp_in(sae, x)
+
+
+def feature_on_tokens(model: "HookedTransformer", sae: "SAE", kind: str, layer: int, feature: int,
+                      token_ids: Sequence[int]) -> np.ndarray:
+    """One feature's activation at every token of ``token_ids`` (BOS first), for any dictionary kind: one forward
+    pass to the dictionary's layer (its input captured by a TransformerLens hook) and sae-lens' encode. NaN at BOS,
+    which is not scored."""
+    import torch
+
+    from backend.dictionaries.kinds import KINDS
+    from backend.model.activations import capture_batch
+
+    _check_feature(sae, feature)
+    site = (KINDS[kind].hook, int(layer))
+    x = capture_batch(model, torch.tensor([list(token_ids)], dtype=torch.long), [site])[site]  # BOS dropped
+    with torch.inference_mode():
+        acts = encode_input(sae, kind, x.float())[0, :, int(feature)].cpu().numpy().astype(np.float64)
+    return np.concatenate([[np.nan], acts])
+
+
 def _check_feature(sae: "SAE", feature: int) -> None:
     if not 0 <= int(feature) < int(sae.cfg.d_sae):
         raise ValueError(f"Feature {feature} does not exist: this dictionary has features 0–{int(sae.cfg.d_sae) - 1}.")

@@ -47,10 +47,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from backend.dictionaries.attention_sae import encode_z
 from backend.dictionaries.kinds import KINDS
 from backend.errors import InputError
 from backend.features import dfa
+from backend.features.live import encode_input
 from backend.features.logits import top_logits
 from backend.model.activations import Act, capture_batch, flatten_heads
 from backend.progress import say, track
@@ -162,11 +162,7 @@ def stage(writer: Any, stage_index: int, feat: np.ndarray, act: np.ndarray, ctx_
 
 def _encode(d: DictEntry, x: torch.Tensor) -> torch.Tensor:
     """Feature activations ``[b, p, d_sae]`` of one batch of the dictionary's inputs (sae-lens' own encode)."""
-    if d.per_head:
-        return encode_z(d.sae, x)
-    from backend.dictionaries.transcoder import encode
-
-    return encode(d.sae, x)
+    return encode_input(d.sae, d.kind, x)
 
 
 def _contributions(d: DictEntry, x: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor, f_idx: torch.Tensor,

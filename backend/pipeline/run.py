@@ -31,6 +31,7 @@ from backend.dictionaries.steps import (
     transcoder_precollect_wants,
 )
 from backend.errors import InputError
+from backend.features.labels import step_labels
 from backend.features.step import step_features, step_transcoder_features
 from backend.heads.induction import step_induction
 from backend.heads.polysemanticity import step_head_polysemanticity
@@ -176,6 +177,7 @@ STEPS: list[tuple[str, Step]] = [
     ("features", step_features),
     ("transcoders", step_transcoders),
     ("transcoder_features", step_transcoder_features),
+    ("labels", step_labels),
     ("attributions", step_attributions),
     ("head_polysemanticity", step_head_polysemanticity),
     ("graphs", step_graphs),

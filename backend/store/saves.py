@@ -48,6 +48,7 @@ SAVE_TABLES: dict[str, str] = {
     "attribution_comparisons": "comparison_id",
     "attribution_runs": "comparison_id",
     "attributions": "attr_id",
+    "user_labels": "label_key",
 }
 # Tables read back in the order their rows were written (``ORDER BY rowid``; one graph's rows live in one source): a
 # view over them carries each source table's rowid as a column of that name, which a view has not otherwise.

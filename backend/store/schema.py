@@ -37,12 +37,14 @@ head_polysemanticity   (v2) per head: dominant features, families, polysemantic 
 attribution_comparisons (v2) one task or clean/corrupt pair scored by several attribution methods
 replacement_evals      (v3) CE loss with several MLPs replaced by their transcoders at once (v4: or by their
                        dense linear baselines; KL to the clean model, top-1 agreement, intervals in stats)
+feature_labels         (v5) automatic short label of each live feature, computed from its stored statistics
+user_labels            (v5) labels users wrote (written as saves beside the store; preferred over automatic ones)
 =====================  ===========================================================================
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each statement is idempotent so that opening an older (or the same) version for writing is safe.
 DDL: list[str] = [
@@ -159,6 +161,16 @@ DDL: list[str] = [
         eval_id VARCHAR PRIMARY KEY, model VARCHAR, dict_ids JSON, n_replaced INTEGER, ce_clean DOUBLE,
         ce_replaced DOUBLE, ce_ablated DOUBLE, ce_loss_recovered DOUBLE, ce_tokens BIGINT, stats JSON,
         run_id VARCHAR, replacement VARCHAR, kl DOUBLE, top1 DOUBLE)""",
+    # ---- v5: feature labels (backend/features/labels.py) ----
+    # One automatic label per live feature, from its top examples' tokens and contexts and its top promoted token;
+    # stats holds the figures the label was made from. Written by the precompute's labels step or by a
+    # `python -m backend label` run.
+    """CREATE TABLE IF NOT EXISTS feature_labels (
+        dict_id VARCHAR, feature INTEGER, label VARCHAR, stats JSON, run_id VARCHAR)""",
+    # A label a user wrote (saves only). label_key = dict_id || '#' || feature: the key under which a newer save
+    # replaces an older one; an empty label removes the user's label (the automatic one shows again).
+    """CREATE TABLE IF NOT EXISTS user_labels (
+        label_key VARCHAR, dict_id VARCHAR, feature INTEGER, label VARCHAR, created_at TIMESTAMP, run_id VARCHAR)""",
 ]
 
 # Indexes for the page queries that must stay fast on large stores (feature page: by dict + feature).
@@ -173,6 +185,7 @@ INDEXES: list[str] = [
     "CREATE INDEX IF NOT EXISTS idx_graph_nodes ON graph_nodes (graph_id)",
     "CREATE INDEX IF NOT EXISTS idx_graph_edges ON graph_edges (graph_id)",
     "CREATE INDEX IF NOT EXISTS idx_attr_runs_cmp ON attribution_runs (comparison_id)",
+    "CREATE INDEX IF NOT EXISTS idx_featlabels_feat ON feature_labels (dict_id, feature)",
 ]
 
 # Tables whose rows belong to a run, and so are deleted when a run is replaced.

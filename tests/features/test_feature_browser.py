@@ -108,10 +108,15 @@ def test_find_by_head_and_by_token_text(browser_store: dict[str, Any]) -> None:
     _clean(at)
     table = next(df.value for df in at.dataframe if "hits" in df.value.columns)
     assert browser_store["feature"] in set(table["feature"])
-    at.selectbox(key="fb_pick_token").set_value(browser_store["feature"]).run()
-    at.button(key="fb_pick_token_open").click().run()
+    # whole-token matching: part of the token finds nothing, the whole token (any case, spaces around) finds it
+    at.checkbox(key="fb_whole").check().run()
     _clean(at)
-    assert at.query_params["feature"] == str(browser_store["feature"])
+    assert not [df for df in at.dataframe if "hits" in df.value.columns]
+    assert any("that is" in str(i.value) for i in at.info)
+    at.text_input(key="fb_text").set_value(f"  {EVIL.upper()} ").run()
+    _clean(at)
+    table = next(df.value for df in at.dataframe if "hits" in df.value.columns)
+    assert browser_store["feature"] in set(table["feature"])
 
 
 def test_store_without_features_says_how_to_get_them(app_stores_dir: Path) -> None:

@@ -177,6 +177,19 @@ def test_activations_are_exactly_the_nonzeros_without_bos(feature_store: dict[st
     assert len(set(zip(stored["context_id"], stored["pos"], stored["feature"]))) == len(stored)
 
 
+def distinct_top(acts: np.ndarray, k: int, span: int = feature_queries.WINDOW_BEFORE + feature_queries.WINDOW_AFTER,
+                 candidates: int = feature_queries.TOP_CANDIDATES) -> list[tuple[float, int, int]]:
+    """Independent reference for the distinct top examples: of the ``candidates`` largest activations of
+    ``acts`` [context, pos] (BOS excluded; ties by context, pos), those with no better-ranked candidate in the same
+    context within ``span`` positions, the first ``k``: (act, context, pos)."""
+    ctx, pos = np.nonzero(acts[:, 1:] > 0)
+    pos = pos + 1
+    order = sorted(zip(-acts[ctx, pos], ctx, pos))[:candidates]
+    kept = [(float(-a), int(c), int(p)) for i, (a, c, p) in enumerate(order)
+            if not any(c2 == c and abs(p2 - p) <= span for _, c2, p2 in order[:i])]
+    return kept[:k]
+
+
 def test_feature_stats_and_top_examples_are_the_maxima(feature_store: dict[str, Any], dense_acts: np.ndarray) -> None:
     scored = dense_acts[:, 1:].reshape(-1, D_SAE)  # BOS excluded from statistics
     with reading(feature_store["path"]) as con:
@@ -191,8 +204,9 @@ def test_feature_stats_and_top_examples_are_the_maxima(feature_store: dict[str, 
             assert s["max_act"] == pytest.approx(col.max(), rel=1e-5)
             assert s["mean_act"] == pytest.approx(col[col > 0].mean(), rel=1e-4)
             top = feature_queries.feature_top_examples(con, DICT_ID, f, k=5)
-            want = np.sort(col)[::-1][: min(5, int((col > 0).sum()))]
-            np.testing.assert_allclose(top["act"].to_numpy(), want, rtol=1e-5)
+            want = distinct_top(dense_acts[:, :, f], 5)
+            np.testing.assert_allclose(top["act"].to_numpy(), [a for a, _, _ in want], rtol=1e-5)
+            assert list(zip(top["context_id"], top["pos"])) == [(c, p) for _, c, p in want]
             for _, row in top.iterrows():
                 # the window's activation list holds the feature's activation at every shown token
                 full = dense_acts[int(row["context_id"]), :, f]
@@ -229,7 +243,8 @@ def test_stored_dfa_matches_recomputation_over_top_examples(feature_store: dict[
     with reading(feature_store["path"]) as con:
         f = int(feature_queries.features_by_layer(con, DICT_ID, "density", 1)["feature"].iloc[0])
         dfa = feature_queries.feature_head_dfa(con, DICT_ID, f)
-        top = feature_queries.feature_top_examples(con, DICT_ID, f, k=features.TOP_N)
+        top = con.execute("SELECT context_id, pos FROM feature_examples WHERE dict_id = ? AND feature = ? "
+                          "ORDER BY rank", [DICT_ID, f]).df()  # the stored top activations the DFA averages over
         summary = feature_queries.feature_summary(con, DICT_ID, f)
     _, cache = tiny_model.run_with_cache(feature_store["tokens"], names_filter=hook_name("z", LAYER))
     z = cache[hook_name("z", LAYER)]
