@@ -11,6 +11,7 @@
     ws.export(circuit, "paris.json")                    # .json (Neuronpedia) .graphml .dot .svg .png
     ws.intervene("The capital of France is", "transcoder:0:5=zero", answer=" Paris")
     ws.compare(task="ioi", examples=2)                  # patching vs AtP / AtP* / RelP / IG
+    ws.compare_graphs("The capital of France is", "The capital of Spain is")  # shared / unique nodes
 
 The store is opened read-only for every call; only :meth:`Workspace.save_graph` and :meth:`Workspace.compare` with
 ``save=True`` write (beside the store, never copying it). The model and the dictionaries load on first use, on the
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from backend.attribution.compare import Comparison
+    from backend.circuits.compare import GraphComparison
     from backend.circuits.graph import Graph
     from backend.interventions.run import InterventionResult
 
@@ -152,6 +154,17 @@ class Workspace:
         from backend.circuits.storage import save_graph
 
         return save_graph(self.store, graph, source="api", title=title)
+
+    def compare_graphs(self, a: "str | Graph", b: "str | Graph", answer_a: str | None = None,
+                       answer_b: str | None = None, node_threshold: float = 0.8,
+                       edge_threshold: float = 0.98) -> "GraphComparison":
+        """Two graphs side by side (:mod:`backend.circuits.compare`): ``a`` and ``b`` are prompts (their graphs are
+        built for ``answer_a`` / ``answer_b``, default the top prediction) or graphs; each is pruned with the
+        thresholds, then their nodes are matched by position-independent keys."""
+        from backend.circuits.compare import compare_graphs
+
+        graphs = [g if not isinstance(g, str) else self.graph(g, answer=ans) for g, ans in ((a, answer_a), (b, answer_b))]
+        return compare_graphs(*(self.prune(g, node_threshold, edge_threshold) for g in graphs))
 
     # -- interventions and attribution -------------------------------------------------------------------------
     def intervene(self, prompt: str, interventions: str, on: str = "live", answer: str | None = None,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m backend precompute | attribute | graph | intervene | info``.
+"""Command line: ``python -m backend precompute | attribute | graph | compare-graphs | intervene | info``.
 
 User errors (unknown model, bad store, bad options, a full disk) print one line starting with ``error:`` and exit
 with status 2 — never a traceback wall or argparse's usage block. Every option is checked, within bounds, before any
@@ -153,6 +153,22 @@ def _build_parser() -> argparse.ArgumentParser:
     iv.add_argument("--continue", type=_whole(0, MAX_CONTINUATION), default=0, dest="continue_tokens", metavar="N",
                     help="greedy continuation of N tokens with and without the interventions (live model only)")
     iv.add_argument("--top-k", type=_whole(1, MAX_TOP_K), default=5, help="next tokens listed (default 5)")
+
+    cg = sub.add_parser("compare-graphs", help="the attribution graphs of two prompts side by side: shared and "
+                                               "unique nodes, and the nodes whose influence changed most",
+                        parents=[on_device])
+    cg.add_argument("--store", required=True, help="path of the .duckdb store whose transcoders and attention SAEs "
+                                                   "are used (or whose stored graphs are compared)")
+    cg.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
+    cg.add_argument("--prompt-a", default=None, help="the first prompt (or --graph-a)")
+    cg.add_argument("--prompt-b", default=None, help="the second prompt (or --graph-b)")
+    cg.add_argument("--graph-a", default=None, help="instead of --prompt-a: a graph stored in --store")
+    cg.add_argument("--graph-b", default=None, help="instead of --prompt-b: a graph stored in --store")
+    cg.add_argument("--answer-a", default=None, help="target token of the first graph (default: top prediction)")
+    cg.add_argument("--answer-b", default=None, help="target token of the second graph (default: top prediction)")
+    cg.add_argument("--node-threshold", type=_fraction(), default=0.8, help="cumulative node influence kept (default 0.8)")
+    cg.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="cumulative edge influence kept (default 0.98)")
+    cg.add_argument("--top", type=_whole(1, MAX_NODES), default=20, help="nodes listed by influence change (default 20)")
 
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
@@ -352,6 +368,43 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare_graphs(args: argparse.Namespace) -> int:
+    from backend.circuits.compare import compare_graphs
+    from backend.circuits.prune import prune
+    from backend.circuits.storage import read_graph
+    from backend.errors import InputError
+    from backend.store.access import reading
+
+    for side in ("a", "b"):
+        if (getattr(args, f"prompt_{side}") is None) == (getattr(args, f"graph_{side}") is None):
+            raise InputError(f"Give either --prompt-{side} TEXT or --graph-{side} ID, not both and not neither.")
+    graphs = {}
+    for side in ("a", "b"):
+        gid = getattr(args, f"graph_{side}")
+        if gid is not None:
+            with reading(args.store) as con:
+                graphs[side] = read_graph(con, gid)
+    if len(graphs) < 2:
+        from backend.api import open_workspace
+
+        ws = open_workspace(args.store, model=args.model)  # on the device main() chose
+        for side in ("a", "b"):
+            if side not in graphs:
+                graphs[side] = ws.graph(getattr(args, f"prompt_{side}"), answer=getattr(args, f"answer_{side}"))
+    result = compare_graphs(*(prune(graphs[s], args.node_threshold, args.edge_threshold) for s in ("a", "b")))
+    counts = result.counts()
+    print(f"A: {result.prompt_a!r}\nB: {result.prompt_b!r}")
+    print(f"nodes matched by (kind, layer, feature) / token / (error kind, layer): {counts['shared']} shared, "
+          f"{counts['only_a']} only in A, {counts['only_b']} only in B")
+    top = result.changed(args.top)
+    view = top.assign(node=top["text"], where=["both" if a and b else "A" if a else "B"
+                                               for a, b in zip(top["in_a"], top["in_b"])])
+    print("largest influence changes (B − A, influence on each graph's target, summed over positions):")
+    print(view[["node", "where", "influence_a", "influence_b", "change"]].to_string(
+        index=False, float_format=lambda v: f"{v:+.4f}"))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -402,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_graph(args)
         if args.command == "compact":
             return _cmd_compact(args)
+        if args.command == "compare-graphs":
+            return _cmd_compare_graphs(args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
