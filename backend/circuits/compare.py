@@ -117,8 +117,9 @@ class GraphComparison:
         return self.table[~self.table["in_a"] & self.table["in_b"]]
 
     def changed(self, top: int = DEFAULT_TOP) -> "pd.DataFrame":
-        """The ``top`` keys whose influence changed most (by ``|influence_b − influence_a|``)."""
-        return self.table.head(int(top))
+        """The ``top`` keys whose influence changed most (by ``|influence_b − influence_a|``), targets left out (a
+        target's influence on itself is 1 by definition)."""
+        return self.table[self.table["kind"] != "logit"].head(int(top))
 
     def node_sets(self) -> dict[str, set[str]]:
         """Node ids by status: ``shared_a`` / ``shared_b`` (nodes of shared keys in each graph), ``only_a``,

@@ -143,3 +143,14 @@ def cached_intervention(model_name: str, store_path: str, store_key: tuple[int, 
     transcoders, saes = cached_graph_dictionaries(store_path, store_key, model_name, True)
     return intervene_on_prompt(get_model(model_name), prompt, spec, transcoders, saes, mode=mode, answer=answer,
                                wrong=wrong, top_k=top_k, continue_tokens=continue_tokens, max_tokens=max_tokens)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def cached_graph(model_name: str, store_path: str, store_key: tuple[int, ...], prompt: str,
+                 answer: str | None = None) -> Any:
+    """:func:`backend.circuits.build.build_graph` of ``prompt`` (unpruned) with the store's transcoders and attention
+    SAEs, built once per server, store version and (prompt, answer). Shared and read-only."""
+    from backend.circuits.build import build_graph
+
+    transcoders, saes = cached_graph_dictionaries(store_path, store_key, model_name, True)
+    return build_graph(get_model(model_name), prompt, transcoders, saes, answer=answer, model_name=model_name)

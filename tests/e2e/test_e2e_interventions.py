@@ -198,3 +198,42 @@ def test_a_chosen_feature_does_not_outlive_a_prompt_it_does_not_fire_on(tab: Tab
     assert panel.rstrip().endswith(f"activation {shown_act}"), panel
     assert tab.problems() == [] and tab.alerts("Error") == []
     tab.screenshot("journey-stale-feature")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compare Graphs
+
+RINGS_JS = """() => { const out = {};
+  document.querySelectorAll('[data-testid="stMain"] .js-plotly-plot').forEach((el, i) => {
+    for (const t of el.data || []) if (t.name === 'shared with the other graph' || t.name === 'only here')
+      out[`${i}:${t.name}`] = [...t.customdata].sort(); });
+  return out; }"""
+
+
+def test_compare_graphs_shows_shared_and_unique_nodes(tab: Tab, tiny_model: Any, tiny_store: Path) -> None:
+    """Two prompts by link: the counts and the rings on each figure are the comparison of the two graphs built here."""
+    from backend.circuits.build import build_graph
+    from backend.circuits.compare import compare_graphs
+    from backend.circuits.prune import prune
+    from backend.dictionaries.storage import graph_dictionaries
+
+    a, b = "When Mary and John went to the store, John gave a drink to", "The cat sat on the mat because it was"
+    with reading(tiny_store) as con:
+        transcoders, saes = graph_dictionaries(con, "tiny-llama")
+    graphs = [prune(build_graph(tiny_model, p, transcoders, saes, model_name="tiny-llama")) for p in (a, b)]
+    expected = compare_graphs(*graphs)
+    tab.open("compare_graphs", store="test.duckdb", a=a, b=b)
+    tab.page.locator(f'{MAIN} [data-testid="stPlotlyChart"]').nth(1).wait_for(state="visible")
+    tab.wait_idle()
+    counts = expected.counts()
+    assert (tab.metric("Shared nodes"), tab.metric("Only in A"), tab.metric("Only in B")) == \
+        (str(counts["shared"]), str(counts["only_a"]), str(counts["only_b"]))
+    sets = expected.node_sets()
+    rings = tab.page.evaluate(RINGS_JS)
+    assert rings.get("0:shared with the other graph", []) == sorted(sets["shared_a"])
+    assert rings.get("0:only here", []) == sorted(sets["only_a"])
+    assert rings.get("1:shared with the other graph", []) == sorted(sets["shared_b"])
+    assert rings.get("1:only here", []) == sorted(sets["only_b"])
+    assert counts["shared"] > 0 and counts["only_a"] + counts["only_b"] > 0
+    assert tab.problems() == [] and tab.alerts("Error") == []
+    tab.screenshot("journey-compare-graphs")
