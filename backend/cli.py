@@ -110,9 +110,14 @@ def _build_parser() -> argparse.ArgumentParser:
     att.add_argument("--ig-steps", type=_whole(1, MAX_IG_STEPS), default=8, help="integrated-gradient steps (default 8)")
     att.add_argument("--per-position-heads", action="store_true", help="score heads per position too")
 
+    pruning = argparse.ArgumentParser(add_help=False)
+    pruning.add_argument("--node-threshold", type=_fraction(), default=0.8,
+                         help="cumulative node influence kept (default 0.8)")
+    pruning.add_argument("--edge-threshold", type=_fraction(), default=0.98,
+                         help="cumulative edge influence kept (default 0.98)")
     gr = sub.add_parser("graph", help="build (or load) an attribution graph for a prompt, prune it, check its "
                                       "faithfulness, store it and export it",
-                        parents=[on_device])
+                        parents=[on_device, pruning])
     gr.add_argument("--store", required=True, help="path of the .duckdb store (its transcoders and attention SAEs "
                                                   "are used; the graph is saved into it with --save)")
     gr.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
@@ -123,8 +128,6 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--max-nodes", type=_whole(1, MAX_NODES), default=400,
                     help="feature nodes kept when building (default 400; embeddings and error nodes are always kept)")
     gr.add_argument("--no-attn-saes", action="store_true", help="use heads even where the store has attention SAEs")
-    gr.add_argument("--node-threshold", type=_fraction(), default=0.8, help="cumulative node influence kept (default 0.8)")
-    gr.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="cumulative edge influence kept (default 0.98)")
     gr.add_argument("--faithfulness", choices=["zero", "mean", "none"], default="zero",
                     help="ablate everything outside the pruned circuit this way and report the metric kept")
     gr.add_argument("--heads", action="append", default=None, metavar="NODE_ID",
@@ -156,18 +159,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cg = sub.add_parser("compare-graphs", help="the attribution graphs of two prompts side by side: shared and "
                                                "unique nodes, and the nodes whose influence changed most",
-                        parents=[on_device])
+                        parents=[on_device, pruning])
     cg.add_argument("--store", required=True, help="path of the .duckdb store whose transcoders and attention SAEs "
                                                    "are used (or whose stored graphs are compared)")
     cg.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
-    cg.add_argument("--prompt-a", default=None, help="the first prompt (or --graph-a)")
-    cg.add_argument("--prompt-b", default=None, help="the second prompt (or --graph-b)")
-    cg.add_argument("--graph-a", default=None, help="instead of --prompt-a: a graph stored in --store")
-    cg.add_argument("--graph-b", default=None, help="instead of --prompt-b: a graph stored in --store")
-    cg.add_argument("--answer-a", default=None, help="target token of the first graph (default: top prediction)")
-    cg.add_argument("--answer-b", default=None, help="target token of the second graph (default: top prediction)")
-    cg.add_argument("--node-threshold", type=_fraction(), default=0.8, help="cumulative node influence kept (default 0.8)")
-    cg.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="cumulative edge influence kept (default 0.98)")
+    for side, which in (("a", "first"), ("b", "second")):
+        cg.add_argument(f"--prompt-{side}", default=None, help=f"the {which} prompt (or --graph-{side})")
+        cg.add_argument(f"--graph-{side}", default=None, help=f"instead of --prompt-{side}: a graph stored in --store")
+        cg.add_argument(f"--answer-{side}", default=None, help=f"target token of the {which} graph (default: top "
+                                                               "prediction)")
     cg.add_argument("--top", type=_whole(1, MAX_NODES), default=20, help="nodes listed by influence change (default 20)")
 
     info = sub.add_parser("info", help="print what a store holds")
