@@ -72,10 +72,17 @@ def test_cheaper_settings_are_estimated_then_run_with_progress_per_method(tab: T
     tab.page.get_by_role("button", name="Estimate the cost").click()
     tab.page.get_by_text("Nothing has run yet").wait_for(state="visible")
     tab.wait_idle()
-    estimate = next(r for r in (tab.page.evaluate(GRID_JS, i) for i in
-                                range(tab.page.locator(f'{MAIN} [data-testid="stDataFrame"]').count()))
-                    if r and any(row and row[0] == "atp" for row in r) and len(r[0]) == 2)
+    # The estimate table (method, estimated seconds), once the grid has drawn its cells.
+    find = f"""() => {{ const grids = document.querySelectorAll('{MAIN} [data-testid="stDataFrame"]');
+        for (let i = 0; i < grids.length; i++) {{
+            const heads = [...grids[i].querySelectorAll('th')].map(h => h.innerText.trim());
+            const r = ({GRID_JS})(i);
+            if (heads[1] === 'estimated seconds' && r && r.length === 2) return r; }}
+        return null; }}"""
+    tab.page.wait_for_function(find)
+    estimate = tab.page.evaluate(find)
     assert [row[0] for row in estimate] == ["atp", "patching"]  # run order: patching last
+    assert all(float(row[1]) > 0 for row in estimate), estimate
     tab.page.get_by_role("button", name="Run the methods").click()
     for name in ("atp", "patching"):
         tab.page.get_by_text(re.compile(rf"^{name} · done in \d+\.\d s$")).wait_for(state="visible")
