@@ -198,6 +198,7 @@ VIEWS: list[tuple[str, str, str]] = [
     ("pages/induction_heads.py", "Induction Heads", ":material/repeat:"),
     ("pages/attribution_faithfulness.py", "Attribution Faithfulness", ":material/balance:"),
     ("pages/circuit_graph.py", "Circuit Graph", ":material/account_tree:"),
+    ("pages/compare_graphs.py", "Compare Graphs", ":material/compare:"),
 ]
 
 # An emoji icon is drawn locally; a ":material:" icon makes the browser fetch it from Google (offline here).

@@ -16,6 +16,7 @@
     ws.export_bundle(circuit, "paris-bundle.zip")       # graph JSON + one circuit-tracer feature JSON per feature
     ws.export_sae(dict_id, "exported-sae/")             # sae-lens directory (SAE.load_from_disk reads it)
     ws.feature_on_text(dict_id, 7, "Paris is lovely")   # one feature's activation on each token of your text
+    ws.compare_graphs("The capital of France is", "The capital of Spain is")  # shared / unique nodes
 
 The store is opened read-only for every call; only :meth:`Workspace.save_graph`, :meth:`Workspace.set_label` and
 :meth:`Workspace.compare` with ``save=True`` write (beside the store, never copying it), and
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from backend.attribution.compare import Comparison
+    from backend.circuits.compare import GraphComparison
     from backend.circuits.graph import Graph
     from backend.interventions.run import InterventionResult
 
@@ -217,6 +219,17 @@ class Workspace:
         from backend.circuits.storage import save_graph
 
         return save_graph(self.store, graph, source="api", title=title)
+
+    def compare_graphs(self, a: "str | Graph", b: "str | Graph", answer_a: str | None = None,
+                       answer_b: str | None = None, node_threshold: float = 0.8,
+                       edge_threshold: float = 0.98) -> "GraphComparison":
+        """Two graphs side by side (:mod:`backend.circuits.compare`): ``a`` and ``b`` are prompts (their graphs are
+        built for ``answer_a`` / ``answer_b``, default the top prediction) or graphs; each is pruned with the
+        thresholds, then their nodes are matched by position-independent keys."""
+        from backend.circuits.compare import compare_graphs
+
+        graphs = [g if not isinstance(g, str) else self.graph(g, answer=ans) for g, ans in ((a, answer_a), (b, answer_b))]
+        return compare_graphs(*(self.prune(g, node_threshold, edge_threshold) for g in graphs))
 
     # -- interventions and attribution -------------------------------------------------------------------------
     def intervene(self, prompt: str, interventions: str, on: str = "live", answer: str | None = None,

@@ -1,5 +1,5 @@
-"""Command line: ``python -m backend precompute | attribute | graph | intervene | label | search | bundle |
-export-sae | info | compact``.
+"""Command line: ``python -m backend precompute | attribute | graph | compare-graphs | intervene | label | search |
+bundle | export-sae | info | compact``.
 
 User errors (unknown model, bad store, bad options, a full disk) print one line starting with ``error:`` and exit
 with status 2 — never a traceback wall or argparse's usage block. Every option is checked, within bounds, before any
@@ -114,9 +114,14 @@ def _build_parser() -> argparse.ArgumentParser:
     att.add_argument("--ig-steps", type=_whole(1, MAX_IG_STEPS), default=8, help="integrated-gradient steps (default 8)")
     att.add_argument("--per-position-heads", action="store_true", help="score heads per position too")
 
+    pruning = argparse.ArgumentParser(add_help=False)
+    pruning.add_argument("--node-threshold", type=_fraction(), default=0.8,
+                         help="cumulative node influence kept (default 0.8)")
+    pruning.add_argument("--edge-threshold", type=_fraction(), default=0.98,
+                         help="cumulative edge influence kept (default 0.98)")
     gr = sub.add_parser("graph", help="build (or load) an attribution graph for a prompt, prune it, check its "
                                       "faithfulness, store it and export it",
-                        parents=[on_device])
+                        parents=[on_device, pruning])
     gr.add_argument("--store", required=True, help="path of the .duckdb store (its transcoders and attention SAEs "
                                                   "are used; the graph is saved into it with --save)")
     gr.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
@@ -127,8 +132,6 @@ def _build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--max-nodes", type=_whole(1, MAX_NODES), default=400,
                     help="feature nodes kept when building (default 400; embeddings and error nodes are always kept)")
     gr.add_argument("--no-attn-saes", action="store_true", help="use heads even where the store has attention SAEs")
-    gr.add_argument("--node-threshold", type=_fraction(), default=0.8, help="cumulative node influence kept (default 0.8)")
-    gr.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="cumulative edge influence kept (default 0.98)")
     gr.add_argument("--faithfulness", choices=["zero", "mean", "none"], default="zero",
                     help="ablate everything outside the pruned circuit this way and report the metric kept")
     gr.add_argument("--heads", action="append", default=None, metavar="NODE_ID",
@@ -185,6 +188,19 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--store", required=True, help="path of the .duckdb store")
     ex.add_argument("--dict", required=True, dest="dict_id", help="the dictionary's id (python -m backend info)")
     ex.add_argument("--out", required=True, help="a new or empty directory")
+
+    cg = sub.add_parser("compare-graphs", help="the attribution graphs of two prompts side by side: shared and "
+                                               "unique nodes, and the nodes whose influence changed most",
+                        parents=[on_device, pruning])
+    cg.add_argument("--store", required=True, help="path of the .duckdb store whose transcoders and attention SAEs "
+                                                   "are used (or whose stored graphs are compared)")
+    cg.add_argument("--model", default=DEFAULT_MODEL, help=f"registry or TransformerLens model name (default {DEFAULT_MODEL})")
+    for side, which in (("a", "first"), ("b", "second")):
+        cg.add_argument(f"--prompt-{side}", default=None, help=f"the {which} prompt (or --graph-{side})")
+        cg.add_argument(f"--graph-{side}", default=None, help=f"instead of --prompt-{side}: a graph stored in --store")
+        cg.add_argument(f"--answer-{side}", default=None, help=f"target token of the {which} graph (default: top "
+                                                               "prediction)")
+    cg.add_argument("--top", type=_whole(1, MAX_NODES), default=20, help="nodes listed by influence change (default 20)")
 
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
@@ -387,6 +403,43 @@ def _cmd_intervene(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare_graphs(args: argparse.Namespace) -> int:
+    from backend.circuits.compare import compare_graphs
+    from backend.circuits.prune import prune
+    from backend.circuits.storage import read_graph
+    from backend.errors import InputError
+    from backend.store.access import reading
+
+    for side in ("a", "b"):
+        if (getattr(args, f"prompt_{side}") is None) == (getattr(args, f"graph_{side}") is None):
+            raise InputError(f"Give either --prompt-{side} TEXT or --graph-{side} ID, not both and not neither.")
+    graphs = {}
+    for side in ("a", "b"):
+        gid = getattr(args, f"graph_{side}")
+        if gid is not None:
+            with reading(args.store) as con:
+                graphs[side] = read_graph(con, gid)
+    if len(graphs) < 2:
+        from backend.api import open_workspace
+
+        ws = open_workspace(args.store, model=args.model)  # on the device main() chose
+        for side in ("a", "b"):
+            if side not in graphs:
+                graphs[side] = ws.graph(getattr(args, f"prompt_{side}"), answer=getattr(args, f"answer_{side}"))
+    result = compare_graphs(*(prune(graphs[s], args.node_threshold, args.edge_threshold) for s in ("a", "b")))
+    counts = result.counts()
+    print(f"A: {result.prompt_a!r}\nB: {result.prompt_b!r}")
+    print(f"nodes matched by (kind, layer, feature) / token / (error kind, layer): {counts['shared']} shared, "
+          f"{counts['only_a']} only in A, {counts['only_b']} only in B")
+    top = result.changed(args.top)
+    view = top.assign(node=top["text"], where=["both" if a and b else "A" if a else "B"
+                                               for a, b in zip(top["in_a"], top["in_b"])])
+    print("largest influence changes (B − A, influence on each graph's target, summed over positions):")
+    print(view[["node", "where", "influence_a", "influence_b", "change"]].to_string(
+        index=False, float_format=lambda v: f"{v:+.4f}"))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -500,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compact(args)
         if args.command in _COMMANDS:
             return _COMMANDS[args.command](args)
+
+        if args.command == "compare-graphs":
+            return _cmd_compare_graphs(args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

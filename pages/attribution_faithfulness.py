@@ -10,9 +10,11 @@ Deep link: ``?store=...&model=...&comparison=ID``.
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 from typing import Any, Callable
+from urllib.parse import urlencode
 
 import pandas as pd
 import streamlit as st
@@ -61,21 +63,27 @@ def _summary(query: Query, cid: str, row: dict[str, Any]) -> None:
 def _method_table(query: Query, cid: str) -> pd.DataFrame:
     methods: pd.DataFrame = query(attribution_queries.attribution_methods, cid)
     pearson: pd.DataFrame = query(attribution_queries.attribution_pearson, cid)
+    # The numbers first (visible without scrolling sideways at 1400 px), the long descriptions last.
     view = pd.DataFrame({
         "method": methods["method"],
-        "what": [METHODS[m].description if m in METHODS else "" for m in methods["method"]],
-        "cost": [METHODS[m].cost if m in METHODS else "" for m in methods["method"]],
-        "seconds": methods["seconds"],
         "× faster than patching": methods["speedup_vs_patching"],
     })
     if not pearson.empty:
         wide = pearson.pivot(index="method", columns="component", values="pearson_r")
         for kind in wide.columns:
             view[f"r ({kind})"] = view["method"].map(wide[kind])
+    view["seconds"] = methods["seconds"]
+    view["cost"] = [METHODS[m].cost if m in METHODS else "" for m in methods["method"]]
+    view["what"] = [METHODS[m].description if m in METHODS else "" for m in methods["method"]]
     st.dataframe(view, hide_index=True, column_config={
-        "seconds": st.column_config.NumberColumn(format="%.2f"),
-        "× faster than patching": st.column_config.NumberColumn(format="%.1f×"),
-        **{c: st.column_config.NumberColumn(format="%.3f") for c in view.columns if c.startswith("r (")},
+        "method": st.column_config.TextColumn(width="small"),
+        "seconds": st.column_config.NumberColumn(format="%.2f", width="small"),
+        "× faster than patching": st.column_config.NumberColumn("× faster", format="%.1f×", width="small",
+                                                                help="patching's wall time / this method's"),
+        **{c: st.column_config.NumberColumn(format="%.3f", width="small", help="Pearson r with activation patching")
+           for c in view.columns if c.startswith("r (")},
+        "cost": st.column_config.TextColumn(width="medium"),
+        "what": st.column_config.TextColumn(width="large"),
     })
     st.caption("Wall time of each method on this machine, measured in the same run; r = Pearson correlation with "
                "activation patching over the components of one kind (SQL corr), leaving out components whose clean "
@@ -109,6 +117,17 @@ def _heatmap(frame: pd.DataFrame, kind: str, method: str, tokens: pd.DataFrame) 
     top = float(finite.max()) if len(finite) and finite.max() > 0 else 1.0
     fig = go.Figure(go.Heatmap(z=z, x=list(range(len(x))), y=y, text=hover, hoverinfo="text", colorscale="RdBu",
                                zmid=0, zmin=-top, zmax=top, reversescale=True, colorbar=dict(title="score")))
+    if kind == "head":
+        # A clickable point over every cell (plotly cannot select heatmap cells): clicking one opens that head. The
+        # points carry the hover text, so they, not the heatmap, are what the pointer finds.
+        fig.update_traces(hoverinfo="skip")
+        heads = ([f"{int(a)}.{h}" for a in grid.index for h in x] if x_title == "head" else
+                 [row[1:].replace("H", ".") for row in y for _ in x])
+        fig.add_trace(go.Scatter(
+            x=[j for _ in y for j in range(len(x))], y=[r for r in y for _ in x], customdata=heads, mode="markers",
+            hovertext=[h for row in hover for h in row], hoverinfo="text", showlegend=False, name="heads",
+            marker=dict(size=14, symbol="square", opacity=0.01, color="#000")))
+        fig.update_layout(clickmode="event+select")
     fig.update_layout(height=min(900, 140 + 14 * len(y)), margin=dict(l=10, r=10, t=40, b=10),
                       title=f"{method}: {KIND_TITLES.get(kind, kind)}", yaxis=dict(autorange="reversed"),
                       xaxis=dict(tickmode="array", tickvals=list(range(len(x))), ticktext=ticktext, tickangle=-60,
@@ -172,12 +191,64 @@ def _kind_view(query: Query, cid: str, kind: str, tokens: pd.DataFrame, methods:
         frame = scores[scores["method"] == method]
         if frame.empty:
             continue
-        cols[i % 2].plotly_chart(_heatmap(frame, kind, method, tokens), config={"displayModeBar": False},
-                                 key=f"af_heat_{cid}_{kind}_{method}")
+        key = f"af_heat_{cid}_{kind}_{method}"
+        if kind == "head":
+            cols[i % 2].plotly_chart(_heatmap(frame, kind, method, tokens), config={"displayModeBar": False},
+                                     key=key, on_select=functools.partial(_head_clicked, key), selection_mode="points")
+        else:
+            cols[i % 2].plotly_chart(_heatmap(frame, kind, method, tokens), config={"displayModeBar": False}, key=key)
+    if kind == "head":
+        st.caption("Click a head's cell to open that head.")
+        _head_panel(scores)
     if kind != "head" or scores["pos"].notna().any():
         st.caption("Positions are labelled with the first example's clean tokens (the built-in tasks' examples share "
                    "one template). Blue: patching the corrupt value in lowers the metric (the component carries the "
                    "clean behaviour); red: raises it. Each heatmap has its own colour range.")
+
+
+HEAD_PARAM = "head"
+_HEAD_KEY = "_af_head"  # the head last clicked ("L.H")
+HEAD_PAGES = (("pages/head_polysemanticity.py", "Head Polysemanticity", ":material/hub:"),
+              ("pages/induction_heads.py", "Induction Heads", ":material/repeat:"))
+
+
+def _head_clicked(key: str) -> None:
+    """on_select of a head heatmap: the clicked cell's head becomes the open head."""
+    event = st.session_state.get(key) or {}
+    points = (event.get("selection") or {}).get("points") or []
+    for point in points:
+        cd = point.get("customdata")
+        head = cd[0] if isinstance(cd, (list, tuple)) else cd
+        if isinstance(head, str) and shell.link_int(head.split(".")[0]) is not None:
+            st.session_state[_HEAD_KEY] = head
+
+
+def _head_panel(scores: pd.DataFrame) -> None:
+    """The open head (clicked, or ``?head=L.H``): its score by each method and links to its pages."""
+    head = st.session_state.get(_HEAD_KEY) or st.query_params.get(HEAD_PARAM)
+    parts = str(head or "").split(".")
+    layer, index = (shell.link_int(parts[0]), shell.link_int(parts[1])) if len(parts) == 2 else (None, None)
+    rows = scores[(scores["layer"] == layer) & (scores["head"] == index)] if layer is not None else scores.iloc[:0]
+    if rows.empty:
+        shell.set_param(HEAD_PARAM, None)
+        return
+    name = f"{layer}.{index}"
+    shell.set_param(HEAD_PARAM, name)
+    st.markdown(f"##### Head L{layer}H{index}")
+    by_method = rows.groupby("method", sort=False)["score"].sum().reset_index()
+    st.dataframe(by_method, hide_index=True, column_config={"score": st.column_config.NumberColumn(format="%+.4f")})
+    st.caption("Its score by each method (summed over positions where heads are scored per position).")
+    from streamlit.errors import StreamlitAPIException
+
+    params = {**{k: v for k, v in st.query_params.items() if k in (shell.STORE_PARAM, shell.MODEL_PARAM)},
+              HEAD_PARAM: name}
+    cols = st.columns(len(HEAD_PAGES))
+    for col, (path, title, icon) in zip(cols, HEAD_PAGES):
+        label = f"Open head {name} in {title}"
+        try:
+            col.page_link(path, label=label, icon=icon, query_params=params)
+        except StreamlitAPIException:  # the page run on its own (no navigation)
+            col.markdown(f"[{label}]({path.split('/')[-1][:-3]}?{urlencode(params)})")
 
 
 def show_comparison(query: Query, cid: str) -> None:
@@ -247,13 +318,18 @@ def _live_form(ctx: shell.PageContext) -> None:
         methods = c1.multiselect("Methods", available, default=available, key="af_methods")
         kinds = c2.multiselect("Components", [k for k in KINDS if k != "feature"], default=list(DEFAULT_KINDS),
                                key="af_kinds")
-        steps = c1.number_input("IG steps", min_value=1, max_value=64, value=4, key="af_steps")
-        submitted = st.form_submit_button("Run the methods")
+        steps = c1.number_input("IG steps", min_value=1, max_value=64, value=4, key="af_steps",
+                                help="fewer steps: cheaper and coarser integrated gradients")
+        b1, b2 = st.columns([1, 4])
+        estimate = b1.form_submit_button("Estimate the cost")
+        submitted = b2.form_submit_button("Run the methods", type="primary")
     st.caption(f"Activation patching runs one forward pass per component (about 1,000 for a 12-token prompt on "
                f"SmolLM2), so the prompts are limited to {LIVE_MAX_TOKENS} tokens; IG runs its steps once per "
-               "(kind, layer). The metric is logit(answer) − logit(wrong) at the last position.")
-    if submitted:
-        _run_live(ctx, clean, corrupt, answer, wrong, list(methods), list(kinds), int(steps))
+               "(kind, layer). The metric is logit(answer) − logit(wrong) at the last position. Leave out methods, "
+               "component kinds or IG steps for a cheaper run; \"Estimate the cost\" says how long each method "
+               "should take before anything starts.")
+    if estimate or submitted:
+        _run_live(ctx, clean, corrupt, answer, wrong, list(methods), list(kinds), int(steps), run=submitted)
     live = st.session_state.get(_LIVE)
     if live is None or live.model != ctx.model:
         return
@@ -269,23 +345,39 @@ def _live_form(ctx: shell.PageContext) -> None:
 
 
 def _run_live(ctx: shell.PageContext, clean: str, corrupt: str, answer: str, wrong: str, methods: list[str],
-              kinds: list[str], steps: int) -> None:
-    from backend.attribution.compare import run_comparison
+              kinds: list[str], steps: int, run: bool = True) -> None:
+    """Estimate each method's time on this pair (a forward pass timed now × its cost) and, when ``run``, run them
+    with one progress bar per method and the whole run's ETA."""
+    from backend.attribution.compare import check_methods, estimate_seconds, run_comparison
+    from backend.attribution.components import check_kinds
     from backend.inputs.tasks import custom_pair
     from backend.progress import using_sink
 
-    st.session_state.pop(_LIVE, None)
     with st.spinner(f"Loading {shell.literal(ctx.model)} (once per server)…"):
         model = cache.get_model(ctx.model)
     try:
+        chosen = check_methods(methods)
+        check_kinds(kinds, None)
         batch = custom_pair(model, clean, corrupt, answer, wrong)
         if batch.seq_len > LIVE_MAX_TOKENS:
             st.error(f"The prompts have {batch.seq_len} tokens; this page patches at most {LIVE_MAX_TOKENS} "
                      "(one forward pass per component): shorten them, or use `python -m backend attribute`.")
             return
-        with using_sink(progress_bar.st_progress_sink()):
-            st.session_state[_LIVE] = run_comparison(model, batch, ctx.model, methods, kinds, ig_steps=steps,
-                                                     source="app")
+        order = [m for m in chosen if m != GROUND_TRUTH] + [m for m in chosen if m == GROUND_TRUTH]  # run order
+        estimates = estimate_seconds(model, batch, order, kinds, steps)
+        if not run:
+            st.dataframe(pd.DataFrame({"method": order, "estimated seconds": [estimates[m] for m in order]}),
+                         hide_index=True, column_config={
+                             "estimated seconds": st.column_config.NumberColumn(format="%.1f")})
+            st.caption(f"About {progress_bar.format_eta(sum(estimates.values()))} in all with these settings: each "
+                       "method's cost in forward passes (backward = 2) × one forward pass of these prompts timed "
+                       "just now; patching's count is an upper bound. Nothing has run yet.")
+            return
+        st.session_state.pop(_LIVE, None)
+        sink, on_method = progress_bar.st_method_progress(estimates)
+        with using_sink(sink):
+            st.session_state[_LIVE] = run_comparison(model, batch, ctx.model, order, kinds, ig_steps=steps,
+                                                     source="app", on_method=on_method)
     except CircuitscopeError as exc:
         st.error(str(exc))
 

@@ -24,7 +24,7 @@ from backend.dictionaries.kinds import KINDS
 from backend.errors import CircuitscopeError
 from backend.features import labels as feature_labels
 from backend.features import queries as feature_queries
-from backend.ui import cache, shell, token_html
+from backend.ui import cache, intervention_links, shell, token_html
 
 DICT_PARAM = "dict"
 FEATURE_PARAM = "feature"
@@ -368,6 +368,8 @@ def dashboard(ctx: shell.PageContext, dict_id: str, feature: int) -> None:
     st.subheader(f"Feature {feature} · layer {int(s['layer'])} {KINDS[s['kind']].title}")
     _label_section(ctx, dict_id, feature)
     _flags(ctx, dict_id, feature)
+    intervention_links.steer_link(ctx.store.name, ctx.model, s["kind"], int(s["layer"]), feature,
+                                  None if pd.isna(s["max_act"]) else float(s["max_act"]))
     m = st.columns(4)
     m[0].metric("Density", f"{s['density']:.2e}" if s["density"] else "0 (dead)",
                 help=f"fraction of the {int(s['scored_tokens']):,} non-BOS corpus tokens scored where it fires")

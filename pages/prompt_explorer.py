@@ -3,26 +3,37 @@
 Shows every token with the model's loss on the token that follows it and its top-5 next-token predictions, plus a
 closer look at one position. When the store holds attention-output SAEs, also every token's top features at each
 SAE layer and, for one (position, feature), its direct feature attribution by head and by source position
-(backend.features.live). Deep link: ``?store=...&model=...&prompt=...&pos=...&dict=...&feature=...`` (prompts
+(backend.features.live); the same overview and per-feature activations for the store's MLP transcoders. Interventions:
+set, scale or zero features or heads (at chosen positions or all) and compare the next-token distribution, the metric
+and a greedy continuation with the unchanged run's, on the live model, the frozen replacement model, or both side by
+side (backend.interventions). Deep link: ``?store=...&model=...&prompt=...&pos=...&dict=...&feature=...`` plus
+``do=SPEC&on=frozen,live&answer=...&wrong=...&n=...`` for interventions (backend.ui.intervention_links; prompts
 longer than :data:`MAX_LINK_CHARS` are not put in the link).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
+from backend.dictionaries.kinds import ATTN_SAE, TRANSCODER
 from backend.errors import InputError
+from backend.interventions.run import FROZEN_NO_CONTINUATION, MAX_CONTINUATION
+from backend.interventions.run import MODES as MODELS
+from backend.interventions.spec import Intervention
 from backend.model import predict
 from backend.ui import cache, shell, token_html
+from backend.ui import intervention_links as links
 
-PROMPT_PARAM = "prompt"
+PROMPT_PARAM = links.PROMPT_PARAM
 POS_PARAM = "pos"
 MAX_LINK_CHARS = shell.MAX_LINK_CHARS
 TOP_K = 5
@@ -36,8 +47,6 @@ DICT_PARAM = "dict"
 FEATURE_PARAM = "feature"
 FEATURE_TOP_N = 5
 _DICT_KEY = "pe_dict"
-_FEATURE_KEY = "pe_feature"
-_FEATURE_DICT = "_pe_feature_dict"  # the dictionary the feature choice belongs to
 FEATURE_BROWSER = "pages/feature_browser.py"
 FEATURE_BROWSER_URL = "feature_browser"  # the page's URL path (relative: works under any base path)
 
@@ -171,7 +180,12 @@ def _fmt_features(feats: np.ndarray, acts: np.ndarray) -> str:
     return "  ".join(f"#{int(f)} {a:.2f}" for f, a in zip(feats, acts) if f >= 0)
 
 
-def _overview(res: Any, tokens: list[str], layer_dicts: tuple[tuple[int, str], ...]) -> None:
+ATTN_TITLE = "Strongest attention-SAE feature per token and layer (hover for the top features)"
+TRANSCODER_TITLE = "Strongest transcoder feature per token and layer (hover for the top features)"
+
+
+def _overview(res: Any, tokens: list[str], layer_dicts: tuple[tuple[int, str], ...], title: str = ATTN_TITLE,
+              table: bool = True) -> None:
     """Heatmap (layers × tokens, shaded by each token's strongest feature) and the per-token top-feature table."""
     import plotly.graph_objects as go
 
@@ -189,11 +203,13 @@ def _overview(res: Any, tokens: list[str], layer_dicts: tuple[tuple[int, str], .
     fig = go.Figure(go.Heatmap(z=z, x=list(range(len(tokens))), y=[f"L{layer}" for layer in layers],
                                text=hover, hoverinfo="text", colorscale="Oranges",
                                colorbar=dict(title="top act")))
-    fig.update_layout(height=120 + 40 * len(layers), margin=dict(l=10, r=10, t=30, b=10),
-                      title="Strongest attention-SAE feature per token and layer (hover for the top features)",
+    fig.update_layout(height=120 + (40 if len(layers) <= 6 else 20) * len(layers), margin=dict(l=10, r=10, t=30, b=10),
+                      title=title,
                       xaxis=dict(tickmode="array", tickvals=list(range(len(tokens))), ticktext=x, tickangle=-60),
                       yaxis=dict(autorange="reversed"))  # first layer on top, as in the table
     st.plotly_chart(fig, config={"displayModeBar": False})
+    if not table:
+        return
     view = pd.DataFrame({"pos": range(len(tokens)), "token": [repr(token_html.visible_token(t)) for t in tokens]})
     for layer, dict_id in layer_dicts:
         lf = res.layers[layer]
@@ -204,49 +220,82 @@ def _overview(res: Any, tokens: list[str], layer_dicts: tuple[tuple[int, str], .
                + ", ".join(f"L{layer}: {shell.literal(d)}" for layer, d in layer_dicts) + ".")
 
 
-def _choose_feature(res: Any, layer: int, pos: int, dict_id: str, d_sae: int) -> int | None:
+@dataclass(frozen=True)
+class _Picker:
+    """Session keys of one feature picker (attention SAEs, transcoders). The chosen feature lives in a plain key; the
+    selectbox's key includes a digest of the prompt, position and dictionary, so a new prompt draws a new widget
+    instead of one that still holds the previous prompt's option and label."""
+
+    choice: str  # plain key: the chosen feature
+    dict_key: str  # plain key: the dictionary the choice belongs to
+    ids_key: str  # plain key: the prompt (token ids) the choice was last checked on
+    widget: str  # prefix of the selectbox key
+    linked: bool  # the link's ``feature`` parameter belongs to this picker
+
+
+_ATTN_PICKER = _Picker("_pe_feature", "_pe_feature_dict", "_pe_feature_ids", "pe_feature", linked=True)
+_TC_PICKER = _Picker("_pe_tc_feature", "_pe_tc_dict", "_pe_tc_ids", "pe_tc_feature", linked=False)
+
+
+def _choose_feature(res: Any, layer: int, pos: int, dict_id: str, d_sae: int, act_at: Callable[[int], float],
+                    picker: _Picker = _ATTN_PICKER) -> int | None:
     """The feature picker: this position's top features, plus the feature already chosen (or linked), so a feature
-    stays selected while the position changes."""
+    stays selected while the position changes. After a new prompt, a chosen feature that does not fire at this
+    position is dropped (with a note) for the position's strongest one. ``act_at(f)``: feature f's activation at
+    ``pos`` on this prompt."""
     ss = st.session_state
     lf = res.layers[layer]
     top = [int(f) for f in lf.features[pos] if f >= 0]
     acts = {int(f): float(a) for f, a in zip(lf.features[pos], lf.acts[pos]) if f >= 0}
-    if _FEATURE_DICT not in ss:  # first run on this page: the link's feature, if it names one of this dictionary
-        ss[_FEATURE_DICT] = dict_id
-        raw = st.query_params.get(FEATURE_PARAM)
+    ids = tuple(int(i) for i in res.token_ids)
+    if picker.dict_key not in ss:  # first run on this page: the link's feature, if it names one of this dictionary
+        ss[picker.dict_key] = dict_id
+        ss[picker.ids_key] = ids
+        raw = st.query_params.get(FEATURE_PARAM) if picker.linked else None
         linked = shell.link_int(raw)
         if linked is not None and 0 <= linked < d_sae:
-            ss[_FEATURE_KEY] = linked
+            ss[picker.choice] = linked
         elif raw is not None:
             st.warning(f"The link's feature {shell.literal(raw)} is not a feature of {shell.literal(dict_id)} (it has "
                        f"0–{d_sae - 1}): showing this token's strongest feature instead.")
-    elif ss[_FEATURE_DICT] != dict_id:  # another dictionary was chosen: old feature ids mean nothing in it
-        ss.pop(_FEATURE_KEY, None)
-        ss[_FEATURE_DICT] = dict_id
-    current = ss.get(_FEATURE_KEY)
+    elif ss[picker.dict_key] != dict_id:  # another dictionary was chosen: old feature ids mean nothing in it
+        ss.pop(picker.choice, None)
+        ss[picker.dict_key] = dict_id
+    current = ss.get(picker.choice)
+    if ss.get(picker.ids_key) != ids:  # a new prompt: the choice stays only where it fires
+        ss[picker.ids_key] = ids
+        if current is not None and current not in acts and not act_at(current) > 0:
+            st.caption(f"Feature #{current} does not fire at position {pos} of this prompt: showing the position's "
+                       "strongest feature instead.")
+            ss.pop(picker.choice, None)
+            current = None
     options = ([current] if current is not None and current not in top else []) + top
     if not options:
         st.info(f"No feature of {shell.literal(dict_id)} fires at position {pos}: choose another position or "
                 "dictionary.")
-        shell.set_param(FEATURE_PARAM, None)
+        if picker.linked:
+            shell.set_param(FEATURE_PARAM, None)
         return None
     if current not in options:
-        ss[_FEATURE_KEY] = options[0]
+        current = options[0]
+    digest = hashlib.sha1(repr((ids, pos, dict_id)).encode()).hexdigest()[:12]
     feature: int = st.selectbox(
-        "Feature", options, key=_FEATURE_KEY,
+        "Feature", options, index=options.index(current), key=f"{picker.widget}_{digest}",
         format_func=lambda f: f"#{f} · act {acts[f]:.3f}" if f in acts
-        else f"#{f} (not in this token's top {FEATURE_TOP_N})")
-    shell.set_param(FEATURE_PARAM, str(feature))
+        else f"#{f} · act {act_at(f):.3f} (not in this token's top {FEATURE_TOP_N})")
+    ss[picker.choice] = int(feature)
+    if picker.linked:
+        shell.set_param(FEATURE_PARAM, str(feature))
     return int(feature)
 
 
-def _feature_link(ctx: shell.PageContext, dict_id: str, feature: int) -> None:
+def _feature_link(ctx: shell.PageContext, dict_id: str, feature: int, label: str | None = None) -> None:
     """Link to the feature's dashboard: ``feature_browser?store=...&dict=...&feature=...``."""
     from streamlit.errors import StreamlitAPIException
 
     params = {shell.STORE_PARAM: ctx.store.name, shell.MODEL_PARAM: ctx.model or "", DICT_PARAM: dict_id,
               FEATURE_PARAM: str(feature)}
-    label = f"Open feature #{feature} in the Feature Browser"
+    label = label or f"Open feature #{feature} in the Feature Browser"
     try:  # inside the app's navigation: a page link keeps the session
         st.page_link(FEATURE_BROWSER, label=label, icon=":material/open_in_new:", query_params=params)
     except StreamlitAPIException:  # the page run on its own (no navigation): a plain link with the same address
@@ -265,6 +314,7 @@ def _dfa_charts(ctx: shell.PageContext, res: Any, sae: Any, tokens: list[str], l
                 f"({shell.literal(repr(token_html.visible_token(tokens[pos])))}): "
                 f"activation **{acts[pos]:.3f}**")
     _feature_link(ctx, dict_id, feature)
+    _intervene_button("attn", layer, feature, pos)
     st.html(token_html.signed_token_strip_html(tokens, acts, label=f"#{feature} act"))
     st.caption(f"Activation of feature #{feature} on every token of the prompt (BOS is not scored).")
 
@@ -320,13 +370,256 @@ def _feature_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None
                 "Choose another position above.")
         return
     sae = cache.get_dictionary(str(ctx.store.path), ctx.store.file_key, dict_id)
-    feature = _choose_feature(res, layer, pos, dict_id, int(sae.cfg.d_sae))
+
+    def act_at(f: int) -> float:
+        from backend.features.live import feature_activations
+
+        return float(feature_activations(sae, res.cache, layer, f)[pos])
+
+    feature = _choose_feature(res, layer, pos, dict_id, int(sae.cfg.d_sae), act_at)
     if feature is None:
         return
     try:
         _dfa_charts(ctx, res, sae, tokens, layer, pos, feature, dict_id)
     except ValueError as exc:  # e.g. an SAE whose input normalisation mixes heads: no per-head split exists
         st.error(str(exc))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MLP-transcoder features (Dunefsky et al. 2024): which features of each layer's transcoder fire on each token.
+
+
+def _transcoder_section(ctx: shell.PageContext, df: pd.DataFrame, pos: int) -> None:
+    """Top transcoder features per token and layer, and one (layer, position, feature)'s activations."""
+    st.subheader("Transcoder features")
+    dicts: pd.DataFrame = ctx.summary["dictionaries"]
+    if dicts.empty or not ((dicts["kind"] == TRANSCODER) & (dicts["model"] == ctx.model)).any():
+        st.info(f"This store has no MLP transcoders for {shell.literal(ctx.model)}: they come with the transcoder "
+                f"precompute; run {shell.build_hint(ctx)} to add them.", icon=":material/info:")
+        return
+    ids = tuple(int(i) for i in df["token_id"])
+    tokens = list(df["token"])
+    with st.spinner("Encoding with the transcoders…"):
+        res = cache.cached_transcoder_features(ctx.model, ids, str(ctx.store.path), ctx.store.file_key,
+                                               FEATURE_TOP_N)
+        transcoders, _ = cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.file_key, ctx.model, False)
+    dict_of = {layer: str(tc.cfg.metadata.dict_id) for layer, tc in transcoders.items()}
+    layers = sorted(res.layers)
+    _overview(res, tokens, tuple((layer, dict_of[layer]) for layer in layers), title=TRANSCODER_TITLE, table=False)
+    if pos == 0:
+        st.caption("Position 0 is the BOS token: transcoders do not score it. Choose another position above.")
+        return
+    ss = st.session_state
+    if ss.get(_TC_LAYER_KEY) not in layers:  # default: the layer whose strongest feature at this position is largest
+        strongest = [np.nan_to_num(res.layers[layer].acts[pos, 0], nan=-np.inf) for layer in layers]
+        ss[_TC_LAYER_KEY] = layers[int(np.argmax(strongest))]
+    cols = st.columns([1, 3])
+    layer: int = cols[0].selectbox("Transcoder layer", layers, key=_TC_LAYER_KEY, format_func=lambda l: f"layer {l}")
+    tc = transcoders[layer]
+    from backend.features.live import transcoder_activations
+
+    with cols[1]:
+        feature = _choose_feature(res, layer, pos, dict_of[layer], int(tc.cfg.d_sae),
+                                  lambda f: float(transcoder_activations(tc, res.cache, layer, f)[pos]), _TC_PICKER)
+    if feature is None:
+        return
+    acts = transcoder_activations(tc, res.cache, layer, feature)
+    st.markdown(f"**Transcoder feature #{feature}** of layer {layer} ({shell.literal(dict_of[layer])}) at position "
+                f"{pos} ({shell.literal(repr(token_html.visible_token(tokens[pos])))}): activation **{acts[pos]:.3f}**")
+    _feature_link(ctx, dict_of[layer], feature, label=f"Open transcoder feature #{feature}'s dashboard")
+    _intervene_button("transcoder", layer, feature, pos)
+    st.html(token_html.signed_token_strip_html(tokens, acts, label=f"#{feature} act"))
+    st.caption(f"Activation of transcoder feature #{feature} (layer {layer}) on every token (BOS is not scored).")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Interventions (backend.interventions): set, scale or zero features or heads, beside the unchanged run.
+
+_DO_KEY = "pe_do"
+_KEEP_DO = "_pe_do"
+_ON_KEY = "pe_on"
+_ANSWER_KEY = "pe_answer"
+_WRONG_KEY = "pe_wrong"
+_STEPS_KEY = "pe_steps"
+_TC_LAYER_KEY = "pe_tc_layer"
+DEFAULT_STEPS = 8  # greedy continuation tokens: one forward pass each, with and without the interventions
+IV_TOP_K = 8
+MODEL_TITLES = {"live": "Live model", "frozen": "Frozen replacement model"}
+UNIT_TITLES = {"transcoder": "transcoder feature", "attn": "attention-SAE feature", "head": "attention head"}
+
+
+def _add_intervention(spec: str) -> None:
+    """Button callback: append ``spec`` to the interventions (runs before the page, so it may set the text box)."""
+    ss = st.session_state
+    current = str(ss.get(_DO_KEY) or "").strip().rstrip(";")
+    ss[_DO_KEY] = f"{current};{spec}" if current else spec
+
+
+def _intervene_button(kind: str, layer: int, feature: int, pos: int) -> None:
+    """A button adding "zero this feature at this position" to the interventions section."""
+    spec = Intervention(kind, int(layer), int(feature), "zero", 0.0, (int(pos),)).describe()
+    st.button(f"Intervene: zero #{feature} at position {pos}", key=f"pe_iv_{kind}_{layer}_{feature}_{pos}",
+              on_click=_add_intervention, args=(spec,), help=f"Adds {spec} to the interventions above.")
+
+
+def _widths(ctx: shell.PageContext) -> dict[tuple[str, int], int]:
+    """Features per (intervention kind, layer) for the dictionaries an intervention can use (one per layer)."""
+    transcoders, saes = cache.cached_graph_dictionaries(str(ctx.store.path), ctx.store.file_key, ctx.model, True)
+    out = {("transcoder", layer): int(t.cfg.d_sae) for layer, t in transcoders.items()}
+    out.update({("attn", layer): int(s.cfg.d_sae) for layer, s in saes.items()})
+    return out
+
+
+def _keep_valid(key: str, options: list[Any]) -> None:
+    """A widget's stored value stays only while it is one of ``options`` (the prompt or the kind changed)."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = options[0]
+
+
+def _builder(widths: dict[tuple[str, int], int], strings: list[str], n_layers: int, n_heads: int) -> None:
+    """Widgets composing one intervention, and the button adding it to the list."""
+    ss = st.session_state
+    kinds = [k for k in ("transcoder", "attn") if any(kk == k for kk, _ in widths)] + ["head"]
+    c = st.columns([1.4, 0.8, 1, 2.2, 0.9, 0.9])
+    _keep_valid("pe_iv_kind", kinds)
+    kind: str = c[0].selectbox("Unit", kinds, key="pe_iv_kind", format_func=UNIT_TITLES.get)
+    layers = sorted(layer for k, layer in widths if k == kind) if kind != "head" else list(range(n_layers))
+    _keep_valid("pe_iv_layer", layers)
+    layer: int = c[1].selectbox("Layer", layers, key="pe_iv_layer")
+    top = (widths[(kind, layer)] if kind != "head" else n_heads) - 1
+    if not 0 <= int(ss.get("pe_iv_index", 0)) <= top:
+        ss["pe_iv_index"] = 0
+    index = int(c[2].number_input("Feature" if kind != "head" else "Head", min_value=0, max_value=top, step=1,
+                                  key="pe_iv_index"))
+    choices = list(range(1, len(strings)))
+    ss["pe_iv_pos"] = [p for p in ss.get("pe_iv_pos", []) if p in choices]
+    positions = c[3].multiselect("Positions (none: every token after BOS)", choices, key="pe_iv_pos",
+                                 format_func=lambda p: f"{p}: {token_html.visible_token(strings[p])!r}")
+    modes = ["zero", "scale", "set"] if kind != "head" else ["zero", "scale"]
+    _keep_valid("pe_iv_mode", modes)
+    mode: str = c[4].selectbox("Mode", modes, key="pe_iv_mode",
+                               help="zero; scale (multiply by the value); set (hold a feature at the value)")
+    value = float(c[5].number_input("Value", value=2.0, key="pe_iv_value", disabled=mode == "zero",
+                                    help="scale: the factor; set: the feature's activation"))
+    spec = Intervention(kind, int(layer), index, mode, 0.0 if mode == "zero" else value,
+                        tuple(sorted(positions)) or None).describe()
+    st.button("Add this intervention", key="pe_iv_add", on_click=_add_intervention, args=(spec,),
+              help=f"Adds {spec} to the interventions below.")
+
+
+def _init_interventions() -> None:
+    """First run on this page: the link's interventions, models, target and length (else what was typed before)."""
+    ss = st.session_state
+    q = st.query_params
+    if _DO_KEY not in ss:
+        ss[_DO_KEY] = q.get(links.DO_PARAM) or ss.get(_KEEP_DO) or ""
+    if _ON_KEY not in ss:
+        wanted = [m.strip() for m in (q.get(links.ON_PARAM) or "live").split(",") if m.strip()]
+        bad = [m for m in wanted if m not in MODELS]
+        if bad:
+            st.warning(f"The link asks for the model(s) {shell.literal(','.join(bad))}; the models are "
+                       f"{', '.join(MODELS)}: using the others.")
+        ss[_ON_KEY] = list(dict.fromkeys(m for m in wanted if m in MODELS)) or ["live"]
+    if _ANSWER_KEY not in ss:
+        ss[_ANSWER_KEY] = q.get(links.ANSWER_PARAM) or ""
+    if _WRONG_KEY not in ss:
+        ss[_WRONG_KEY] = q.get(links.WRONG_PARAM) or ""
+    if _STEPS_KEY not in ss:
+        steps = shell.link_int(q.get(links.STEPS_PARAM))
+        ss[_STEPS_KEY] = steps if steps is not None and 0 <= steps <= MAX_CONTINUATION else DEFAULT_STEPS
+
+
+def _intervention_section(ctx: shell.PageContext, source: str | bytes, strings: list[str], limit: int) -> None:
+    """Compose interventions, run them on the live and/or frozen model, and show each beside the unchanged run."""
+    st.subheader("Interventions")
+    _init_interventions()
+    ss = st.session_state
+    info = ctx.model_info
+    model = cache.get_model(ctx.model)
+    n_layers = int(info.get("n_layers") or model.cfg.n_layers)
+    n_heads = int(info.get("n_heads") or model.cfg.n_heads)
+    widths = _widths(ctx)
+    with st.expander("Add an intervention", expanded=not ss[_DO_KEY]):
+        _builder(widths, strings, n_layers, n_heads)
+    spec = st.text_input(
+        "Interventions (KIND:LAYER:INDEX[@POSITIONS]=MODE[:VALUE], joined by ;)", key=_DO_KEY,
+        placeholder="e.g. transcoder:1:5@3=zero;head:0:1=scale:0.5",
+        help="KIND transcoder, attn (attention-SAE feature) or head; POSITIONS a comma list (none: every token after "
+             "BOS); MODE zero, scale (VALUE = factor) or set (VALUE = the feature's activation). Features are "
+             "changed with their dictionary's error held fixed.").strip()
+    ss[_KEEP_DO] = spec
+    c = st.columns([2, 1, 1, 1])
+    on: list[str] = c[0].multiselect("Run on", list(MODELS), key=_ON_KEY, format_func=MODEL_TITLES.get,
+                                     help="Live: the model itself. Frozen: the replacement model an attribution "
+                                          "graph explains (attention and norms frozen at the prompt's values). "
+                                          "Both: side by side.")
+    steps = int(c[1].number_input("Continuation tokens", min_value=0, max_value=MAX_CONTINUATION, step=1,
+                                  key=_STEPS_KEY, help="greedy tokens generated after the prompt (live model)"))
+    answer = c[2].text_input("Answer token (optional)", key=_ANSWER_KEY,
+                             help="report the metric logit(answer) − mean logit; one token, mind the leading space")
+    wrong = c[3].text_input("Wrong token (optional)", key=_WRONG_KEY,
+                            help="with an answer: report logit(answer) − logit(wrong) instead")
+    for name, value in ((links.DO_PARAM, spec), (links.ON_PARAM, ",".join(on)), (links.ANSWER_PARAM, answer),
+                        (links.WRONG_PARAM, wrong), (links.STEPS_PARAM, str(steps))):
+        shell.set_param(name, value if spec and value else None)
+    if not spec:
+        st.caption("Add an intervention above (or use a feature's \"Intervene\" button below) to compare the "
+                   "prediction and a continuation with the unchanged model's.")
+        return
+    if not on:
+        st.info("Choose the model(s) to run the interventions on.")
+        return
+    for col, mode in zip(st.columns(len(on)), on):
+        with col:
+            _intervention_result(ctx, source, spec, mode, answer, wrong, steps, limit)
+
+
+def _continuation_html(mode: str, run: str, strings: list[str]) -> str:
+    # data-cs-continuation names the run for tests and scripts; the tokens are escaped by token_strip_html.
+    return (f'<div data-cs-continuation="{mode}-{run}"><div style="font-size: .85em; color: gray;">{run}</div>'
+            + token_html.token_strip_html(strings) + "</div>")
+
+
+def _intervention_result(ctx: shell.PageContext, source: str | bytes, spec: str, mode: str, answer: str, wrong: str,
+                         steps: int, limit: int) -> None:
+    """One model's intervened run beside its unchanged run."""
+    from backend.inputs.prompts import token_strings
+
+    st.markdown(f"**{MODEL_TITLES[mode]}**")
+    try:
+        with st.spinner(f"Running the interventions on the {mode} model…"):
+            r = cache.cached_intervention(ctx.model, str(ctx.store.path), ctx.store.file_key, source, spec, mode,
+                                          answer or None, wrong or None, IV_TOP_K, steps if mode == "live" else 0,
+                                          limit)
+    except InputError as exc:
+        st.error(str(exc))
+        return
+    tokenizer = cache.get_model(ctx.model).tokenizer
+    m = st.columns(3)
+    m[0].metric("KL", f"{r.kl:.4f}", help="KL(unchanged ‖ intervened) of the next-token distribution at the last "
+                                            "position, nats")
+    m[1].metric("p(top token)", f"{r.intervened.reference_prob:.1%}",
+                delta=f"{100 * (r.intervened.reference_prob - r.baseline.reference_prob):+.1f} pp",
+                help=f"probability of the unchanged run's top token; was {r.baseline.reference_prob:.1%}")
+    if r.metric_change is not None:
+        m[2].metric(str(r.metric_name), f"{r.intervened.metric:.3f}", delta=f"{r.metric_change:+.3f}",
+                    help=f"unchanged {r.baseline.metric:.3f}")
+    shown = lambda ids: [repr(token_html.visible_token(t)) for t in token_strings(tokenizer, ids)]  # noqa: E731
+    st.dataframe(pd.DataFrame({"unchanged": shown(r.baseline.top_ids), "p unchanged": r.baseline.top_probs,
+                               "intervened": shown(r.intervened.top_ids), "p intervened": r.intervened.top_probs}),
+                 hide_index=True, column_config={
+                     "p unchanged": st.column_config.NumberColumn(format="%.3f"),
+                     "p intervened": st.column_config.NumberColumn(format="%.3f")})
+    if mode == "frozen":
+        st.info(FROZEN_NO_CONTINUATION, icon=":material/info:")
+    elif steps:
+        base, new = r.baseline.continuation, r.intervened.continuation
+        st.html(_continuation_html(mode, "unchanged", token_strings(tokenizer, base)))
+        st.html(_continuation_html(mode, "intervened", token_strings(tokenizer, new)))
+        first = next((i for i, (a, b) in enumerate(zip(base, new)) if a != b), None)
+        st.caption("The greedy continuation is unchanged." if first is None else
+                   f"The greedy continuation changes from its token {first + 1} on.")
+    st.caption("Interventions: " + shell.literal("; ".join(i.describe() for i in r.interventions), 400))
 
 
 def body(ctx: shell.PageContext) -> None:
@@ -361,9 +654,11 @@ def body(ctx: shell.PageContext) -> None:
     st.caption("Each token is shaded by the model's loss on the token that follows it (darker = more surprised).")
     _token_table(df)
     pos = _position_detail(df)
+    _intervention_section(ctx, source, list(df["token"]), limit)
     _feature_section(ctx, df, pos)
+    _transcoder_section(ctx, df, pos)
 
 
 shell.run_page("Prompt Explorer", body,
-            caption="Run any text through the store's model, live: per-token loss, top next-token predictions and "
-                    "the attention-SAE features of every token.")
+            caption="Run any text through the store's model, live: per-token loss, top next-token predictions, the "
+                    "attention-SAE and transcoder features of every token, and interventions on features or heads.")

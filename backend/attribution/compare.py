@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from backend.attribution import GROUND_TRUTH, METHODS, available_methods
 from backend.attribution.components import DEFAULT_KINDS, Scores, check_kinds
@@ -98,12 +98,14 @@ def _params_json(params: Mapping[str, Any]) -> dict[str, Any]:
 def run_comparison(model: Any, batch: "TaskBatch", model_name: str, methods: Sequence[str] | None = None,
                    kinds: Sequence[str] = DEFAULT_KINDS, ig_steps: int = 8, per_position_heads: bool = False,
                    dictionaries: Mapping[int, Any] | None = None, dictionary_ids: Mapping[int, str] | None = None,
-                   rules: Any = None, source: str = "precompute", comparison_id: str | None = None) -> Comparison:
+                   rules: Any = None, source: str = "precompute", comparison_id: str | None = None,
+                   on_method: "Callable[[str, float | None], None] | None" = None) -> Comparison:
     """Run ``methods`` (patching last) on ``batch`` and return their scores and wall times.
 
     ``dictionaries`` (layer -> attention SAE) is needed for the ``feature`` kind (``dictionary_ids``, layer -> store
     dict_id, only recorded in the parameters); ``rules`` are RelP's rules
-    (default: the RelP module's defaults); ``ig_steps`` the number of α values of IG.
+    (default: the RelP module's defaults); ``ig_steps`` the number of α values of IG. ``on_method(name, None)`` is
+    called as each method starts and ``on_method(name, seconds)`` as it ends (the app's per-method progress).
     """
     import torch
 
@@ -122,12 +124,16 @@ def run_comparison(model: Any, batch: "TaskBatch", model_name: str, methods: Seq
         spec = METHODS[name]
         params = _method_params(name, ig_steps, rules)
         say(f"{batch.name}: {name} ({spec.cost})")
+        if on_method is not None:
+            on_method(name, None)
         fn = spec.load()
         t0, c0 = time.perf_counter(), time.process_time()
         scores = fn(model, batch, kinds, per_position_heads=per_position_heads, dictionaries=dictionaries, **params)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         # CPU seconds (all threads of this process) beside wall time: on a shared machine they vary far less.
         runs[name] = MethodRun(name, scores, seconds, {**shared, **_params_json(params), "cpu_seconds": round(cpu, 3)})
+        if on_method is not None:
+            on_method(name, seconds)
     cid = comparison_id or f"{model_name}/{batch.name}-{uuid.uuid4().hex[:8]}"
     return Comparison(
         comparison_id=cid, task=batch.name, model=model_name, batch=batch, kinds=list(kinds), runs=runs,
@@ -135,6 +141,54 @@ def run_comparison(model: Any, batch: "TaskBatch", model_name: str, methods: Seq
         params={**shared, "ig_steps": int(ig_steps), "methods": ordered, "n_examples": len(batch),
                 "seq_len": batch.seq_len, "description": batch.description},
     )
+
+
+# Cost of each method in forward passes of the whole batch, for the ETA shown before a run. AtP is 2 forward + 1
+# backward (a backward pass ≈ 2 forward); the other factors were measured once against it (2026-12-07, SmolLM2-135M,
+# a 15-token IOI pair, 4 IG steps, resid + mlp + head): RelP's rule hooks cost 2.3× AtP; AtP* about 0.8 forward per
+# layer beyond its 2; IG 0.3 and patching 0.075 forward passes per (step, kind, layer) and per component, because
+# both batch many copies into partial passes from a component's layer. During a run the page replaces these with
+# the measured rates (backend.progress.MethodClock).
+ATP_UNITS = 4.0
+RELP_UNITS = 9.0
+ATPSTAR_PER_LAYER = 0.8
+IG_PER_STEP_LAYER = 0.3
+PATCHING_PER_COMPONENT = 0.075
+
+
+def method_units(model: Any, batch: "TaskBatch", methods: Sequence[str], kinds: Sequence[str],
+                 ig_steps: int) -> dict[str, float]:
+    """Each method's estimated cost on ``batch`` in forward passes of the whole model (see the constants above)."""
+    n_layers, n_heads, seq = int(model.cfg.n_layers), int(model.cfg.n_heads), int(batch.seq_len)
+    components = {"resid": n_layers * seq, "mlp": n_layers * seq, "head": n_layers * n_heads}
+    n_components = sum(components.get(k, n_layers * seq) for k in kinds)
+    units = {
+        "patching": PATCHING_PER_COMPONENT * n_components,
+        "atp": ATP_UNITS, "relp": RELP_UNITS,
+        "atpstar": 2 + ATPSTAR_PER_LAYER * (n_layers + 1),
+        "ig": IG_PER_STEP_LAYER * int(ig_steps) * len(kinds) * n_layers,
+    }
+    return {m: float(units.get(m, ATP_UNITS)) for m in methods}
+
+
+def forward_seconds(model: Any, batch: "TaskBatch", repeats: int = 2) -> float:
+    """Measured wall time of one forward pass of the batch's clean prompts (the fastest of ``repeats``)."""
+    import torch
+
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(batch.clean, return_type="logits")
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def estimate_seconds(model: Any, batch: "TaskBatch", methods: Sequence[str], kinds: Sequence[str],
+                     ig_steps: int) -> dict[str, float]:
+    """Estimated wall time of each method: :func:`method_units` × a forward pass measured now on this machine."""
+    t = forward_seconds(model, batch)
+    return {m: u * t for m, u in method_units(model, batch, methods, kinds, ig_steps).items()}
 
 
 def delete_comparison(con: "duckdb.DuckDBPyConnection", comparison_id: str) -> None:

@@ -307,3 +307,47 @@ def dfa_by_source(model: "HookedTransformer", sae: "SAE", cache: Cache, layer: i
     total = float(by_head_source.sum() + bdec.sum()) + b_enc
     return SourceDFA(by_head_source=by_head_source.cpu().numpy().astype(np.float64),
                      bdec=bdec.cpu().numpy().astype(np.float64), b_enc=b_enc, preactivation=total)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MLP transcoders (Dunefsky et al. 2024), live
+
+
+def analyze_transcoders(model: "HookedTransformer", transcoders: Mapping[int, Any], token_ids: Sequence[int],
+                        top_n: int = DEFAULT_TOP_N) -> PromptFeatures:
+    """Run ``token_ids`` (BOS first) once up to the last transcoder layer and return, for every layer in
+    ``transcoders``, each token's top ``top_n`` transcoder features (the MLP's normalised input, hook ``mlp_in``,
+    encoded by the layer's transcoder; BOS shown but not scored) and the cached MLP inputs."""
+    import torch
+
+    ids = [int(t) for t in token_ids]
+    if not transcoders or not ids:
+        return PromptFeatures(token_ids=ids, layers={}, cache={})
+    names = {hook_name("mlp_in", layer) for layer in transcoders}
+    tokens = torch.tensor([ids], dtype=torch.long)
+    with torch.inference_mode():
+        _, run = model.run_with_cache(tokens, names_filter=lambda n: n in names, stop_at_layer=max(transcoders) + 1)
+    cache = {name: run[name].detach().clone() for name in names}
+    layers: dict[int, LayerFeatures] = {}
+    for layer, tc in sorted(transcoders.items()):
+        feats, vals, l0 = top_features(_encode_mlp_in(tc, cache, layer), top_n)
+        layers[layer] = LayerFeatures(layer=layer, features=feats, acts=vals, l0=l0)
+    return PromptFeatures(token_ids=ids, layers=layers, cache=cache)
+
+
+def _encode_mlp_in(tc: Any, cache: Cache, layer: int) -> "torch.Tensor":
+    import torch
+
+    x = cache[hook_name("mlp_in", layer)][0]
+    with torch.inference_mode():
+        return tc.encode(x.to(tc.W_enc.device, tc.W_enc.dtype)).float().cpu()
+
+
+def transcoder_activations(tc: Any, cache: Cache, layer: int, feature: int) -> np.ndarray:
+    """Activation of one transcoder feature at every position of a prompt cached by :func:`analyze_transcoders`
+    (NaN at BOS, which is not scored)."""
+    _check_feature(tc, feature)
+    out = _encode_mlp_in(tc, cache, layer)[:, int(feature)].numpy().astype(np.float64)
+    if len(out):
+        out[BOS_POS] = np.nan
+    return out

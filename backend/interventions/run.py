@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 MODES: tuple[str, ...] = ("live", "frozen")
 MAX_CONTINUATION = 64  # greedy tokens generated at most (one forward pass each)
 MAX_TOP_K = 100  # next tokens listed at most
+FROZEN_NO_CONTINUATION = ("The frozen replacement model is defined on the prompt's positions only: it has no "
+                          "continuation (use the live model for one).")
 
 
 @dataclass
@@ -231,8 +233,7 @@ def run_intervention(model: Any, token_ids: Sequence[int], interventions: Sequen
     if mode not in MODES:
         raise InputError(f"Unknown intervention model {literal(mode)}: use one of {', '.join(MODES)}.")
     if mode == "frozen" and continue_tokens:
-        raise InputError("The frozen replacement model is defined on the prompt's positions only: it has no "
-                         "continuation (use the live model for one).")
+        raise InputError(FROZEN_NO_CONTINUATION)
     if not 0 <= int(continue_tokens) <= MAX_CONTINUATION:
         raise InputError(f"A continuation has 0-{MAX_CONTINUATION} tokens, not {continue_tokens}.")
     missing = sorted({(i.kind, i.layer) for i in interventions if (i.kind == "transcoder" and i.layer not in transcoders)
@@ -286,10 +287,12 @@ def _greedy(model: Any, tokens: "torch.Tensor", hooks: list[tuple[str, Any]], n:
 def intervene_on_prompt(model: Any, prompt: str | bytes, interventions: str | Sequence[Intervention],
                         transcoders: Mapping[int, Any], attn_saes: Mapping[int, Any], mode: str = "live",
                         answer: str | None = None, wrong: str | None = None, top_k: int = 10,
-                        continue_tokens: int = 0) -> InterventionResult:
+                        continue_tokens: int = 0, max_tokens: int | None = None) -> InterventionResult:
     """:func:`run_intervention` on a prompt given as text: the interventions (a spec string such as
     ``"tc:5:123=0@3; head:2.1*0"``, or parsed ones) are checked against the model and the dictionaries, and the metric
-    is logit(answer) − mean logit (or − logit(wrong)) when ``answer`` is given. What the CLI and the Python API run."""
+    is logit(answer) − mean logit (or − logit(wrong)) when ``answer`` is given; the prompt is cut to ``max_tokens``
+    tokens as :func:`backend.inputs.prompts.encode_prompt` does. What the CLI, the Python API and the Prompt Explorer
+    run."""
     from backend.circuits.build import resolve_target
     from backend.inputs.prompts import encode_prompt
     from backend.interventions.spec import check, parse
@@ -301,7 +304,7 @@ def intervene_on_prompt(model: Any, prompt: str | bytes, interventions: str | Se
     parsed = parse(interventions) if isinstance(interventions, str) else list(interventions)
     widths = {("transcoder", l): int(t.cfg.d_sae) for l, t in transcoders.items()}
     widths.update({("attn", l): int(s.cfg.d_sae) for l, s in attn_saes.items()})
-    enc = encode_prompt(model, prompt)
+    enc = encode_prompt(model, prompt, max_tokens=max_tokens)
     for i in parsed:
         check(i, model.cfg.n_layers, model.cfg.n_heads, widths, n_positions=len(enc.ids))
     target = None

@@ -120,3 +120,38 @@ def cached_prompt_features(model_name: str, ids: tuple[int, ...], store_path: st
 
     saes = {layer: get_dictionary(store_path, store_key, dict_id) for layer, dict_id in layer_dicts}
     return analyze_prompt(get_model(model_name), saes, ids, top_n=top_n)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def cached_transcoder_features(model_name: str, ids: tuple[int, ...], store_path: str, store_key: tuple[int, ...],
+                               top_n: int) -> Any:
+    """:func:`backend.features.live.analyze_transcoders` for the cached model and the store's transcoders, memoised
+    per (model, token ids, store version). Shared and read-only."""
+    from backend.features.live import analyze_transcoders
+
+    transcoders, _ = cached_graph_dictionaries(store_path, store_key, model_name, False)
+    return analyze_transcoders(get_model(model_name), transcoders, ids, top_n=top_n)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_intervention(model_name: str, store_path: str, store_key: tuple[int, ...], prompt: str | bytes, spec: str,
+                        mode: str, answer: str | None, wrong: str | None, top_k: int, continue_tokens: int,
+                        max_tokens: int) -> Any:
+    """:func:`backend.interventions.run.intervene_on_prompt` on the cached model with the store's transcoders and
+    attention SAEs, memoised per request (a link opened twice, or a rerun, does not run the model again)."""
+    from backend.interventions.run import intervene_on_prompt
+
+    transcoders, saes = cached_graph_dictionaries(store_path, store_key, model_name, True)
+    return intervene_on_prompt(get_model(model_name), prompt, spec, transcoders, saes, mode=mode, answer=answer,
+                               wrong=wrong, top_k=top_k, continue_tokens=continue_tokens, max_tokens=max_tokens)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def cached_graph(model_name: str, store_path: str, store_key: tuple[int, ...], prompt: str,
+                 answer: str | None = None) -> Any:
+    """:func:`backend.circuits.build.build_graph` of ``prompt`` (unpruned) with the store's transcoders and attention
+    SAEs, built once per server, store version and (prompt, answer). Shared and read-only."""
+    from backend.circuits.build import build_graph
+
+    transcoders, saes = cached_graph_dictionaries(store_path, store_key, model_name, True)
+    return build_graph(get_model(model_name), prompt, transcoders, saes, answer=answer, model_name=model_name)

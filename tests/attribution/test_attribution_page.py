@@ -114,7 +114,14 @@ def test_live_pair_runs_and_saves(app_stores_dir: Path) -> None:
     at.text_input(key="af_corrupt").input("When Alice and Bob went to the park, Carol gave a ball to")
     at.multiselect(key="af_methods").set_value(["patching", "atp"])
     at.multiselect(key="af_kinds").set_value(["mlp", "head"])
-    at.button[0].click().run()
+    button = {b.label: b for b in at.button}
+    button["Estimate the cost"].click().run()  # cheaper settings first: an estimate per method, nothing run
+    _clean(at)
+    estimate = [df.value for df in at.dataframe if "estimated seconds" in df.value.columns]
+    assert len(estimate) == 1 and list(estimate[0]["method"]) == ["atp", "patching"]  # the order they run in
+    assert (estimate[0]["estimated seconds"] > 0).all()
+    assert len([df for df in at.dataframe if "× faster than patching" in df.value.columns]) == 1  # stored only
+    {b.label: b for b in at.button}["Run the methods"].click().run()
     _clean(at)
     tables = [df.value for df in at.dataframe if "× faster than patching" in df.value.columns]
     assert len(tables) == 2  # the stored comparison and the live one

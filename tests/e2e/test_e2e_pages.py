@@ -33,6 +33,7 @@ PAGES: list[tuple[str, str, str]] = [
     ("induction_heads", "Induction Heads", CONTENT),
     ("attribution_faithfulness", "Attribution Faithfulness", CONTENT),
     ("circuit_graph", "Circuit Graph", '[data-testid="stMain"] [data-testid="stPlotlyChart"]'),
+    ("compare_graphs", "Compare Graphs", '[data-testid="stMain"] [data-testid="stPlotlyChart"]'),
 ]
 
 

@@ -27,6 +27,11 @@ D_SAE = 96
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
+
+def _picker(at):  # type: ignore[no-untyped-def]
+    """The attention-SAE feature picker (its key carries a digest of the prompt, position and dictionary)."""
+    return next(b for b in at.selectbox if str(b.key).startswith("pe_feature_"))
+
 def _dict_id(model: Any, layer: int) -> str:
     from backend.dictionaries.attention_sae import dict_id_for
 
@@ -139,11 +144,11 @@ def test_selected_position_and_feature_show_dfa_charts(stores: Path, tiny_model:
     pos = 4
     at.selectbox(key="pe_pos").select(pos).run()
     at.selectbox(key="pe_dict").select(_dict_id(tiny_model, 1)).run()
-    options = at.selectbox(key="pe_feature").options
+    options = _picker(at).options
     want = [int(f) for f in res.layers[1].features[pos] if f >= 0]
     assert [int(o.split()[0].lstrip("#")) for o in options] == want
     feature = want[1]
-    at.selectbox(key="pe_feature").select(feature).run()
+    _picker(at).select(feature).run()
     _clean(at)
     assert at.query_params["pos"] == str(pos) and at.query_params["feature"] == str(feature)
     charts = _charts(at)
@@ -170,7 +175,7 @@ def test_deep_link_restores_the_selection(stores: Path, tiny_model: Any, saes: d
     assert at.text_area(key="pe_prompt").value == PROMPT
     assert at.selectbox(key="pe_pos").value == pos
     assert at.selectbox(key="pe_dict").value == dict_id
-    assert at.selectbox(key="pe_feature").value == feature
+    assert _picker(at).value == feature
     assert {k: at.query_params[k] for k in ("pos", "dict", "feature")} == {
         "pos": str(pos), "dict": dict_id, "feature": str(feature)}
     assert "DFA by head" in _charts(at)
@@ -178,8 +183,8 @@ def test_deep_link_restores_the_selection(stores: Path, tiny_model: Any, saes: d
     quiet = next(f for f in range(D_SAE) if f not in set(res.layers[1].features[pos].tolist()))
     at = _app(store=STORE, prompt=PROMPT, pos=str(pos), dict=dict_id, feature=str(quiet)).run()
     _clean(at)
-    assert at.selectbox(key="pe_feature").value == quiet
-    assert "not in this token's top" in at.selectbox(key="pe_feature").options[0]
+    assert _picker(at).value == quiet
+    assert "not in this token's top" in _picker(at).options[0]
 
 
 def test_inside_the_app_the_feature_link_is_a_page_link(stores: Path) -> None:
@@ -188,7 +193,8 @@ def test_inside_the_app_the_feature_link_is_a_page_link(stores: Path) -> None:
     at.run()
     at.switch_page("pages/prompt_explorer.py").run()
     _clean(at)
-    links = at.get("page_link")
+    links = [link for link in at.get("page_link") if "in the Feature Browser" in link.proto.label]  # not the
+    # transcoder feature's link further down
     assert len(links) == 1 and links[0].proto.page == "feature_browser"
     params = dict(p.split("=", 1) for p in links[0].proto.query_string.split("&"))
     assert params["store"] == STORE and params["feature"] == at.query_params["feature"]
@@ -203,7 +209,7 @@ def test_a_bad_link_falls_back_with_a_warning(stores: Path, tiny_model: Any, par
     _clean(at)
     assert any(says in w.value for w in at.warning)
     assert at.selectbox(key="pe_dict").value == _dict_id(tiny_model, 0)
-    assert at.query_params["feature"] == str(at.selectbox(key="pe_feature").value)
+    assert at.query_params["feature"] == str(_picker(at).value)
     assert "DFA by head" in _charts(at)
 
 
@@ -251,7 +257,7 @@ def test_script_tokens_are_escaped_everywhere(stores: Path, tiny_model: Any) -> 
     at = _app(store=STORE, prompt=prompt, pos=str(len(strings) - 1)).run()
     _clean(at)
     htmls = [h.proto.body for h in at.get("html")]
-    assert len(htmls) == 3  # loss strip, feature activation strip, source-contribution strip
+    assert len(htmls) == 4  # loss strip, feature activation strip, source-contribution strip, transcoder feature
     for body in htmls:
         text = re.sub(r"</?(span|div)( [^>]*)?>", "", body)  # the strip's own markup; token text is what is left
         assert "<" not in text and ">" not in text
