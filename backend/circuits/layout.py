@@ -10,7 +10,9 @@ positions, which equal-width columns squeezed into a sliver while the early colu
 
 This is hand-written rather than built on networkx: ``nx.multipartite_layout`` places nodes by one ``subset`` key
 only (one column per subset) and has no notion of a second, token-position axis, so a layer x position grid is
-simpler to compute directly. The result is deterministic (ties are broken by node id).
+simpler to compute directly. The result is deterministic (ties are broken by node id). The Circuit Graph's browser
+component (``backend/ui/components/circuit_graph/graph.js``, ``layoutShown``) lays out the nodes it shows the same
+way, with these constants.
 """
 
 from __future__ import annotations

@@ -245,28 +245,27 @@ def apply_view(ranked: "Ranking", state: ViewState) -> Graph:
 
 def payload(ranked: "Ranking", hover: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The graph as the browser component needs it: per node its id, kind, label (plain text; the component escapes
-    it for plotly and writes it into the page as text), layout position (:func:`backend.circuits.layout.layout`),
-    size value, ranking start and hover text (escaped here: plotly reads hover text as HTML); the sent edges as node
-    indices, weight and ranking start; the rows and token columns of the layout (escaped)."""
+    it for plotly and writes it into the page as text), layout row (:func:`backend.circuits.layout.row_of`) and token
+    position (the browser lays out the nodes it shows as :func:`backend.circuits.layout.layout` does, with that
+    module's constants), size value, ranking start and hover text (escaped here: plotly reads hover text as HTML); the sent edges as node
+    indices, weight and ranking start; the row names and tokens (escaped)."""
     from backend.circuits.figure import KIND_STYLE, escape_multiline, escape_text, node_hover
-    from backend.circuits.layout import columns, has_influence, layout, n_layers, row_labels, row_of
+    from backend.circuits.layout import CELL_WIDTH, MAX_COLUMN, MAX_SPACING, has_influence, n_layers, row_labels, row_of
 
     full = ranked.graph
     hover = hover or {}
-    pos = layout(full)
     tokens = full.tokens
     n = n_layers(full)
     records = full.nodes.to_dict("records")
     index = {str(r["node_id"]): i for i, r in enumerate(records)}
     size_column = "influence" if has_influence(full) else "activation"
-    nodes = {"id": [], "kind": [], "label": [], "x": [], "row": [], "start": [], "size": [], "hover": [], "pos": []}
+    nodes = {"id": [], "kind": [], "label": [], "row": [], "start": [], "size": [], "hover": [], "pos": []}
     for r, start in zip(records, ranked.node_start):
         nid = str(r["node_id"])
         value = r.get(size_column)
         nodes["id"].append(nid)
         nodes["kind"].append(str(r["kind"]))
         nodes["label"].append(str(r["label"]) if isinstance(r.get("label"), str) and r["label"] else nid)
-        nodes["x"].append(round(pos[nid][0], 4))
         nodes["row"].append(row_of(str(r["kind"]), int(r["layer"]), n))
         nodes["start"].append(float(start))
         nodes["size"].append(abs(float(value)) if value is not None and math.isfinite(float(value)) else 0.0)
@@ -277,12 +276,11 @@ def payload(ranked: "Ranking", hover: Mapping[str, str] | None = None) -> dict[s
     edges = {"s": [index[str(s)] for s in e["source"]], "t": [index[str(t)] for t in e["target"]],
              "w": [float(f"{float(w):.4g}") for w in e["weight"]],
              "start": [float(s) for s in ranked.edge_start[sent]]}
-    cols = columns(full, len(tokens))
     return {
         "nodes": nodes, "edges": edges, "target": index[full.target_id],
         "rows": row_labels(n),
-        "columns": {"x": [round(c, 4) for c, _ in cols],
-                    "text": [f"{escape_text(tokens[i]) if i < len(tokens) else ''}<br>{i}" for i in range(len(cols))]},
+        "tokens": [f"{escape_text(t)}<br>{i}" for i, t in enumerate(tokens)],
+        "layout": {"cellWidth": CELL_WIDTH, "maxSpacing": MAX_SPACING, "maxColumn": MAX_COLUMN},
         "kinds": {k: {"symbol": v["symbol"], "color": v["color"], "name": v["name"]} for k, v in KIND_STYLE.items()},
         "errorKinds": sorted(ERROR_KINDS),
         "edgeMax": EDGE_MAX,
