@@ -87,6 +87,9 @@ def _our_node(node: dict[str, Any], i: int) -> tuple[str, str, int, int, int | N
         return "", kind, layer, pos, _int(node.get("feature"), f"{where}.feature")
     if kind in ("mlp_error", "attn_error"):
         return node_id(kind, layer, pos), kind, layer, pos, None
+    if kind == "attn_feature" and len(parts) == 4 and parts[1] == "head":  # a whole head (graphs with head nodes)
+        index = _int(parts[2], f"{where}.node_id")
+        return node_id("head", layer, pos, index), "head", layer, pos, index
     if isinstance(ours, str) and _OURS.fullmatch(ours) and ours[0] in "TA" and not ours.startswith("AE"):
         index = _int(ours.rsplit("_", 1)[1], f"{where}.circuitscope_id")
     elif kind == "transcoder" and len(parts) == 3:
