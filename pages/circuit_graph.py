@@ -581,6 +581,8 @@ def body(ctx: shell.PageContext) -> None:
     else:
         _faithfulness(ctx, graph, view)
     st.subheader("Export the shown graph")
+    st.caption(f"The shown graph: {len(view.nodes)} nodes, {len(view.edges):,} edges (the view the browser draws, "
+               "as of the last change it reported).")
     _downloads(view, st.query_params.get(GRAPH_PARAM) or "circuit-graph")
 
 
