@@ -38,7 +38,7 @@ _NONCE = "_cg_nonce"  # the last component report acted on
 _STATE_FOR = "_cg_state_for"  # the graph key the view state belongs to
 _SELECTION = "_cg_selection"
 _SUPERNODE = "_cg_supernode"
-GRAPH_HEIGHT = 500  # px: the graph and the node details side by side fit a 1400x900 screen
+GRAPH_HEIGHT = 480  # px: the graph and the node details side by side fit a 1400x900 screen
 
 
 def _dictionaries(ctx: shell.PageContext, attn_saes: bool) -> tuple[dict, dict]:
@@ -260,8 +260,8 @@ def _label_form(ctx: shell.PageContext, node: str, label: str, state: Any) -> An
             if len(labels) > MAX_LABELS:
                 st.error(f"A view holds at most {MAX_LABELS} labels: clear one first.")
                 return state
-            state = replace(state, labels=tuple(labels.items()))
-            _write_state(state)
+            _write_state(replace(state, labels=tuple(labels.items())))
+            st.rerun()  # the graph, drawn earlier in this run, draws the label too
     return state
 
 
