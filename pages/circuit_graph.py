@@ -197,6 +197,9 @@ def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str, state:
         part["node"] = part[other].map(names)
         part = part.reindex(part["weight"].abs().sort_values(ascending=False).index).head(15)
         st.markdown("**Inputs (direct effect on this node)**" if side == "target" else "**Outputs**")
+        if part.empty:
+            st.caption("None in the shown graph.")
+            continue
         st.dataframe(part[["node", other, "weight"]], hide_index=True, width="stretch",
                      height=min(38 + 35 * len(part), 210))
     if row["kind"] in ("transcoder", "attn_feature") and row.get("dict_id"):

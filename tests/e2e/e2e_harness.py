@@ -449,9 +449,9 @@ def percentiles(values: list[float]) -> dict[str, float]:
 DRAWN_JS = "() => (window.circuitGraph && window.circuitGraph()) || null"
 
 
-def graph_frame(tab: Tab) -> Any:
+def graph_frame(tab: Tab, timeout_s: float = PAGE_TIMEOUT_MS / 1000) -> Any:
     """The Circuit Graph component's frame once it has drawn (Streamlit serves components under /component/)."""
-    deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for frame in tab.page.frames:
             if "/component/" in frame.url and "circuit_graph" in frame.url:
