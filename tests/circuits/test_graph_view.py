@@ -273,3 +273,22 @@ def test_graph_nodes_become_zero_interventions() -> None:
         ("transcoder", 12, 1034, (3,), "zero"), ("attn", 8, 77, (5,), "zero")]
     assert skipped == ["E_1", "M3_4", "AE2_5", "L_651"]
     assert not math.isnan(len(ivs))
+
+
+def test_a_v4_store_without_saved_views_opens_and_gains_them_on_save(tiny_store: Path, tmp_path: Path) -> None:
+    import duckdb
+
+    from backend.circuits.storage import list_graphs, read_view, save_view
+    from backend.store.access import reading
+
+    store = _store_copy(tiny_store, tmp_path)
+    con = duckdb.connect(str(store))
+    con.execute("DROP TABLE graph_views")
+    con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    con.close()
+    with reading(store) as con:
+        gid = str(list_graphs(con)["graph_id"].iloc[0])
+        assert read_view(con, gid) is None
+    save_view(store, gid, ViewState(node_threshold=0.4).to_dict(), "tiny-llama")
+    with reading(store) as con:
+        assert from_dict(read_view(con, gid))[0].node_threshold == 0.4
