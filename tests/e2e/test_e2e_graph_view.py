@@ -90,7 +90,9 @@ def test_supernode_and_label_made_in_the_browser_come_back_from_the_link(tab: Ta
     tab.open("circuit_graph", graph=gid)
     frame = graph_frame(tab)
     ids = [i for i in drawn(frame)["ids"] if i != graph.target_id]
-    group, other = ids[:2], ids[2]
+    other = next(i for i in ids if i.startswith(("T", "A")) and not i.startswith("AE"))  # a feature: it can be zeroed
+    ids = [other] + [i for i in ids if i != other]
+    group = ids[1:3]
     # box / lasso selection, a name, Group: drawn as one node at once, and the link carries it after the page hears
     emit(frame, "plotly_selected", group)
     frame.locator("#snname").fill("my group")
@@ -107,10 +109,9 @@ def test_supernode_and_label_made_in_the_browser_come_back_from_the_link(tab: Ta
     tab.page.wait_for_function("() => new URL(location.href).searchParams.get('lbl') !== null")
     tab.page.wait_for_selector(READY, state="attached")
     assert json.loads(query_param(tab.page.url, "lbl")) == {other: label}
-    if other.startswith(("T", "A")) and not other.startswith("AE"):
-        link = tab.page.locator('a[href*="prompt_explorer"]').first
-        href = link.get_attribute("href")
-        assert "do=" in href and "on=frozen%2Clive" in href and "%3Dzero" in href
+    href = tab.page.locator('a[href*="prompt_explorer"]', has_text="Intervene").first.get_attribute("href")
+    kind, layer, pos, feature = ("transcoder" if other[0] == "T" else "attn"), *other[1:].split("_")
+    assert f"do={kind}%3A{layer}%3A{feature}%40{pos}%3Dzero" in href and "on=frozen%2Clive" in href
     pin = next(i for i in ids[3:] if i != other)
     emit(frame, "plotly_selected", [pin])
     frame.locator("#pin").click()
