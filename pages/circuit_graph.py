@@ -460,6 +460,8 @@ def _current_state(ctx: shell.PageContext, graph: Any, key: str) -> Any:
     state, problems = from_params(dict(st.query_params), known)
     for problem in problems:
         st.warning(problem)
+    if problems:
+        _write_state(state)  # the link keeps only what was used
     return state
 
 
