@@ -460,7 +460,7 @@ def graph_frame(tab: Tab, timeout_s: float = PAGE_TIMEOUT_MS / 1000) -> Any:
                         return frame
                 except Exception:  # noqa: BLE001 - the frame is still loading
                     pass
-        time.sleep(0.1)
+        tab.page.wait_for_timeout(100)  # not time.sleep: Playwright's sync API learns of new frames only while waiting
     raise AssertionError("the circuit graph component never drew")
 
 

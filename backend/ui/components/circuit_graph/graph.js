@@ -215,7 +215,9 @@ function draw() {
   for (let i = 0; i < N; i++) if (v.show[i] && !groupOf.has(i)) ranked.push(i);
   ranked.sort((a, b) => g.nodes.size[b] - g.nodes.size[a]);
   const named = new Set(ranked.filter((i) => !g.errorKinds.includes(g.nodes.kind[i])).slice(0, 20));
-  [...focus, ...v.pinned, g.target].forEach((i) => named.add(i));
+  // names on the graph: the largest nodes, then the focused and pinned ones (at most 40: plotly lays out every label)
+  [...focus].sort((a, b) => g.nodes.size[b] - g.nodes.size[a]).slice(0, 30).forEach((i) => named.add(i));
+  [selected, g.target, ...v.pinned].filter((i) => i !== undefined).slice(0, 12).forEach((i) => named.add(i));
   Object.keys(g.kinds).forEach((kind) => {
     const ids = ranked.filter((i) => g.nodes.kind[i] === kind);
     if (!ids.length) return;
