@@ -231,6 +231,19 @@ class Workspace:
         graphs = [g if not isinstance(g, str) else self.graph(g, answer=ans) for g, ans in ((a, answer_a), (b, answer_b))]
         return compare_graphs(*(self.prune(g, node_threshold, edge_threshold) for g in graphs))
 
+    def import_graph(self, path: str | Path) -> str:
+        """Import a Neuronpedia / circuit-tracer graph JSON (with its pins, supernodes and labels) beside the store;
+        returns the stored graph's id (``stored_graph`` and ``stored_view`` read it back)."""
+        from backend.circuits.export.neuronpedia_read import import_graph
+
+        return import_graph(self.store, Path(path).read_bytes())[0]
+
+    def stored_view(self, graph_id: str) -> dict[str, Any] | None:
+        """The saved view (thresholds, pins, hides, supernodes, labels) of a stored graph, or None."""
+        from backend.circuits.storage import read_view
+
+        return self.query(read_view, graph_id)
+
     # -- interventions and attribution -------------------------------------------------------------------------
     def intervene(self, prompt: str, interventions: str, on: str = "live", answer: str | None = None,
                   wrong: str | None = None, top_k: int = 10, continue_tokens: int = 0) -> "InterventionResult":

@@ -1,5 +1,5 @@
 """Command line: ``python -m backend precompute | attribute | graph | compare-graphs | intervene | label | search |
-bundle | export-sae | info | compact``.
+bundle | export-sae | import-graph | info | compact``.
 
 User errors (unknown model, bad store, bad options, a full disk) print one line starting with ``error:`` and exit
 with status 2 — never a traceback wall or argparse's usage block. Every option is checked, within bounds, before any
@@ -204,6 +204,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print what a store holds")
     info.add_argument("store", help="path of the .duckdb store")
+
+    ig = sub.add_parser("import-graph", help="import a Neuronpedia / circuit-tracer graph JSON (with its pins, "
+                                             "supernodes and labels) into a store")
+    ig.add_argument("file", help="the graph .json (circuitscope's export, circuit-tracer's or Neuronpedia's)")
+    ig.add_argument("--store", required=True, help="path of the .duckdb store to save it beside")
+    ig.add_argument("--model", default=None, help="model name to record (default: the JSON's metadata.scan)")
 
     cp = sub.add_parser("compact", help="fold the graphs and comparisons saved beside a store into the store itself")
     cp.add_argument("store", help="path of the .duckdb store")
@@ -515,6 +521,23 @@ def _cmd_export_sae(args: argparse.Namespace) -> int:
     with reading(args.store) as con:
         out = export_sae_lens(con, args.dict_id, args.out)
     print(f"wrote {out} (cfg.json, sae_weights.safetensors)")
+
+def _cmd_import_graph(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from backend.circuits.export.neuronpedia_read import MAX_BYTES, import_graph
+    from backend.errors import InputError
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise InputError(f"No file at {literal(path)}: give the path of a graph .json.")
+    if path.stat().st_size > MAX_BYTES:
+        raise InputError(f"{literal(path)} is {path.stat().st_size / 1e6:.0f} MB: graph JSONs above "
+                         f"{MAX_BYTES // 2**20} MB are not imported.")
+    gid, problems = import_graph(args.store, path.read_bytes(), args.model)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"imported {path} into {args.store} as graph {gid}")
     return 0
 
 
@@ -553,9 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_compact(args)
         if args.command in _COMMANDS:
             return _COMMANDS[args.command](args)
-
         if args.command == "compare-graphs":
             return _cmd_compare_graphs(args)
+        if args.command == "import-graph":
+            return _cmd_import_graph(args)
         return _cmd_info(args)
     except CircuitscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,6 +32,13 @@ _IMAGES = "_cg_images"
 _PICK_NEXT = "_cg_pick_next"
 _SPLITS = "_cg_splits"  # session key: {(graph key, node): per-head split of its strongest inputs}
 PLOT_KEY = "cg_plot"
+_AUTO = "_cg_auto"  # session key: the (prompt, answer, wrong) last built, so a link builds once
+_PREPARED = "_cg_prepared"  # session key: (graph key, ranking, browser payload)
+_NONCE = "_cg_nonce"  # the last component report acted on
+_STATE_FOR = "_cg_state_for"  # the graph key the view state belongs to
+_SELECTION = "_cg_selection"
+_SUPERNODE = "_cg_supernode"
+GRAPH_HEIGHT = 480  # px: the graph and the node details side by side fit a 1400x900 screen
 
 
 def _dictionaries(ctx: shell.PageContext, attn_saes: bool) -> tuple[dict, dict]:
@@ -40,11 +47,14 @@ def _dictionaries(ctx: shell.PageContext, attn_saes: bool) -> tuple[dict, dict]:
 
 def _build(ctx: shell.PageContext, prompt: str, answer: str, wrong: str, max_nodes: int, attn_saes: bool) -> Any:
     from backend.circuits.build import BuildParams, build_graph
+    from backend.features.labels import label_nodes
 
     transcoders, saes = _dictionaries(ctx, attn_saes)
     model = cache.get_model(ctx.model)
-    return build_graph(model, prompt, transcoders, saes, answer=answer or None, wrong=wrong or None,
-                       params=BuildParams(max_nodes=max_nodes), model_name=ctx.model)
+    graph = build_graph(model, prompt, transcoders, saes, answer=answer or None, wrong=wrong or None,
+                        params=BuildParams(max_nodes=max_nodes), model_name=ctx.model)
+    graph.nodes = ctx.store.query(label_nodes, graph.nodes)  # the features' labels (yours, else automatic)
+    return graph
 
 
 def _choose_graph(ctx: shell.PageContext) -> Any:
@@ -69,12 +79,23 @@ def _choose_graph(ctx: shell.PageContext) -> Any:
     if choice == "(built in this session)":
         shell.set_param(GRAPH_PARAM, None)
         return live
+    if st.query_params.get(GRAPH_PARAM) != choice:
+        for name in (PROMPT_PARAM, ANSWER_PARAM, WRONG_PARAM):
+            shell.set_param(name, None)
     shell.set_param(GRAPH_PARAM, choice)
     return ctx.store.query(graph_storage.read_graph, choice)
 
 
 def _build_form(ctx: shell.PageContext) -> None:
-    with st.expander("Build a graph for your own prompt", expanded=st.session_state.get(_LIVE) is None):
+    """The build form; a link with ``prompt`` (and ``answer`` / ``wrong``) but no ``graph`` builds that graph once."""
+    linked = st.query_params.get(PROMPT_PARAM)
+    request = None
+    if linked and not st.query_params.get(GRAPH_PARAM):
+        wanted = (linked, st.query_params.get(ANSWER_PARAM, ""), st.query_params.get(WRONG_PARAM, ""))
+        if st.session_state.get(_AUTO) != wanted:
+            st.session_state[_AUTO] = wanted
+            request = (*wanted, 400, True)
+    with st.expander("Build a graph for your own prompt", expanded=not ctx.store.query(graph_storage.list_graphs, ctx.model).shape[0] and not linked):
         with st.form("cg_build"):
             prompt = st.text_area("Prompt", value=st.query_params.get(PROMPT_PARAM, DEFAULT_PROMPT), max_chars=2000)
             c1, c2, c3 = st.columns(3)
@@ -85,20 +106,58 @@ def _build_form(ctx: shell.PageContext) -> None:
                                         help="Embeddings and error nodes are always kept.")
             attn_saes = st.checkbox("Use the store's attention SAEs for their layers (else attention is part of the "
                                     "edges there too)", value=True)
-            go = st.form_submit_button("Build graph")
-        if go:
-            with st.spinner("Building the attribution graph…"):
-                try:
-                    graph = _build(ctx, prompt, answer, wrong, int(max_nodes), attn_saes)
-                except CircuitscopeError as exc:
-                    st.error(str(exc))
-                    return
-            st.session_state[_LIVE] = graph
-            st.session_state.pop(_IMAGES, None)
-            st.session_state["cg_pick"] = "(built in this session)"
-            for w in graph.metadata.get("warnings", []):
-                st.warning(w)
-            st.rerun()
+            if st.form_submit_button("Build graph"):
+                request = (prompt, answer, wrong, int(max_nodes), attn_saes)
+    if request is None:
+        return
+    with st.spinner("Building the attribution graph…"):
+        try:
+            graph = _build(ctx, *request)
+        except CircuitscopeError as exc:
+            st.error(str(exc))
+            return
+    st.session_state[_LIVE] = graph
+    st.session_state.pop(_IMAGES, None)
+    st.session_state[_PICK_NEXT] = "(built in this session)"
+    prompt, answer, wrong = request[:3]
+    st.session_state[_AUTO] = (prompt, answer, wrong)
+    if st.query_params.get(PROMPT_PARAM) != prompt:  # a new prompt: the old view's nodes are not this graph's
+        from backend.circuits.view import PARAMS
+
+        for name in PARAMS.values():
+            shell.set_param(name, None)
+    shell.set_param(GRAPH_PARAM, None)
+    shell.set_param(PROMPT_PARAM, prompt if len(prompt) <= shell.MAX_LINK_CHARS else None)
+    shell.set_param(ANSWER_PARAM, answer or None)
+    shell.set_param(WRONG_PARAM, wrong or None)
+    for w in graph.metadata.get("warnings", []):
+        st.warning(w)
+    st.rerun()
+
+
+def _import_form(ctx: shell.PageContext) -> None:
+    """Import a Neuronpedia / circuit-tracer graph JSON (with its pins, supernodes and labels) beside the store."""
+    from backend.circuits.export.neuronpedia_read import MAX_BYTES, import_graph
+    from backend.store.access import READ_ONLY_MESSAGE, read_only
+
+    with st.expander("Import a graph JSON"):
+        if read_only():
+            st.caption(READ_ONLY_MESSAGE)
+            return
+        upload = st.file_uploader("Neuronpedia / circuit-tracer / circuitscope graph JSON", type=["json"],
+                                  key="cg_import", max_upload_size=MAX_BYTES // 2**20)
+        if upload is None or not st.button("Import into the store", key="cg_import_go"):
+            return
+        try:
+            gid, problems = import_graph(ctx.store.path, upload.getvalue(), ctx.model)
+        except CircuitscopeError as exc:
+            st.error(str(exc))
+            return
+        for problem in problems:
+            st.warning(problem)
+        st.session_state[_PICK_NEXT] = gid
+        shell.set_param(GRAPH_PARAM, gid)
+        st.rerun()
 
 
 def _hover(ctx: shell.PageContext, graph: Any) -> dict[str, str]:
@@ -122,69 +181,94 @@ def _hover(ctx: shell.PageContext, graph: Any) -> dict[str, str]:
     return out
 
 
-def _view(graph: Any) -> tuple[Any, list[str], list[tuple[list[str], float]]]:
-    """Sliders, pins and hides applied: the graph to draw, the hidden ids and the highlighted paths."""
-    from backend.circuits.prune import graph_scores, prune, strongest_paths
-
-    c1, c2, c3 = st.columns(3)
-    node_t = c1.slider("Node influence kept", 0.0, 1.0, 0.8, 0.01, key="cg_node_t",
-                       help="Keep the most influential nodes until they account for this share of the total.")
-    edge_t = c2.slider("Edge influence kept", 0.0, 1.0, 0.98, 0.01, key="cg_edge_t")
-    k_paths = c3.slider("Strongest paths highlighted", 0, 10, 3, key="cg_paths")
-    pruned = prune(graph, node_t, edge_t)
-    all_ids = graph.nodes["node_id"].tolist()
-    labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
-    fmt = lambda n: f"{labels.get(n, n)} · {n}"  # noqa: E731
-    c1, c2 = st.columns(2)
-    pinned = c1.multiselect("Pin nodes (always shown)", all_ids, key="cg_pin", format_func=fmt)
-    hidden = c2.multiselect("Hide nodes", [n for n in all_ids if n != graph.target_id], key="cg_hide", format_func=fmt)
-    keep = (set(pruned.nodes["node_id"]) | set(pinned)) - set(hidden)
-    edges = pd.concat([pruned.edges, graph.edges[graph.edges["source"].isin(pinned) | graph.edges["target"].isin(pinned)]]
-                      ).drop_duplicates(["source", "target"])
-    view = graph.subgraph(keep, edges)
-    view.nodes = view.nodes.drop(columns=["influence"]).merge(
-        pruned.nodes[["node_id", "influence"]], on="node_id", how="left")[graph.nodes.columns]
-    view.metadata["pruning"] = pruned.metadata["pruning"] | {"pinned": list(pinned), "hidden": list(hidden),
-                                                             "scores": graph_scores(view)}
-    paths = strongest_paths(view, k=k_paths) if k_paths else []
-    return view, hidden, paths
-
-
-def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str) -> None:
+def _node_panel(ctx: shell.PageContext, graph: Any, view: Any, node: str, state: Any) -> Any:
+    """The selected node's details; returns the view state (changed when its label was edited)."""
     row = graph.node(node)
-    st.markdown(f"#### {shell.literal(row['label'])} · {shell.literal(node)}")
+    label = state.label_map().get(node) or row["label"]
+    st.markdown(f"#### {shell.literal(label)} · {shell.literal(node)}")
     tokens = graph.tokens
     tok = tokens[int(row["pos"])] if 0 <= int(row["pos"]) < len(tokens) else ""
     st.caption(f"{shell.literal(row['kind'])} · layer {row['layer']} · position {row['pos']} "
                f"({shell.literal(token_html.visible_token(tok))}) · activation {row['activation']:.3f} · "
                f"total attribution to the target {row['attribution']:+.3f}")
-    c1, c2 = st.columns(2)
+    state = _label_form(ctx, node, label, state)
+    _intervene_link(ctx, graph, [node])
     e = view.edges
-    names = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
-    for col, side, other in ((c1, "target", "source"), (c2, "source", "target")):
+    names = dict(zip(graph.nodes["node_id"], graph.nodes["label"])) | state.label_map()
+    for side, other in (("target", "source"), ("source", "target")):
         part = e[e[side] == node].copy()
         part["node"] = part[other].map(names)
         part = part.reindex(part["weight"].abs().sort_values(ascending=False).index).head(15)
-        col.markdown("**Inputs (direct effect on this node)**" if side == "target" else "**Outputs**")
-        col.dataframe(part[["node", other, "weight", "invariant"]], hide_index=True, width="stretch")
-    if row["kind"] in ("transcoder", "attn_feature", "logit"):
-        _heads_panel(ctx, graph, node, names)
+        st.markdown("**Inputs (direct effect on this node)**" if side == "target" else "**Outputs**")
+        if part.empty:
+            st.caption("None in the shown graph.")
+            continue
+        st.dataframe(part[["node", other, "weight"]], hide_index=True, width="stretch",
+                     height=min(38 + 35 * len(part), 210))
     if row["kind"] in ("transcoder", "attn_feature") and row.get("dict_id"):
         with_dash = ctx.store.query(circuit_queries.dictionaries_with_features)
         if row["dict_id"] in with_dash:
             params = {shell.STORE_PARAM: ctx.store.name, shell.MODEL_PARAM: ctx.model or "", "dict": row["dict_id"],
                       "feature": str(int(row["feature"]))}
-            try:
-                st.page_link("pages/feature_browser.py", label=f"Open feature #{int(row['feature'])} in the Feature Browser",
-                             icon=":material/open_in_new:", query_params=params)
-            except Exception:  # noqa: BLE001 - page run on its own: a plain link with the same address
-                from urllib.parse import urlencode
-
-                st.markdown(f"[Open feature #{int(row['feature'])} in the Feature Browser](feature_browser?{urlencode(params)})")
+            _page_link("pages/feature_browser.py", f"Open feature #{int(row['feature'])} in the Feature Browser",
+                       params)
         else:
             st.caption("This dictionary's features have no stored dashboards yet.")
-    if row["kind"] == "transcoder":
+    built_here = graph.metadata.get("method") != "imported"
+    if built_here and row["kind"] in ("transcoder", "attn_feature", "logit") and st.toggle(
+            "Which heads carry its strongest inputs", key=f"cg_heads_{node}",
+            help="Runs the model once per input edge (seconds)."):
+        _heads_panel(ctx, graph, node, names)
+    if built_here and row["kind"] == "transcoder" and st.toggle("Input-invariant connections", key=f"cg_inv_{node}"):
         _invariant_panel(ctx, int(row["layer"]), int(row["feature"]))
+    return state
+
+
+def _page_link(page: str, label: str, params: dict[str, str]) -> None:
+    try:
+        st.page_link(page, label=label, icon=":material/open_in_new:", query_params=params)
+    except Exception:  # noqa: BLE001 - page run on its own: a plain link with the same address
+        from urllib.parse import urlencode
+
+        st.markdown(f"[{label}]({page.removeprefix('pages/').removesuffix('.py')}?{urlencode(params)})")
+
+
+def _intervene_link(ctx: shell.PageContext, graph: Any, nodes: list[str]) -> None:
+    """A link to the Prompt Explorer that zero-ablates the feature nodes among ``nodes`` on this graph's prompt, on the
+    frozen replacement model and the live model side by side."""
+    from backend.interventions.spec import from_graph_nodes, render
+
+    interventions, _ = from_graph_nodes(nodes)
+    if not interventions:
+        return
+    params = {shell.STORE_PARAM: ctx.store.name, shell.MODEL_PARAM: ctx.model or "",
+              "prompt": str(graph.metadata.get("prompt", ""))[: shell.MAX_LINK_CHARS], "do": render(interventions),
+              "on": "frozen,live"}
+    label = "Intervene on the selected node" if len(nodes) == 1 else f"Intervene on the {len(interventions)} selected " \
+        "feature nodes"
+    _page_link("pages/prompt_explorer.py", label, params)
+
+
+def _label_form(ctx: shell.PageContext, node: str, label: str, state: Any) -> Any:
+    """A text box that labels the node in this view (the link carries it; saving the view stores it)."""
+    from dataclasses import replace
+
+    from backend.circuits.view import MAX_LABEL_CHARS, MAX_LABELS
+
+    with st.form(f"cg_label_{node}", border=False):
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        text = c1.text_input("Label this node", value=state.label_map().get(node, ""), max_chars=MAX_LABEL_CHARS,
+                             placeholder=str(label))
+        if c2.form_submit_button("Set"):
+            labels = {k: v for k, v in state.labels if k != node}
+            if text.strip():
+                labels[node] = text.strip()
+            if len(labels) > MAX_LABELS:
+                st.error(f"A view holds at most {MAX_LABELS} labels: clear one first.")
+                return state
+            _write_state(replace(state, labels=tuple(labels.items())))
+            st.rerun()  # the graph, drawn earlier in this run, draws the label too
+    return state
 
 
 def _heads_panel(ctx: shell.PageContext, graph: Any, node: str, names: dict[str, str]) -> None:
@@ -322,28 +406,140 @@ def _downloads(view: Any, stem: str) -> None:
             st.rerun()
 
 
-def _save(ctx: shell.PageContext, graph: Any) -> None:
-    from backend.circuits.storage import save_graph
+def _prepared(ctx: shell.PageContext, graph: Any, key: str) -> tuple[Any, dict[str, Any]]:
+    """The graph's ranking and the browser payload, computed once per graph and session (every slider move, pin or
+    click after that costs no solve)."""
+    from backend.circuits.prune import ranking
+    from backend.circuits.view import payload
 
-    if st.button("Save this graph into the store", key="cg_save"):
+    cached = st.session_state.get(_PREPARED)
+    if cached is None or cached[0] != key:
+        ranked = ranking(graph)
+        cached = (key, ranked, payload(ranked, _hover(ctx, ranked.graph)))
+        st.session_state[_PREPARED] = cached
+    return cached[1], cached[2]
+
+
+def _write_state(state: Any) -> None:
+    """Write the view into the page's link (values at their defaults are left out)."""
+    from backend.circuits.view import to_params
+
+    for name, value in to_params(state).items():
+        shell.set_param(name, value)
+
+
+def _current_state(ctx: shell.PageContext, graph: Any, key: str) -> Any:
+    """The view: the component's latest report if it is new, else the link's parameters, else (for a stored graph
+    opened without any) its saved view."""
+    from backend.circuits.view import PARAMS, from_dict, from_params
+
+    known = set(graph.nodes["node_id"])
+    value = st.session_state.get(PLOT_KEY)
+    if isinstance(value, dict) and value.get("nonce") != st.session_state.get(_NONCE) and st.session_state.get(
+            _STATE_FOR) == key:
+        st.session_state[_NONCE] = value.get("nonce")
+        state, problems = from_dict(value.get("state") or {}, known)
+        for problem in problems:
+            st.warning(problem)
+        st.session_state[_SELECTION] = [n for n in value.get("selection") or [] if n in known][:60]
+        st.session_state[_SUPERNODE] = value.get("supernode")
+        _write_state(state)
+        return state
+    if st.session_state.get(_STATE_FOR) != key:
+        st.session_state[_STATE_FOR] = key
+        st.session_state[_SELECTION], st.session_state[_SUPERNODE] = [], None
+        if isinstance(value, dict):
+            st.session_state[_NONCE] = value.get("nonce")
+        linked = any(name in st.query_params for name in PARAMS.values())
+        stored = st.query_params.get(GRAPH_PARAM)
+        if stored and not linked:
+            saved = ctx.store.query(graph_storage.read_view, stored)
+            if saved:
+                state, problems = from_dict(saved, known)
+                for problem in problems:
+                    st.warning(problem)
+                _write_state(state)
+                return state
+    state, problems = from_params(dict(st.query_params), known)
+    for problem in problems:
+        st.warning(problem)
+    if problems:
+        _write_state(state)  # the link keeps only what was used
+    return state
+
+
+def _graph_section(ctx: shell.PageContext, graph: Any, ranked: Any, data: dict[str, Any], key: str
+                   ) -> tuple[Any, Any]:
+    """The graph (filtered in the browser) beside the selected node's details; returns the view and its state."""
+    from backend.circuits.view import apply_view
+    from backend.ui.graph_component import circuit_graph
+
+    state = _current_state(ctx, graph, key)
+    left, right = st.columns([0.64, 0.36])
+    with left:
+        circuit_graph(data, state.to_dict(), key, GRAPH_HEIGHT, PLOT_KEY)
+    view = apply_view(ranked, state)
+    with right, st.container(height=GRAPH_HEIGHT + 70, border=False):
+        selection = st.session_state.get(_SELECTION) or []
+        supernode = st.session_state.get(_SUPERNODE)
+        members = dict(state.supernodes).get(supernode) if supernode else None
+        if members:
+            st.markdown(f"#### Supernode {shell.literal(supernode)}")
+            names = dict(zip(graph.nodes["node_id"], graph.nodes["label"])) | state.label_map()
+            st.dataframe(pd.DataFrame({"node": list(members), "label": [names.get(m, m) for m in members]}),
+                         hide_index=True, width="stretch")
+            _intervene_link(ctx, graph, list(members))
+        elif len(selection) > 1:
+            st.markdown(f"#### {len(selection)} nodes selected")
+            st.caption("Pin, hide or group them with the buttons above the graph; click one node for its details.")
+            _intervene_link(ctx, graph, selection)
+        if state.selected and not members:
+            state = _node_panel(ctx, graph, view, state.selected, state)
+        elif not members and len(selection) <= 1:
+            st.info("Click a node for its details; drag a box or lasso (toolbar of the graph) to select several.")
+    return view, state
+
+
+def _paths(graph: Any, view: Any) -> None:
+    from backend.circuits.prune import strongest_paths
+
+    with st.expander("Strongest paths from the input to the target"):
+        if st.toggle("Find the 5 strongest paths of the shown graph", key="cg_paths"):
+            paths = strongest_paths(view, k=5)
+            labels = dict(zip(view.nodes["node_id"], view.nodes["label"]))
+            st.dataframe(pd.DataFrame({"path": [" → ".join(labels.get(n, n) for n in p) for p, _ in paths],
+                                       "strength": [s for _, s in paths]}), hide_index=True, width="stretch")
+
+
+def _save(ctx: shell.PageContext, graph: Any, state: Any, stored: str | None) -> None:
+    """Save the graph with its view (a graph built in this session), or the view of a stored graph."""
+    from backend.circuits.storage import save_graph, save_view
+    from backend.store.access import READ_ONLY_MESSAGE, read_only
+
+    if read_only():
+        st.caption(READ_ONLY_MESSAGE)
+        return
+    label = "Save this view (supernodes, labels, pins) with the graph" if stored else \
+        "Save this graph and its view into the store"
+    if st.button(label, key="cg_save"):
         try:
-            gid = save_graph(ctx.store.path, graph, source="app")
+            if stored:
+                save_view(ctx.store.path, stored, state.to_dict(), str(ctx.model))
+                st.success("Saved: opening this graph shows this view.")
+                return
+            gid = save_graph(ctx.store.path, graph, source="app", view=state.to_dict())
         except CircuitscopeError as exc:
             st.error(str(exc))
             return
         st.session_state.pop(_LIVE, None)
         st.session_state[_PICK_NEXT] = gid  # the picker exists already in this run: set it in the next one
+        for name in (PROMPT_PARAM, ANSWER_PARAM, WRONG_PARAM):
+            shell.set_param(name, None)
         shell.set_param(GRAPH_PARAM, gid)
         st.rerun()
 
 
-def body(ctx: shell.PageContext) -> None:
-    """Pick or build a graph, then view, inspect, check and export it."""
-    from backend.circuits.figure import figure
-
-    if ctx.model is None:
-        st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
-        return
+def _quality(ctx: shell.PageContext) -> None:
     quality = ctx.store.query(circuit_queries.replacement_quality, ctx.model)
     if quality:
         st.caption(f"Transcoders replace {quality['n_replaced']} MLP layer(s); with all of them spliced in at once the "
@@ -353,49 +549,49 @@ def body(ctx: shell.PageContext) -> None:
     else:
         st.caption("This store has no transcoders: every MLP is one error node per position. Build them with "
                    f"{shell.build_hint(ctx)}.")
-    _build_form(ctx)
-    graph = _choose_graph(ctx)
+
+
+def body(ctx: shell.PageContext) -> None:
+    """Pick, build or import a graph, then view, inspect, check, export and save it."""
+    if ctx.model is None:
+        st.warning(f"This store records no model: build it with {shell.build_hint(ctx)}.")
+        return
+    c1, c2, c3 = st.columns([5, 3, 3], vertical_alignment="top")
+    with c2:
+        _build_form(ctx)
+    with c3:
+        _import_form(ctx)
+    with c1:
+        graph = _choose_graph(ctx)
     if graph is None:
-        st.info("No graph yet: build one above.")
+        _quality(ctx)
+        st.info("No graph yet: build or import one above.")
         return
     m = graph.metadata
     t = m["target"]
     target = repr(t["token"]) + (f" − {t['wrong']!r}" if t.get("wrong") is not None else "")
     metric = ("logit difference" if t.get("wrong") is not None else "logit − mean logit (demeaned)"
               if t.get("demeaned") else "raw logit")
-    st.markdown(f"**Target** {shell.literal(target)} · {metric} {t['value']:.3f} · p = {t.get('prob', float('nan')):.3f} · "
-                f"{len(graph.nodes)} nodes, {len(graph.edges):,} edges as built (method {shell.literal(str(m['method']))})")
-    view, hidden, paths = _view(graph)
+    st.caption(f"**Target** {shell.literal(target)} · {metric} {t['value']:.3f} · p = {t.get('prob', float('nan')):.3f} · "
+               f"{len(graph.nodes)} nodes, {len(graph.edges):,} edges as built (method {shell.literal(str(m['method']))})"
+               " · edges: blue excite, red inhibit · nodes: ■ embedding, ● transcoder feature, ⬢ attention feature, ◇ error "
+               "(open symbols), ★ target")
+    key = st.query_params.get(GRAPH_PARAM) or f"live-{graph_storage.graph_id_for(graph)}"
+    ranked, data = _prepared(ctx, graph, key)
+    view, state = _graph_section(ctx, graph, ranked, data, key)
+    _save(ctx, graph, state, stored=st.query_params.get(GRAPH_PARAM))
+    _quality(ctx)
     _trust(graph, view)
-    hl_nodes = {n for p, _ in paths for n in p}
-    hl_edges = {(a, b) for p, _ in paths for a, b in zip(p[:-1], p[1:])}
-    fig = figure(view, highlight_nodes=hl_nodes, highlight_edges=hl_edges, hover=_hover(ctx, view))
-    event = st.plotly_chart(fig, key=PLOT_KEY, on_select="rerun", selection_mode="points", width="content",
-                            config={"displaylogo": False})
-    st.caption(f"Shown: {len(view.nodes)} nodes, {len(view.edges)} edges. Blue edges excite, red inhibit; "
-               "click a node for its details.")
-    if paths:
-        with st.expander("Strongest paths from the input to the target"):
-            labels = dict(zip(graph.nodes["node_id"], graph.nodes["label"]))
-            st.dataframe(pd.DataFrame({"path": [" → ".join(labels[n] for n in p) for p, _ in paths],
-                                       "strength": [s for _, s in paths]}), hide_index=True, width="stretch")
-    selected = None
-    points = (event.get("selection", {}) or {}).get("points", []) if event else []
-    for point in points:
-        cd = point.get("customdata")
-        selected = cd[0] if isinstance(cd, (list, tuple)) else cd
-    if selected is None:
-        linked = st.query_params.get(NODE_PARAM)
-        selected = linked if linked in set(graph.nodes["node_id"]) else None
-    if selected:
-        shell.set_param(NODE_PARAM, selected)
-        _node_panel(ctx, graph, view, selected)
+    _paths(graph, view)
     st.subheader("Faithfulness")
-    _faithfulness(ctx, graph, view)
+    if m.get("method") == "imported":
+        st.caption("An imported graph has no replacement model here: build the graph in circuitscope to check it.")
+    else:
+        _faithfulness(ctx, graph, view)
     st.subheader("Export the shown graph")
+    st.caption(f"The shown graph: {len(view.nodes)} nodes, {len(view.edges):,} edges (the view the browser draws, "
+               "as of the last change it reported).")
     _downloads(view, st.query_params.get(GRAPH_PARAM) or "circuit-graph")
-    if st.session_state.get(_LIVE) is graph:
-        _save(ctx, graph)
 
 
 shell.run_page("Circuit Graph", body)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from backend.dictionaries.kinds import ATTN_SAE, TRANSCODER
+from backend.dictionaries.kinds import TRANSCODER
 from backend.errors import InputError
 from backend.interventions.run import FROZEN_NO_CONTINUATION, MAX_CONTINUATION
 from backend.interventions.run import MODES as MODELS

@@ -18,7 +18,7 @@ import unicodedata
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from .graph import NODE_KINDS, finite
-from .layout import columns, has_influence, layout, n_layers, row_labels
+from .layout import columns, has_influence, layout, n_layers, row_labels, used_rows
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -118,8 +118,8 @@ def figure(graph: "Graph", positions: Mapping[str, tuple[float, float]] | None =
     for trace in _node_traces(graph, pos, hl_nodes, emphasis, hover or {}, tokens):
         fig.add_trace(trace)
 
-    n = n_layers(graph)
-    rows = row_labels(n)
+    names = row_labels(n_layers(graph))
+    rows = [names[y] for y in used_rows(graph)]
     cols = columns(graph, len(tokens))
     n_pos = len(cols)
     ticktext = [f"{escape_text(tokens[i]) if i < len(tokens) else ''}<br>{i}" for i in range(n_pos)]
@@ -132,7 +132,7 @@ def figure(graph: "Graph", positions: Mapping[str, tuple[float, float]] | None =
         hovermode="closest",
         clickmode="event+select",
         width=max(640, 160 + 110 * span),
-        height=max(360, 140 + 48 * len(rows)),
+        height=max(360, 140 + 40 * len(rows)),
         margin=dict(l=70, r=20, t=80 if title else 50, b=70),
         xaxis=dict(tickmode="array", tickvals=[c for c, _ in cols], ticktext=ticktext, range=[-0.6, span - 0.4],
                    showgrid=True, zeroline=False, title=None),

@@ -10,7 +10,9 @@ positions, which equal-width columns squeezed into a sliver while the early colu
 
 This is hand-written rather than built on networkx: ``nx.multipartite_layout`` places nodes by one ``subset`` key
 only (one column per subset) and has no notion of a second, token-position axis, so a layer x position grid is
-simpler to compute directly. The result is deterministic (ties are broken by node id).
+simpler to compute directly. The result is deterministic (ties are broken by node id). The Circuit Graph's browser
+component (``backend/ui/components/circuit_graph/graph.js``, ``layoutShown``) lays out the nodes it shows the same
+way, with these constants.
 """
 
 from __future__ import annotations
@@ -107,11 +109,19 @@ def _columns(cells: dict[tuple[int, int], list[tuple[float, str]]], n_pos: int |
     return out
 
 
+def used_rows(graph: "Graph") -> list[int]:
+    """The rows (:func:`row_of`) that hold at least one node, bottom to top: drawings collapse the others, so a
+    graph whose features sit in a few layers is not a tower of empty attention and MLP rows."""
+    return sorted({y for y, _ in _cells(graph)})
+
+
 def layout(graph: "Graph") -> dict[str, tuple[float, float]]:
     """Positions ``{node_id: (x, y)}``: x is inside the token position's column (:func:`columns`), spread over the
-    cell, y the row (see :func:`row_of`). Deterministic: equal inputs give equal outputs."""
+    cell, y the index of the node's row among :func:`used_rows` (empty rows collapsed). Deterministic: equal inputs
+    give equal outputs."""
     cells = _cells(graph)
     cols = _columns(cells, None)
+    compact = {y: i for i, y in enumerate(sorted({y for y, _ in cells}))}
     positions: dict[str, tuple[float, float]] = {}
     for (y, x), members in cells.items():
         centre, width = cols[x]
@@ -119,5 +129,5 @@ def layout(graph: "Graph") -> dict[str, tuple[float, float]]:
         # spacing scales with the column: a wide column's sparse cells spread out instead of clumping in its middle
         spacing = min(CELL_WIDTH * width / (k - 1), MAX_SPACING * width) if k > 1 else 0.0
         for i, (_, nid) in enumerate(members):
-            positions[nid] = (centre + (i - (k - 1) / 2) * spacing, float(y))
+            positions[nid] = (centre + (i - (k - 1) / 2) * spacing, float(compact[y]))
     return positions

@@ -24,12 +24,14 @@ in both thresholds (tests/circuits/test_circuits.py checks it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backend.circuits.graph import Graph
 
 if TYPE_CHECKING:
     import networkx as nx
+    import numpy as np
     import pandas as pd
     import torch
 
@@ -121,57 +123,115 @@ def graph_scores(graph: Graph) -> dict[str, float]:
     }
 
 
-def _prefix(scores: "torch.Tensor", threshold: float) -> int:
-    """Length of the shortest prefix of ``scores`` (sorted descending) reaching ``threshold`` of their total."""
+@dataclass
+class Ranking:
+    """Every ranking pruning needs, computed once per graph (so a page can filter at any thresholds without the
+    model or a linear solve, and a browser can do the same from :attr:`node_start` / :attr:`edge_start`).
+
+    ``graph``: the graph with ``influence`` filled in. ``node_start[i]``: for node ``i`` (``graph.nodes`` order), the
+    share of the total (non-negative) influence held by the nodes ranked before it, −1 for the first ranked node and
+    2 when there is no positive influence at all; the target gets −1 (always kept). ``edge_start``: the same for
+    edges (``graph.edges`` order), ranked by their share of the target's explanation. A node (edge) is in the
+    shortest prefix reaching threshold ``t`` exactly when ``t >= 1`` or its start is below ``t``
+    (:func:`in_prefix`); ``node_rank`` is the node's place in its ranking (the target: −1).
+    """
+
+    graph: Graph
+    node_start: "np.ndarray"
+    node_rank: "np.ndarray"
+    edge_start: "np.ndarray"
+
+
+def _starts(scores: "torch.Tensor") -> tuple["np.ndarray", "np.ndarray"]:
+    """(start, rank) per element of ``scores`` (any order): the share of the total held by the elements ranked
+    before it (descending, stable), −1 for the first, 2 for all when the total is not positive."""
+    import numpy as np
     import torch
 
-    total = float(scores.sum())
-    if total <= 0 or threshold >= 1:
-        return int((scores > 0).sum()) if threshold < 1 else len(scores)
-    reached = torch.nonzero(torch.cumsum(scores, 0) >= threshold * total, as_tuple=True)[0]
-    return int(reached[0]) + 1 if len(reached) else len(scores)
+    s = scores.clamp_min(0)
+    order = torch.argsort(-s, stable=True)
+    total = float(s.sum())
+    start = np.full(len(s), 2.0)
+    rank = np.empty(len(s), dtype=np.int64)
+    rank[order.numpy()] = np.arange(len(s))
+    if total > 0 and len(s):
+        before = (torch.cumsum(s[order], 0) - s[order]) / total
+        start[order.numpy()] = before.numpy()
+        start[int(order[0])] = -1.0
+    return start, rank
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-          max_nodes: int | None = None) -> Graph:
-    """The pruned graph (see the module docstring), with ``influence`` filled in and the thresholds and counts
-    recorded under ``metadata["pruning"]``. ``node_threshold`` / ``edge_threshold`` in [0, 1]."""
-    import networkx as nx
+def in_prefix(start: "np.ndarray", threshold: float) -> "np.ndarray":
+    """Which elements are in the shortest prefix of their ranking whose scores reach ``threshold`` of the total."""
+    import numpy as np
+
+    return np.ones(len(start), dtype=bool) if threshold >= 1 else np.asarray(start) < threshold
+
+
+def ranking(graph: Graph) -> Ranking:
+    """The :class:`Ranking` of ``graph`` (one influence solve)."""
+    import numpy as np
     import torch
 
-    if not (0.0 <= node_threshold <= 1.0 and 0.0 <= edge_threshold <= 1.0):
-        raise ValueError("thresholds are fractions between 0 and 1")
     full = with_influence(graph)
     ids, A = adjacency(full)
     t = ids.index(full.target_id)
     inf = torch.tensor(full.nodes["influence"].to_numpy(dtype="float64"))
-    # 1. nodes by influence
-    others = torch.tensor([i for i in range(len(ids)) if i != t], dtype=torch.long)
-    order = others[torch.argsort(-inf[others], stable=True)]
-    n_keep = _prefix(inf[order].clamp_min(0), node_threshold)
-    if max_nodes is not None:
-        n_keep = min(n_keep, max(0, int(max_nodes) - 1))
-    kept = set(order[:n_keep].tolist()) | {t}
-    # 2. edges by their share of the target's explanation, ranked over the whole graph
+    others = np.array([i for i in range(len(ids)) if i != t], dtype=np.int64)
+    node_start, node_rank = np.full(len(ids), -1.0), np.full(len(ids), -1, dtype=np.int64)
+    node_start[others], node_rank[others] = _starts(inf[torch.as_tensor(others)])
     An = normalized_adjacency(A)
     edges = full.edges.reset_index(drop=True)
-    tt, ss = _positions(ids, edges)
-    score = An[tt, ss] * inf[tt].clamp_min(0) if len(edges) else torch.zeros(0, dtype=torch.float64)
-    e_order = torch.argsort(-score, stable=True)
-    e_keep = e_order[: _prefix(score[e_order], edge_threshold)]
-    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
-    ends_kept = torch.isin(tt[e_keep], kept_t) & torch.isin(ss[e_keep], kept_t)
-    e_keep = torch.sort(e_keep[ends_kept]).values
-    kept_edges = edges.iloc[e_keep.tolist()]
-    # 3. only nodes with a kept path to the target
+    full.edges = edges
+    if len(edges):
+        tt, ss = _positions(ids, edges)
+        weight = inf.clone()
+        weight[t] = 1.0
+        edge_start, _ = _starts(An[tt, ss] * weight[tt].clamp_min(0))
+    else:
+        edge_start = np.zeros(0)
+    return Ranking(full, node_start, node_rank, edge_start)
+
+
+def select(ranked: Ranking, node_threshold: float, edge_threshold: float,
+           max_nodes: int | None = None) -> tuple[set[str], "pd.DataFrame"]:
+    """The node ids and the edges :func:`prune` keeps at these thresholds (steps 1–3 of the module docstring)."""
+    import networkx as nx
+    import numpy as np
+
+    full = ranked.graph
+    ids = full.nodes["node_id"].to_numpy()
+    keep = in_prefix(ranked.node_start, node_threshold)
+    if max_nodes is not None:
+        keep &= (ranked.node_rank < max(0, int(max_nodes) - 1)) | (ranked.node_rank < 0)
+    target = full.target_id
+    keep |= ids == target
+    kept = set(ids[keep].tolist())
+    edges = full.edges
+    e_keep = in_prefix(ranked.edge_start, edge_threshold) if len(edges) else np.zeros(0, dtype=bool)
+    e_keep &= edges["source"].isin(kept).to_numpy() & edges["target"].isin(kept).to_numpy()
+    kept_edges = edges[e_keep]
     g = nx.DiGraph()
-    g.add_nodes_from(ids[i] for i in kept)
+    g.add_nodes_from(kept)
     g.add_edges_from(zip(kept_edges["source"], kept_edges["target"]))
-    reach = nx.ancestors(g, full.target_id) | {full.target_id}
+    reach = nx.ancestors(g, target) | {target}
+    return reach, kept_edges
+
+
+def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+          max_nodes: int | None = None, ranked: Ranking | None = None) -> Graph:
+    """The pruned graph (see the module docstring), with ``influence`` filled in and the thresholds and counts
+    recorded under ``metadata["pruning"]``. ``node_threshold`` / ``edge_threshold`` in [0, 1]; ``ranked``: the
+    graph's :func:`ranking`, when the caller already has it."""
+    if not (0.0 <= node_threshold <= 1.0 and 0.0 <= edge_threshold <= 1.0):
+        raise ValueError("thresholds are fractions between 0 and 1")
+    ranked = ranked or ranking(graph)
+    full = ranked.graph
+    reach, kept_edges = select(ranked, node_threshold, edge_threshold, max_nodes)
     out = full.subgraph(reach, kept_edges)
     out.metadata["pruning"] = {
         "node_threshold": float(node_threshold), "edge_threshold": float(edge_threshold),
-        "max_nodes": max_nodes, "nodes_before": len(ids), "edges_before": len(edges),
+        "max_nodes": max_nodes, "nodes_before": len(full.nodes), "edges_before": len(full.edges),
         "nodes_after": len(out.nodes), "edges_after": len(out.edges),
         "scores": graph_scores(out),  # the pruned view's own replacement / completeness scores
     }

@@ -104,13 +104,46 @@ def read_graph(con: "duckdb.DuckDBPyConnection", graph_id: str) -> Graph:
     return Graph(nodes=nodes, edges=edges, metadata=metadata)
 
 
-def save_graph(store_path: "str | Path", graph: Graph, source: str, title: str | None = None) -> str:
-    """Save ``graph`` into the store at ``store_path`` (the CLI's ``--save``, the Circuit Graph page's save button): a
-    small file of its own beside the store, visible to readers at once, no copy of the store
-    (:mod:`backend.store.saves`); returns its id."""
+def write_view(con: "duckdb.DuckDBPyConnection", graph_id: str, view: dict[str, Any], run_id: str) -> None:
+    """Write (replace) the saved view of graph ``graph_id`` (a :meth:`backend.circuits.view.ViewState.to_dict`)."""
+    con.execute("DELETE FROM graph_views WHERE graph_id = ?", [graph_id])
+    con.execute("INSERT INTO graph_views VALUES (?, ?, ?, ?)",
+                [graph_id, json.dumps(view, ensure_ascii=False), datetime.now(timezone.utc), run_id])
+
+
+def read_view(con: "duckdb.DuckDBPyConnection", graph_id: str) -> dict[str, Any] | None:
+    """The saved view of graph ``graph_id`` as a dict (checked by :func:`backend.circuits.view.from_dict` when used),
+    or None when it has none."""
+    rows = con.execute("SELECT view FROM graph_views WHERE graph_id = ?", [graph_id]).fetchall()
+    if not rows or rows[0][0] is None:
+        return None
+    try:
+        data = json.loads(rows[0][0])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def save_graph(store_path: "str | Path", graph: Graph, source: str, title: str | None = None,
+               view: dict[str, Any] | None = None) -> str:
+    """Save ``graph`` (and, if given, its ``view``: supernodes, labels, pins, thresholds) into the store at
+    ``store_path`` (the CLI's ``--save`` and ``import-graph``, the Circuit Graph page's save button): a small file of
+    its own beside the store, visible to readers at once, no copy of the store (:mod:`backend.store.saves`); returns
+    its id."""
     from backend.store.access import saving
 
     model = str(graph.metadata.get("model"))
     with saving(store_path, kind="graph", model=model,
                 params={"prompt": graph.metadata.get("prompt"), "source": source}) as writer:
-        return write_graph(writer.con, graph, writer.run_id, source=source, title=title)
+        gid = write_graph(writer.con, graph, writer.run_id, source=source, title=title)
+        if view is not None:
+            write_view(writer.con, gid, view, writer.run_id)
+        return gid
+
+
+def save_view(store_path: "str | Path", graph_id: str, view: dict[str, Any], model: str) -> None:
+    """Save the view of the stored graph ``graph_id`` beside the store (replacing its earlier saved view)."""
+    from backend.store.access import saving
+
+    with saving(store_path, kind="graph_view", model=model, params={"graph_id": graph_id}) as writer:
+        write_view(writer.con, graph_id, view, writer.run_id)

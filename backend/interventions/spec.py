@@ -121,3 +121,23 @@ def parse(text: str) -> list[Intervention]:
 def render(interventions: Sequence[Intervention]) -> str:
     """The text form of several interventions (inverse of :func:`parse`)."""
     return ";".join(i.describe() for i in interventions)
+
+
+_GRAPH_NODE = re.compile(r"^(T|A)(\d{1,4})_(\d{1,5})_(\d{1,7})$")
+
+
+def from_graph_nodes(node_ids: Sequence[str]) -> tuple[list[Intervention], list[str]]:
+    """Zero-ablations of attribution-graph feature nodes (``backend.circuits.graph`` ids): ``T{l}_{p}_{f}`` becomes
+    ``transcoder:{l}:{f}@{p}=zero`` and ``A{l}_{p}_{f}`` ``attn:{l}:{f}@{p}=zero``. Returns them (duplicates once)
+    and the ids that name no feature (embeddings, error nodes, the logit), which have no intervention."""
+    out: dict[str, Intervention] = {}
+    skipped: list[str] = []
+    for nid in node_ids:
+        m = _GRAPH_NODE.fullmatch(str(nid))
+        if m is None:
+            skipped.append(str(nid))
+            continue
+        kind = "transcoder" if m.group(1) == "T" else "attn"
+        iv = Intervention(kind, int(m.group(2)), int(m.group(4)), "zero", 0.0, (int(m.group(3)),))
+        out.setdefault(iv.describe(), iv)
+    return list(out.values())[:MAX_INTERVENTIONS], skipped

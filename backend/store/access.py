@@ -322,12 +322,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+READ_ONLY_ENV = "CIRCUITSCOPE_READ_ONLY"
+READ_ONLY_MESSAGE = ("This deployment is read-only (CIRCUITSCOPE_READ_ONLY is set): nothing is saved into its stores; "
+                     "download what you made, or run circuitscope yourself to save.")
+
+
+def read_only() -> bool:
+    """Whether saves are refused (``CIRCUITSCOPE_READ_ONLY`` set to anything but empty / ``0`` / ``false``): for
+    shared deployments. Read at call time, so pages can say so before anyone tries."""
+    return os.environ.get(READ_ONLY_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 @contextmanager
 def saving(store_path: str | Path, kind: str, model: str, params: dict[str, Any] | None = None
            ) -> Iterator[saves.SaveWriter]:
     """``with saving(path, kind="graph", model=...) as w: w.insert_df(...)`` — write one save beside the store
     (:mod:`backend.store.saves`); it is visible only when the block ends without an exception. The store must exist:
-    saves add to a store, they never create one."""
+    saves add to a store, they never create one. Refused with :data:`READ_ONLY_MESSAGE` in read-only mode
+    (:func:`read_only`): every write a page, the API or the CLI makes beside a store goes through here."""
+    if read_only():
+        raise StoreError(READ_ONLY_MESSAGE)
     real = real_path(store_path)
     open_store(real).close()  # one sentence for a missing, corrupt, hostile or newer-schema store
     with saves.write_save(real, store_path, kind, model, params) as writer:

@@ -45,6 +45,7 @@ SAVE_TABLES: dict[str, str] = {
     "graphs": "graph_id",
     "graph_nodes": "graph_id",
     "graph_edges": "graph_id",
+    "graph_views": "graph_id",
     "attribution_comparisons": "comparison_id",
     "attribution_runs": "comparison_id",
     "attributions": "attr_id",

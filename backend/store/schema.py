@@ -35,6 +35,8 @@ induction_classes      (v2) long- vs short-prefix classification of candidate in
 head_features          (v2) features a head dominates by DFA share, with their rank and feature family
 head_polysemanticity   (v2) per head: dominant features, families, polysemantic or not (rule in stats)
 attribution_comparisons (v2) one task or clean/corrupt pair scored by several attribution methods
+graph_views            (v5) a stored graph's saved view: thresholds, pins, hides, supernodes, node labels
+                       (backend.circuits.view.ViewState as JSON), one row per graph
 replacement_evals      (v3) CE loss with several MLPs replaced by their transcoders at once (v4: or by their
                        dense linear baselines; KL to the clean model, top-1 agreement, intervals in stats)
 feature_labels         (v5) automatic short label of each live feature, computed from its stored statistics
@@ -122,6 +124,9 @@ DDL: list[str] = [
     """CREATE TABLE IF NOT EXISTS graph_edges (
         graph_id VARCHAR, source VARCHAR, target VARCHAR, weight DOUBLE, invariant DOUBLE, source_factor DOUBLE,
         norm_factor DOUBLE)""",
+    # ---- v5: what a person chose to see of a stored graph (saved from the Circuit Graph page, the API or an import)
+    """CREATE TABLE IF NOT EXISTS graph_views (
+        graph_id VARCHAR PRIMARY KEY, view JSON, saved_at TIMESTAMP, run_id VARCHAR)""",
     # ---- v2: head analyses (induction heads, head polysemanticity) and attribution comparisons ----
     """CREATE TABLE IF NOT EXISTS head_scores (
         model VARCHAR, layer INTEGER, head INTEGER, induction REAL, prev_token REAL, duplicate_token REAL,

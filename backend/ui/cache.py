@@ -152,6 +152,10 @@ def cached_graph(model_name: str, store_path: str, store_key: tuple[int, ...], p
     """:func:`backend.circuits.build.build_graph` of ``prompt`` (unpruned) with the store's transcoders and attention
     SAEs, built once per server, store version and (prompt, answer). Shared and read-only."""
     from backend.circuits.build import build_graph
+    from backend.features.labels import label_nodes
 
     transcoders, saes = cached_graph_dictionaries(store_path, store_key, model_name, True)
-    return build_graph(get_model(model_name), prompt, transcoders, saes, answer=answer, model_name=model_name)
+    graph = build_graph(get_model(model_name), prompt, transcoders, saes, answer=answer, model_name=model_name)
+    with reading(store_path) as con:
+        graph.nodes = label_nodes(con, graph.nodes)  # the features' labels (yours, else automatic)
+    return graph

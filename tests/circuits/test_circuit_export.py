@@ -66,15 +66,27 @@ def test_layout_rows_and_columns(graph):
     pos = layout(graph)
     cols = columns(graph)
     assert set(pos) == set(graph.nodes["node_id"])
+    # rows without nodes are collapsed: y counts the non-empty rows below, in row order
+    full_rows = {row["node_id"]: row_of(row["kind"], row["layer"], 3) for row in graph.nodes.to_dict("records")}
+    used = sorted(set(full_rows.values()))
     for row in graph.nodes.to_dict("records"):
         x, y = pos[row["node_id"]]
         centre, width = cols[int(row["pos"])]
         assert abs(x - centre) <= 0.41 * width  # inside its token column
-        assert y == row_of(row["kind"], row["layer"], 3)
+        assert y == used.index(full_rows[row["node_id"]])
     # columns tile the axis left to right without overlapping, each at least one unit wide
     lefts = [c - w / 2 for c, w in cols]
     assert lefts[0] == -0.5 and all(w >= 1.0 for _, w in cols)
     assert all(abs(lefts[i + 1] - (lefts[i] + cols[i][1])) < 1e-12 for i in range(len(cols) - 1))
+
+
+def test_empty_layers_are_collapsed():
+    g = make_graph()
+    g = g.subgraph(set(g.nodes.loc[~g.nodes["kind"].isin(["head", "attn_feature", "attn_error"]), "node_id"]))
+    ys = sorted({y for _, y in layout(g).values()})
+    assert ys == list(range(len(ys)))  # no gap where the attention rows were
+    rows = {row_of(r["kind"], r["layer"], 3) for r in g.nodes.to_dict("records")}
+    assert len(ys) == len(rows) < len(row_labels(3))
 
 
 def test_a_crowded_column_widens_so_its_nodes_keep_their_spacing():

@@ -30,18 +30,20 @@ def _clean(at: AppTest) -> None:
     assert not at.error, [e.value for e in at.error]
 
 
-def _graph_figure(at: AppTest) -> dict[str, Any]:
-    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    assert len(figs) == 1
-    return figs[0]
+def _graph_args(at: AppTest) -> dict[str, Any]:
+    """What the page sent the browser's graph component: the graph payload and the view state."""
+    args = [json.loads(c.proto.json_args) for c in at.get("component_instance")]
+    assert len(args) == 1
+    return args[0]
 
 
-def _node_ids(fig: dict[str, Any]) -> set[str]:
-    ids: set[str] = set()
-    for trace in fig["data"]:
-        if trace.get("mode", "").startswith("markers") and trace.get("customdata") is not None:
-            ids |= {c[0] if isinstance(c, list) else c for c in trace["customdata"]}
-    return ids
+def _shown(at: AppTest) -> tuple[int, int]:
+    """(nodes, edges) of the view the page scores and exports (its caption)."""
+    import re
+
+    text = next(c.value for c in at.caption if c.value.startswith("The shown graph:"))
+    n, e = re.match(r"The shown graph: (\d+) nodes, ([\d,]+) edges", text).groups()
+    return int(n), int(e.replace(",", ""))
 
 
 def _stored(store: Path) -> Any:
@@ -57,26 +59,57 @@ def test_stored_graph_is_drawn_pruned_as_the_backend_prunes_it(app_stores_dir: P
     _clean(at)
     with reading(app_stores_dir / "test.duckdb") as con:
         graph = read_graph(con, gid)
-    expected = set(prune(graph, 0.8, 0.98).nodes["node_id"])
-    assert _node_ids(_graph_figure(at)) == expected
+    expected = prune(graph, 0.8, 0.98)
+    args = _graph_args(at)
+    assert set(args["graph"]["nodes"]["id"]) == set(graph.nodes["node_id"])  # the browser filters the whole graph
+    assert (args["state"]["node_threshold"], args["state"]["edge_threshold"]) == (0.8, 0.98)
+    assert _shown(at) == (len(expected.nodes), len(expected.edges))
     assert at.query_params["graph"] == [gid] or at.query_params["graph"] == gid
 
 
-def test_threshold_slider_changes_the_graph(app_stores_dir: Path) -> None:
+def test_linked_thresholds_set_the_view(app_stores_dir: Path) -> None:
+    gid = _stored(app_stores_dir / "test.duckdb")["graph_id"].iloc[0]
+    with reading(app_stores_dir / "test.duckdb") as con:
+        graph = read_graph(con, gid)
+    at = _app(graph=gid, nt="0.3", et="0.9").run()
+    _clean(at)
+    assert (_graph_args(at)["state"]["node_threshold"], _graph_args(at)["state"]["edge_threshold"]) == (0.3, 0.9)
+    expected = prune(graph, 0.3, 0.9)
+    assert _shown(at) == (len(expected.nodes), len(expected.edges))
+
+
+def test_the_components_report_becomes_the_view_and_the_link(app_stores_dir: Path) -> None:
+    gid = _stored(app_stores_dir / "test.duckdb")["graph_id"].iloc[0]
+    with reading(app_stores_dir / "test.duckdb") as con:
+        graph = read_graph(con, gid)
+    at = _app(graph=gid).run()
+    state = dict(_graph_args(at)["state"], node_threshold=0.4, supernodes=[["pair", graph.target_id]],
+                 labels={graph.target_id: "the answer"})
+    at.session_state["cg_plot"] = {"event": "view", "nonce": "n1", "state": state, "selection": [], "supernode": None}
+    at.run()
+    _clean(at)
+    assert at.query_params["nt"] in (["0.4"], "0.4")
+    assert json.loads(at.query_params["sn"][0] if isinstance(at.query_params["sn"], list) else at.query_params["sn"]) \
+        == [["pair", graph.target_id]]
+    assert _shown(at)[0] == len(prune(graph, 0.4, 0.98).nodes)
+
+
+def test_read_only_mode_offers_no_save(app_stores_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.store.access import READ_ONLY_MESSAGE
+
+    monkeypatch.setenv("CIRCUITSCOPE_READ_ONLY", "1")
     gid = _stored(app_stores_dir / "test.duckdb")["graph_id"].iloc[0]
     at = _app(graph=gid).run()
-    before = _node_ids(_graph_figure(at))
-    at.slider(key="cg_node_t").set_value(0.3).run()
     _clean(at)
-    after = _node_ids(_graph_figure(at))
-    assert after < before  # fewer nodes, all of them among the earlier ones (pruning is monotone)
+    assert not [b for b in at.button if b.key == "cg_save"]
+    assert any(c.value == READ_ONLY_MESSAGE for c in at.caption)
 
 
 def test_unknown_graph_link_says_what_to_do(app_stores_dir: Path) -> None:
     at = _app(graph="g-nope").run()
     assert not at.exception
     assert any("no graph `g-nope`" in e.value and "pick one" in e.value for e in at.error)
-    assert len(at.get("plotly_chart")) == 1  # falls back to a stored graph
+    assert len(at.get("component_instance")) == 1  # falls back to a stored graph
 
 
 def test_node_link_opens_its_panel_with_edges(app_stores_dir: Path) -> None:
@@ -97,8 +130,7 @@ def test_build_form_builds_a_live_graph_and_escapes_token_text(app_stores_dir: P
     at.text_area[0].set_value(hostile)
     at.button[0].click().run()  # the form's submit button
     _clean(at)
-    fig = _graph_figure(at)
-    ticks = " ".join(fig["layout"]["xaxis"]["ticktext"]).replace("<br>", " ")
+    ticks = " ".join(_graph_args(at)["graph"]["tokens"]).replace("<br>", " ")
     assert "<" not in ticks and ">" not in ticks and "&lt;" in ticks  # every token's text escaped
     assert at.selectbox(key="cg_pick").value == "(built in this session)"
     assert not any("<img" in str(m.value) for m in at.markdown)
@@ -199,7 +231,7 @@ def test_graph_scores_and_conservation_are_shown(app_stores_dir: Path) -> None:
     with reading(app_stores_dir / "test.duckdb") as con:
         demeaned = read_graph(con, gid).metadata["target"]["demeaned"]
     label = "logit − mean logit" if demeaned else "logit difference"
-    assert any(label in str(m.value) for m in at.markdown)
+    assert any(label in str(c.value) for c in at.caption)
 
 
 def test_node_panel_shows_the_heads_that_carry_its_strongest_inputs(app_stores_dir: Path) -> None:
@@ -207,6 +239,7 @@ def test_node_panel_shows_the_heads_that_carry_its_strongest_inputs(app_stores_d
     with reading(app_stores_dir / "test.duckdb") as con:
         graph = read_graph(con, gid)
     at = _app(graph=gid, node=graph.target_id).run()
+    at.toggle(key=f"cg_heads_{graph.target_id}").set_value(True).run()
     _clean(at)
     tables = [d.value for d in at.dataframe if "carried by" in d.value.columns]
     assert tables and len(tables[0]) > 0
@@ -236,6 +269,8 @@ def test_a_graph_stored_with_head_nodes_is_still_drawn_with_its_heads(app_stores
     heads = set(pruned.nodes.loc[pruned.nodes["kind"] == "head", "node_id"])
     at = _app(graph=gid, node="L_651").run()
     _clean(at)
-    assert heads and heads <= _node_ids(_graph_figure(at))
+    assert heads and heads <= set(_graph_args(at)["graph"]["nodes"]["id"])
+    assert _shown(at) == (len(pruned.nodes), len(pruned.edges))
+    at.toggle(key="cg_heads_L_651").set_value(True).run()
     assert any("rebuild it" in c.value for c in at.caption)  # no per-head split for head-node graphs
-    assert any("raw logit" in str(m.value) for m in at.markdown)
+    assert any("raw logit" in str(c.value) for c in at.caption)

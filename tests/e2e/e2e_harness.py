@@ -440,3 +440,53 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {"p50_s": round(xs[0], 2), "p95_s": round(xs[0], 2), "max_s": round(xs[0], 2)}
     q = statistics.quantiles(xs, n=100, method="inclusive")
     return {"p50_s": round(q[49], 2), "p95_s": round(q[94], 2), "max_s": round(xs[-1], 2)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Circuit Graph's browser component (backend/ui/components/circuit_graph): its iframe, what it draws, and timing
+# a control inside it.
+
+DRAWN_JS = "() => (window.circuitGraph && window.circuitGraph()) || null"
+
+
+def graph_frame(tab: Tab, timeout_s: float = PAGE_TIMEOUT_MS / 1000) -> Any:
+    """The Circuit Graph component's frame once it has drawn (Streamlit serves components under /component/)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for frame in tab.page.frames:
+            if "/component/" in frame.url and "circuit_graph" in frame.url:
+                try:
+                    if frame.evaluate(DRAWN_JS):
+                        return frame
+                except Exception:  # noqa: BLE001 - the frame is still loading
+                    pass
+        tab.page.wait_for_timeout(100)  # not time.sleep: Playwright's sync API learns of new frames only while waiting
+    raise AssertionError("the circuit graph component never drew")
+
+
+def drawn(frame: Any) -> dict[str, Any]:
+    """What the component draws right now: node / edge counts, node ids, supernode names, the labels written on the
+    graph, search matches, the draw time (ms) and its view state."""
+    return frame.evaluate(DRAWN_JS)
+
+
+def move_and_time(frame: Any, control: str, value: str) -> dict[str, Any]:
+    """Set a control of the component (``nt``, ``et``: the sliders; ``q``: the search) as a user's input event does,
+    and return what is drawn right after, synchronously, with ``wall_ms``: from the event to the redrawn graph
+    (nothing in between can have reached the server)."""
+    return frame.evaluate("""([id, value]) => {
+        const el = document.getElementById(id); const t0 = performance.now();
+        el.value = value; el.dispatchEvent(new Event('input'));
+        return Object.assign({}, window.circuitGraph(), {wall_ms: performance.now() - t0}); }""", [control, value])
+
+
+def click_and_time(frame: Any, button: str) -> dict[str, Any]:
+    """Click a button of the component (``pin``, ``hide``, ``unhide``, ...) and time its redraw (as move_and_time)."""
+    return frame.evaluate("""(id) => { const t0 = performance.now(); document.getElementById(id).click();
+        return Object.assign({}, window.circuitGraph(), {wall_ms: performance.now() - t0}); }""", button)
+
+
+def emit(frame: Any, event: str, ids: list[str]) -> None:
+    """Fire plotly's click (one id) or box/lasso selection (several) event on the graph, as a user's gesture does."""
+    frame.evaluate("""([event, ids]) => document.getElementById('plot').emit(event,
+        {points: ids.map((id) => ({customdata: id}))})""", [event, ids])

@@ -12,7 +12,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-from e2e_harness import BOS, Tab, feature_rows, prompt_features, query_param, submit_prompt, wait_for_strip
+from e2e_harness import BOS, Tab, feature_rows, graph_frame, prompt_features, query_param, submit_prompt, wait_for_strip
+from e2e_harness import drawn as graph_drawn
 
 from backend.features import queries as feature_queries
 from backend.store.access import reading
@@ -32,7 +33,7 @@ PAGES: list[tuple[str, str, str]] = [
     ("head_polysemanticity", "Head Polysemanticity", CONTENT),
     ("induction_heads", "Induction Heads", CONTENT),
     ("attribution_faithfulness", "Attribution Faithfulness", CONTENT),
-    ("circuit_graph", "Circuit Graph", '[data-testid="stMain"] [data-testid="stPlotlyChart"]'),
+    ("circuit_graph", "Circuit Graph", '[data-testid="stMain"] iframe[title*="circuit_graph"]'),
     ("compare_graphs", "Compare Graphs", '[data-testid="stMain"] [data-testid="stPlotlyChart"]'),
 ]
 
@@ -147,18 +148,9 @@ def test_feature_dashboard_by_deep_link(tab: Tab, tiny_store: Path, kind: str) -
 # CIRCUIT GRAPH JOURNEY: build a graph from a prompt, download every export format and check the files against what
 # the page draws, move a threshold slider and see the graph change.
 
-# Node ids of the drawn circuit graph (marker traces carry them as customdata) and the number of edge segments.
-GRAPH_JS = """() => { const el = document.querySelector('[data-testid="stMain"] .js-plotly-plot');
-  if (!el || !el.data) return null;
-  const nodes = [];
-  for (const t of el.data) if ((t.mode || '').startsWith('markers') && t.customdata)
-    for (const c of t.customdata) nodes.push(Array.isArray(c) ? c[0] : c);
-  return nodes.sort(); }"""
-
-
 def _drawn_nodes(tab: Tab) -> list[str]:
-    tab.page.wait_for_function(f"() => ({GRAPH_JS})() !== null")
-    return tab.page.evaluate(GRAPH_JS)
+    """Node ids the Circuit Graph's browser component draws right now."""
+    return sorted(graph_drawn(graph_frame(tab))["ids"])
 
 
 def _download(tab: Tab, label: str, tmp_path: Path) -> Path:
@@ -177,6 +169,7 @@ def test_circuit_graph_journey_build_export_and_prune(tab: Tab, tmp_path: Path) 
     import pydot
 
     tab.open("circuit_graph")
+    tab.page.get_by_text("Build a graph for your own prompt").click()  # folded when the store has graphs already
     tab.page.locator('[data-testid="stMain"] [data-testid="stTextArea"] textarea').first.fill("Mary and John went to")
     tab.page.get_by_role("button", name="Build graph").click()
     from playwright.sync_api import expect
@@ -203,12 +196,10 @@ def test_circuit_graph_journey_build_export_and_prune(tab: Tab, tmp_path: Path) 
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
     # lower the node-influence threshold: the graph is drawn again with fewer nodes, all among the earlier ones
-    slider = tab.page.get_by_role("slider", name="Node influence kept")
+    slider = graph_frame(tab).get_by_label("Node influence kept")
     slider.focus()
     for _ in range(50):
         slider.press("ArrowLeft")
-    tab.page.wait_for_function(f"(n) => {{ const d = ({GRAPH_JS})(); return d && d.length < n; }}", arg=len(drawn))
-    tab.wait_idle()
     fewer = _drawn_nodes(tab)
     assert set(fewer) < set(drawn)
     assert tab.problems() == []

@@ -230,6 +230,8 @@ def test_v2_store_gains_the_v3_graph_columns_and_tables_when_written(tmp_path: P
         assert {"dict_id", "value", "bias", "is_target", "attribution"} <= node_cols
         version = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]
         assert int(version) == schema.SCHEMA_VERSION == 5
+
+        assert "graph_views" in tables
     finally:
         con.close()
 

@@ -224,7 +224,15 @@ def to_neuronpedia_json(graph: Graph, slug: str | None = None) -> dict[str, Any]
         metadata["faithfulness"] = _jsonable(meta["faithfulness"])
     if finite_number(pruning.get("node_threshold")) is not None:
         metadata["node_threshold"] = float(pruning["node_threshold"])
-    q_params = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    view = meta.get("view") or {}
+    user_labels = set((view.get("labels") or {}))
+    for node in nodes:
+        if node["circuitscope_id"] in user_labels:
+            node["circuitscope_user_label"] = True
+    q_params = {"pinnedIds": [ids[n] for n in view.get("pinned", []) if n in ids],
+                "supernodes": [[str(sn[0]), *[ids[n] for n in sn[1:] if n in ids]]
+                               for sn in view.get("supernodes", []) if isinstance(sn, list) and sn],
+                "linkType": "both", "clickedId": ids.get(str(view.get("selected")), ""), "sg_pos": ""}
     return {"metadata": metadata, "qParams": q_params, "nodes": nodes, "links": links}
 
 
