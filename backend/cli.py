@@ -521,6 +521,8 @@ def _cmd_export_sae(args: argparse.Namespace) -> int:
     with reading(args.store) as con:
         out = export_sae_lens(con, args.dict_id, args.out)
     print(f"wrote {out} (cfg.json, sae_weights.safetensors)")
+    return 0
+
 
 def _cmd_import_graph(args: argparse.Namespace) -> int:
     from pathlib import Path

@@ -24,7 +24,7 @@ from backend.attribution import evaluation as attribution_evaluation
 from backend.attribution import queries as attribution_queries
 from backend.attribution.components import DEFAULT_KINDS, KINDS
 from backend.errors import CircuitscopeError
-from backend.ui import cache, progress_bar, shell, token_html
+from backend.ui import cache, heatmap_clicks, progress_bar, shell, token_html
 
 COMPARISON_PARAM = "comparison"
 _CMP_KEY = "af_comparison"
@@ -117,17 +117,11 @@ def _heatmap(frame: pd.DataFrame, kind: str, method: str, tokens: pd.DataFrame) 
     top = float(finite.max()) if len(finite) and finite.max() > 0 else 1.0
     fig = go.Figure(go.Heatmap(z=z, x=list(range(len(x))), y=y, text=hover, hoverinfo="text", colorscale="RdBu",
                                zmid=0, zmin=-top, zmax=top, reversescale=True, colorbar=dict(title="score")))
-    if kind == "head":
-        # A clickable point over every cell (plotly cannot select heatmap cells): clicking one opens that head. The
-        # points carry the hover text, so they, not the heatmap, are what the pointer finds.
-        fig.update_traces(hoverinfo="skip")
+    if kind == "head":  # clicking a cell opens that head
         heads = ([f"{int(a)}.{h}" for a in grid.index for h in x] if x_title == "head" else
                  [row[1:].replace("H", ".") for row in y for _ in x])
-        fig.add_trace(go.Scatter(
-            x=[j for _ in y for j in range(len(x))], y=[r for r in y for _ in x], customdata=heads, mode="markers",
-            hovertext=[h for row in hover for h in row], hoverinfo="text", showlegend=False, name="heads",
-            marker=dict(size=14, symbol="square", opacity=0.01, color="#000")))
-        fig.update_layout(clickmode="event+select")
+        heatmap_clicks.add_cell_points(fig, [j for _ in y for j in range(len(x))], [r for r in y for _ in x], heads,
+                                       [h for row in hover for h in row])
     fig.update_layout(height=min(900, 140 + 14 * len(y)), margin=dict(l=10, r=10, t=40, b=10),
                       title=f"{method}: {KIND_TITLES.get(kind, kind)}", yaxis=dict(autorange="reversed"),
                       xaxis=dict(tickmode="array", tickvals=list(range(len(x))), ticktext=ticktext, tickangle=-60,
@@ -214,13 +208,9 @@ HEAD_PAGES = (("pages/head_polysemanticity.py", "Head Polysemanticity", ":materi
 
 def _head_clicked(key: str) -> None:
     """on_select of a head heatmap: the clicked cell's head becomes the open head."""
-    event = st.session_state.get(key) or {}
-    points = (event.get("selection") or {}).get("points") or []
-    for point in points:
-        cd = point.get("customdata")
-        head = cd[0] if isinstance(cd, (list, tuple)) else cd
-        if isinstance(head, str) and shell.link_int(head.split(".")[0]) is not None:
-            st.session_state[_HEAD_KEY] = head
+    head = heatmap_clicks.clicked(key)
+    if head is not None and shell.link_int(head.split(".")[0]) is not None:
+        st.session_state[_HEAD_KEY] = head
 
 
 def _head_panel(scores: pd.DataFrame) -> None:

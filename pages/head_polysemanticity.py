@@ -19,13 +19,14 @@ import streamlit as st
 
 from backend.features import queries as feature_queries
 from backend.heads import polysemanticity_queries as poly_queries
-from backend.ui import shell, token_html
+from backend.ui import heatmap_clicks, shell, token_html
 
 HEAD_PARAM = "head"
 DICT_PARAM = "dict"  # the Feature Browser's parameter names, so links carry over
 FEATURE_PARAM = "feature"
 FEATURE_BROWSER_URL = "feature_browser"  # the page's URL path (relative: works under any base path)
 _HEAD_KEY = "hp_head"  # selectbox of (dict_id, head) option keys
+_HEATMAP_KEY = "hp_heatmap"
 _KEEP = "_hp_choice"  # plain session key: survives page switches
 _LINK_ERROR = "_hp_link_error"
 EXAMPLE_BEFORE, EXAMPLE_AFTER = 12, 4  # tokens around the activating token in example strips
@@ -96,10 +97,22 @@ def _heatmap(heads: pd.DataFrame) -> None:
         z=z, x=[f"H{j}" for j in range(n_heads)], y=[html.escape(r) for r in rows], text=text,
         texttemplate="%{text}", hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
         colorscale="Blues", zmin=0, colorbar=dict(title="families"), xgap=2, ygap=2))
+    cells = [(rows.index(labels[r["dict_id"]]), int(r["head"]), _key(r)) for _, r in heads.iterrows()]
+    heatmap_clicks.add_cell_points(fig, [f"H{j}" for _, j, _ in cells], [html.escape(rows[i]) for i, _, _ in cells],
+                                   [k for _, _, k in cells], [hover[i][j] for i, j, _ in cells], size=18)
     fig.update_layout(height=120 + 45 * len(rows), margin=dict(l=10, r=10, t=30, b=10),
                       title="Families of ≥ 2 features per head (● polysemantic, – not judged)",
                       yaxis=dict(autorange="reversed"))
-    st.plotly_chart(fig, config={"displayModeBar": False})
+    st.plotly_chart(fig, config={"displayModeBar": False}, key=_HEATMAP_KEY, on_select=_head_clicked,
+                    selection_mode="points")
+    st.caption("Click a head's cell to open it below.")
+
+
+def _head_clicked() -> None:
+    """on_select of the heatmap: the clicked cell's head becomes the chosen head."""
+    key = heatmap_clicks.clicked(_HEATMAP_KEY)
+    if key is not None:
+        st.session_state[_HEAD_KEY] = key
 
 
 # --------------------------------------------------------------------------------------------------------------

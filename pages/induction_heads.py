@@ -12,6 +12,8 @@ and rule are defined in :mod:`backend.heads.induction`.
 
 from __future__ import annotations
 
+import functools
+
 import html
 from typing import Any
 
@@ -21,7 +23,7 @@ import streamlit as st
 from backend.errors import InputError
 from backend.heads import induction_queries
 from backend.model import predict
-from backend.ui import cache, shell, token_html
+from backend.ui import cache, heatmap_clicks, shell, token_html
 
 HEAD_PARAM = "head"
 PROMPT_PARAM = "prompt"
@@ -97,6 +99,13 @@ def _choose_head(options: list[str], scores: pd.DataFrame, classes: pd.DataFrame
 # Store views
 
 
+def _head_clicked(chart: str) -> None:
+    """on_select of a score heatmap: the clicked cell's head becomes the chosen head."""
+    head = heatmap_clicks.clicked(chart)
+    if head is not None:
+        st.session_state[_HEAD_KEY] = head
+
+
 def _heatmaps(scores: pd.DataFrame) -> None:
     import plotly.graph_objects as go
 
@@ -109,9 +118,17 @@ def _heatmaps(scores: pd.DataFrame) -> None:
             z=grid.values, x=list(range(n_heads)), y=list(range(n_layers)), customdata=names, zmin=0,
             colorscale="Viridis", hovertemplate="%{customdata}: " + title.lower() + " %{z:.3f}<extra></extra>",
             colorbar=dict(thickness=10)))
+        cells = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+        values = grid.reindex(columns=range(n_heads)).to_numpy()
+        heatmap_clicks.add_cell_points(
+            fig, [h for _, h in cells], [layer for layer, _ in cells], [_name(layer, h) for layer, h in cells],
+            [f"L{layer}.H{h}: {title.lower()} {values[layer, h]:.3f}" for layer, h in cells], size=9)
         fig.update_layout(title=title, height=140 + 16 * n_layers, margin=dict(l=10, r=10, t=40, b=10),
                           xaxis=dict(title="head", dtick=1), yaxis=dict(title="layer", autorange="reversed"))
-        col.plotly_chart(fig, config=PLOT, key=f"ih_heatmap_{key}")
+        chart = f"ih_heatmap_{key}"
+        col.plotly_chart(fig, config=PLOT, key=chart, on_select=functools.partial(_head_clicked, chart),
+                         selection_mode="points")
+    st.caption("Click a cell to open that head below.")
     n, seq_len = int(scores["n_sequences"].iloc[0]), int(scores["seq_len"].iloc[0])
     st.caption(f"Mean attention over {n} sequences of {seq_len} tokens: the BOS token (if the model uses one), then "
                f"{seq_len // 2} random word tokens twice. Induction = from each token of the second copy to the token "

@@ -490,3 +490,13 @@ def emit(frame: Any, event: str, ids: list[str]) -> None:
     """Fire plotly's click (one id) or box/lasso selection (several) event on the graph, as a user's gesture does."""
     frame.evaluate("""([event, ids]) => document.getElementById('plot').emit(event,
         {points: ids.map((id) => ({customdata: id}))})""", [event, ids])
+
+# The n-th heatmap with clickable cells (backend.ui.heatmap_clicks): each cell's page position, its id and row label.
+CELLS_JS = """(n) => {
+  const plots = [...document.querySelectorAll('[data-testid="stMain"] .js-plotly-plot')]
+    .filter(el => el.data && el.data.some(t => t.name === 'heads') && el.getBoundingClientRect().width > 0);
+  const el = plots[n]; if (!el) return null;
+  const t = el.data.find(t => t.name === 'heads'), fl = el._fullLayout, r = el.getBoundingClientRect();
+  return t.x.map((x, i) => ({x: r.left + fl.xaxis._offset + fl.xaxis.d2p(x),
+                             y: r.top + fl.yaxis._offset + fl.yaxis.d2p(t.y[i]), id: t.customdata[i],
+                             row: String(t.y[i])})); }"""

@@ -8,21 +8,10 @@ import re
 from typing import Any
 
 import pytest
-from e2e_harness import GRID_JS, Tab, query_param
+from e2e_harness import CELLS_JS, GRID_JS, Tab, query_param
 
 pytestmark = pytest.mark.e2e
 MAIN = '[data-testid="stMain"]'
-
-# The n-th head heatmap's clickable points: the page position of the first cell and its head ("L.H").
-CELL_JS = """(n) => {
-  const plots = [...document.querySelectorAll('[data-testid="stMain"] .js-plotly-plot')]
-    .filter(el => el.data && el.data.some(t => t.name === 'heads') && el.getBoundingClientRect().width > 0);
-  const el = plots[n]; if (!el) return null;
-  const t = el.data.find(t => t.name === 'heads'), fl = el._fullLayout, r = el.getBoundingClientRect();
-  const i = t.x.length - 1;
-  return {x: r.left + fl.xaxis._offset + fl.xaxis.d2p(t.x[i]), y: r.top + fl.yaxis._offset + fl.yaxis.d2p(t.y[i]),
-          head: t.customdata[i]}; }"""
-
 
 # Streamlit's column widths "medium" and "large" (px): the method table ends with its two text columns at these widths.
 TEXT_COLUMNS_PX = 200 + 400
@@ -48,18 +37,18 @@ def test_speedup_and_correlations_are_visible_without_scrolling(tab: Tab) -> Non
 def test_clicking_a_head_cell_opens_that_head(tab: Tab) -> None:
     tab.open("attribution_faithfulness", store="test.duckdb")
     tab.page.get_by_role("tab", name="Attention heads").click()
-    tab.page.wait_for_function(f"() => ({CELL_JS})(0) !== null")
-    cell = tab.page.evaluate(CELL_JS, 0)
+    tab.page.wait_for_function(f"() => ({CELLS_JS})(0) !== null")
+    cell = tab.page.evaluate(CELLS_JS, 0)[-1]
     tab.page.mouse.click(cell["x"], cell["y"])
-    layer, head = cell["head"].split(".")
+    layer, head = cell["id"].split(".")
     tab.page.get_by_role("heading", name=f"Head L{layer}H{head}").wait_for(state="visible")
     tab.wait_idle()
-    assert query_param(tab.page.url, "head") == cell["head"]
-    link = tab.page.locator(f"{MAIN} a", has_text=f"Open head {cell['head']} in Induction Heads")
+    assert query_param(tab.page.url, "head") == cell["id"]
+    link = tab.page.locator(f"{MAIN} a", has_text=f"Open head {cell['id']} in Induction Heads")
     link.click()
     tab.page.locator(f"{MAIN} h1", has_text="Induction Heads").wait_for(state="visible")
     tab.wait_ready()
-    assert query_param(tab.page.url, "head") == cell["head"]
+    assert query_param(tab.page.url, "head") == cell["id"]
     assert tab.problems() == []
 
 
