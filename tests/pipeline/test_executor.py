@@ -30,6 +30,7 @@ def no_ray_left() -> Iterator[None]:
         ray.shutdown()
 
 
+@pytest.mark.timeout(1800)  # a local Ray, worker processes loading the model: minutes on a busy 2-core machine
 def test_the_ray_executor_writes_what_the_local_one_writes(tmp_path: Path, tiny_store: Path, no_ray_left: None) -> None:
     import ray
 
