@@ -93,6 +93,12 @@ def _build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true",
                      help="continue the unfinished run that a crash or kill left for this store (same options), from "
                           "its last finished step or layer")
+    pre.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where per-layer training / evaluation and feature-scoring shards run: this process "
+                          "(default) or Ray tasks")
+    pre.add_argument("--ray-address", default=None,
+                     help="with --executor ray: the Ray cluster to join (e.g. HEAD_IP:6379, or 'auto'); default: start "
+                          "a local Ray with 2 CPUs")
 
     att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, AtP*, RelP, IG) on a task or a "
                                            "clean/corrupt pair and store the comparison",
@@ -221,7 +227,8 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
 
     precompute(args.model, args.store, preset=args.preset, layers=args.layers, corpus_source=args.corpus,
                n_contexts=args.contexts, saes=args.saes, transcoders=args.transcoders,
-               transcoder_layers=args.transcoder_layers, resume=args.resume)
+               transcoder_layers=args.transcoder_layers, resume=args.resume, executor=args.executor,
+               ray_address=args.ray_address)
     return 0
 
 

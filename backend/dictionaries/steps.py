@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from backend.dictionaries.attention_sae import dict_id_for, layer_of, train_attention_sae
+from backend.dictionaries.config import SaeConfig, TranscoderConfig
 from backend.dictionaries.eval import (
     DictionaryMetrics,
     evaluate_dictionaries,
@@ -148,28 +149,28 @@ def step_attention_saes(ctx: "RunContext") -> None:
                 acts = collect_z(model, tokens[train_idx], group, batch_size=preset.batch_size,
                                  desc=f"Collecting hook_z L{','.join(map(str, group))}")
                 say(f"Collected {n_train_rows} tokens x {len(group)} layer(s) in {time.perf_counter() - t:.0f} s")
-            for layer in group:
+            # Each layer's activations leave `acts` as its unit of work is handed out (one at a time locally).
+            items = ((layer, acts.pop(layer), {
+                "model_name": spec.name, "hook_name": hook_name("z", layer), "hook_layer": layer,
+                "context_size": n_ctx, "prepend_bos": True, "dict_id": ids[layer], "corpus_id": ctx.corpus_id,
+                "bos_excluded": True}) for layer in group)
+            for layer, (sae, info, fired) in zip(group, ctx.executor.imap(train_sae_layer, items, d_sae=d_sae,
+                                                                         cfg=preset.sae)):
                 dict_id = ids[layer]
-                say(f"Training {dict_id}")
-                sae, info = train_attention_sae(
-                    acts[layer], d_sae, architecture=arch, k=preset.sae.k, lr=preset.sae.lr,
-                    batch_size=preset.sae.batch_size, epochs=preset.sae.epochs, seed=layer,
-                    metadata={"model_name": spec.name, "hook_name": hook_name("z", layer), "hook_layer": layer,
-                              "context_size": n_ctx, "prepend_bos": True, "dict_id": dict_id,
-                              "corpus_id": ctx.corpus_id, "bos_excluded": True},
-                )
-                fired = fired_features(sae, acts[layer])
                 save_dictionary(ctx.writer, to_stored_precision(sae),
                                 _row(ctx, dict_id, layer, arch, None, info["training_tokens"], "trained"))
                 ctx.finish(step, layer, info={k: info[k] for k in ("training_tokens", "seconds", "samples_per_second")},
                            tensors={"train_fired": fired})
                 say(f"Stored {dict_id} (layer {layer} of the {step} step finished)")
-                del acts[layer], sae  # free the layer's activations before training the next one
+                del sae
         t = time.perf_counter()
         saes, states, infos = _trained(ctx, step, ids)
-        metrics = evaluate_dictionaries(model, saes, tokens[eval_idx[0] : eval_idx[-1] + 1],
-                                        batch_size=preset.batch_size,
-                                        train_fired={layer: state["train_fired"] for layer, state in states.items()})
+        # Each layer's metrics depend on its own SAE only: evaluated together here, or one layer per Ray task.
+        metrics: dict[int, DictionaryMetrics] = {}
+        units = [{l: (saes[l], states[l]["train_fired"]) for l in part} for part in ctx.executor.split(sorted(saes))]
+        for part in ctx.executor.imap(evaluate_sae_layers, units, model=ctx.executor.model(model, spec.name),
+                                      tokens=tokens[eval_idx[0] : eval_idx[-1] + 1], batch_size=preset.batch_size):
+            metrics.update(part)
         eval_seconds = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
@@ -192,6 +193,28 @@ def step_attention_saes(ctx: "RunContext") -> None:
             f"(ΔCE {m.delta_ce:+.4f} nats of {m.ce_ablated - m.ce_clean:.4f}), dead {m.dead_fraction:.1%}")
     summary["eval_seconds"] = round(eval_seconds, 2)
     ctx.summary["attention_saes"] = summary
+
+
+def train_sae_layer(item: tuple[int, "torch.Tensor", dict[str, Any]], d_sae: int,
+                    cfg: SaeConfig) -> tuple[Any, dict[str, Any], "torch.Tensor"]:
+    """One unit of work of the attention-SAE step (run by the executor): train layer ``item[0]``'s SAE on its hook_z
+    rows ``item[1]`` (seeded by the layer alone) with metadata ``item[2]``; returns the SAE, its training facts and
+    the features that fired on the training rows."""
+    layer, acts, metadata = item
+    say(f"Training {metadata['dict_id']}")
+    sae, info = train_attention_sae(acts, d_sae, architecture=cfg.architecture, k=cfg.k, lr=cfg.lr,
+                                    batch_size=cfg.batch_size, epochs=cfg.epochs, seed=layer, metadata=metadata)
+    return sae, info, fired_features(sae, acts)
+
+
+def evaluate_sae_layers(item: Mapping[int, tuple[Any, "torch.Tensor"]], model: Any, tokens: "torch.Tensor",
+                        batch_size: int) -> dict[int, DictionaryMetrics]:
+    """One unit of work of the attention-SAE step's evaluation: ``item`` maps layers to (SAE, features fired in
+    training); metrics on the held-out ``tokens`` by layer. ``model``: the model, or its name in a Ray worker."""
+    from backend.pipeline.executor import worker_model
+
+    return evaluate_dictionaries(worker_model(model), {l: sae for l, (sae, _) in item.items()}, tokens,
+                                 batch_size=batch_size, train_fired={l: fired for l, (_, fired) in item.items()})
 
 
 def import_sources(ctx: "RunContext", sources: Sequence[str]) -> list[str]:
@@ -311,12 +334,7 @@ def step_transcoders(ctx: "RunContext") -> None:
     transcoders and for the baselines). Re-running replaces rows with the same ids."""
     import torch
 
-    from backend.dictionaries.transcoder_training import (
-        LinearFit,
-        data_statistics,
-        inference_architecture,
-        train_transcoder,
-    )
+    from backend.dictionaries.transcoder_training import LinearFit, inference_architecture
     from backend.inputs.corpus import document_separator_id
 
     preset = ctx.preset
@@ -371,21 +389,19 @@ def step_transcoders(ctx: "RunContext") -> None:
                 say(f"Collected {n_train} tokens x {len(group)} MLP layer(s) in {time.perf_counter() - t:.0f} s")
             timing["collect"] += time.perf_counter() - t
             t = time.perf_counter()
-            for layer in track(group, total=len(group), desc="Training transcoders", unit="layer"):
-                x, y = acts.pop(layer)  # free each layer's activations once trained
-                if keep:
-                    kept[("mlp_in", layer)] = x[: n_keep * (n_ctx - 1)].clone()
-                rows, limit = training_rows(train_tokens, y, separator, cfg.massive_ratio)
-                x, y = x[rows], y[rows]
-                linear = data_statistics((x, y), ridge=cfg.ridge)  # the dense linear baseline, same tokens
+
+            def handed_out(group: list[int] = group) -> Any:
+                for layer in group:
+                    x, y = acts.pop(layer)  # each layer's activations leave `acts` as its unit is handed out
+                    if keep:
+                        kept[("mlp_in", layer)] = x[: n_keep * (n_ctx - 1)].clone()
+                    yield layer, x, y, _metadata(ctx, layer, ids[layer], n_ctx)
+
+            trained = ctx.executor.imap(train_transcoder_layer, handed_out(), d_sae=d_sae, cfg=cfg,
+                                        tokens=train_tokens, separator=separator)
+            for layer, (tc, info, fired, linear, limit) in track(zip(group, trained), total=len(group),
+                                                                 desc="Training transcoders", unit="layer"):
                 dict_id = ids[layer]
-                tc, info = train_transcoder(
-                    (x, y), d_sae, k=cfg.k, skip=cfg.skip, architecture=cfg.architecture, epochs=cfg.epochs,
-                    lr=cfg.lr, batch_size=cfg.batch_size, ridge=cfg.ridge, seed=layer, linear=linear,
-                    metadata={**_metadata(ctx, layer, dict_id, n_ctx), "massive_norm": limit},
-                    progress=True, desc=f"Training {dict_id}")
-                fired = transcoder_fired_features(tc, x)
-                info["dropped_rows"] = int((~rows).sum())  # also in the transcoder's metadata (its training facts)
                 save_dictionary(ctx.writer, to_stored_precision(tc), {
                     "dict_id": dict_id, "model": spec.name, "kind": TRANSCODER, "architecture": tc.cfg.architecture(),
                     "hook_name": hook_name("mlp_in", layer), "layer": int(layer),
@@ -396,7 +412,7 @@ def step_transcoders(ctx: "RunContext") -> None:
                                               "scale_y": linear.scale_y, "train_fve": linear.train_fve},
                            tensors={"train_fired": fired, "baseline_W": linear.W, "baseline_b": linear.b})
                 say(f"Stored {dict_id} (layer {layer} of the {step} step finished)")
-                del x, y, tc
+                del tc
             timing["fit"] += time.perf_counter() - t
         t = time.perf_counter()
         transcoders, states, infos = _trained(ctx, step, ids)
@@ -418,6 +434,26 @@ def step_transcoders(ctx: "RunContext") -> None:
     for layer, info in infos.items():
         summary["layers"][layer].update(fit_seconds=info["fit_seconds"], dropped_rows=info["dropped_rows"])
     ctx.summary["transcoders"] = summary
+
+
+def train_transcoder_layer(item: tuple[int, "torch.Tensor", "torch.Tensor", dict[str, Any]], d_sae: int,
+                           cfg: TranscoderConfig, tokens: "torch.Tensor", separator: int | None) -> tuple[Any, ...]:
+    """One unit of work of the transcoder step (run by the executor): for layer ``item[0]`` with MLP inputs / outputs
+    ``item[1]``, ``item[2]`` over the training ``tokens`` and metadata ``item[3]``, drop the sink and massive rows,
+    fit the dense linear baseline and train the transcoder (seeded by the layer alone). Returns the transcoder, its
+    training facts (with ``dropped_rows``), the features that fired, the baseline and the massive-row norm limit."""
+    from backend.dictionaries.transcoder_training import data_statistics, train_transcoder
+
+    layer, x, y, metadata = item
+    rows, limit = training_rows(tokens, y, separator, cfg.massive_ratio)
+    x, y = x[rows], y[rows]
+    linear = data_statistics((x, y), ridge=cfg.ridge)  # the dense linear baseline, same tokens
+    tc, info = train_transcoder(
+        (x, y), d_sae, k=cfg.k, skip=cfg.skip, architecture=cfg.architecture, epochs=cfg.epochs,
+        lr=cfg.lr, batch_size=cfg.batch_size, ridge=cfg.ridge, seed=layer, linear=linear,
+        metadata={**metadata, "massive_norm": limit}, progress=True, desc=f"Training {metadata['dict_id']}")
+    info["dropped_rows"] = int((~rows).sum())  # also in the transcoder's metadata (its training facts)
+    return tc, info, transcoder_fired_features(tc, x), linear, limit
 
 
 def _evaluate_and_save(ctx: "RunContext", transcoders: Mapping[int, Any], eval_idx: Sequence[int], source: Any,

@@ -53,6 +53,7 @@ from backend.features import dfa
 from backend.features.live import encode_input
 from backend.features.logits import top_logits
 from backend.model.activations import Act, capture_batch, flatten_heads
+from backend.pipeline.executor import LocalExecutor
 from backend.progress import say, track
 
 if TYPE_CHECKING:
@@ -115,10 +116,8 @@ class _TopN:
         return act > self.threshold[feat]
 
     def merge(self, feat: np.ndarray, act: np.ndarray, ctx: np.ndarray, pos: np.ndarray,
-              contrib: np.ndarray | Callable[[np.ndarray], np.ndarray]) -> None:
-        """Add candidates and keep the top-n per feature. ``contrib``: the candidates' per-head contributions, or a
-        function returning them for the candidates (indices) that enter the top-n, so that the others, usually most
-        of them, are never computed."""
+              contrib: np.ndarray) -> None:
+        """Add candidates and keep the top-n per feature. ``contrib``: the candidates' per-head contributions."""
         n_old = len(self.feat)
         f = np.concatenate([self.feat, feat])
         a = np.concatenate([self.act, act])
@@ -131,7 +130,7 @@ class _TopN:
         new = keep >= n_old
         kept = np.empty((len(keep), self.contrib.shape[1]), np.float32)
         kept[~new] = self.contrib[keep[~new]]
-        kept[new] = contrib(keep[new] - n_old) if callable(contrib) else contrib[keep[new] - n_old]
+        kept[new] = contrib[keep[new] - n_old]
         self.feat = np.concatenate([self.feat, feat])[keep]
         self.act = a[keep]
         self.ctx = np.concatenate([self.ctx, ctx])[keep]
@@ -165,27 +164,12 @@ def _encode(d: DictEntry, x: torch.Tensor) -> torch.Tensor:
     return encode_input(d.sae, d.kind, x)
 
 
-def _contributions(d: DictEntry, x: torch.Tensor, b_idx: torch.Tensor, p_idx: torch.Tensor, f_idx: torch.Tensor,
-                   cand: np.ndarray, n_heads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """For :meth:`_TopN.merge`: the per-head contributions of the candidates ``cand[i]`` (indices into this batch's
-    nonzeros) that enter the top-n; no columns for a transcoder (no heads)."""
-
-    def compute(i: np.ndarray) -> np.ndarray:
-        if not d.per_head:
-            return np.zeros((len(i), 0), np.float32)
-        rows = torch.from_numpy(cand[i])
-        flat = flatten_heads(x).reshape(-1, n_heads * x.shape[-1])
-        tok = b_idx[rows] * x.shape[1] + p_idx[rows]
-        return head_contributions(d.sae, flat[tok], f_idx[rows], n_heads).cpu().numpy()
-
-    return compute
-
-
 @torch.no_grad()
 def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: torch.Tensor, corpus_id: str,
                    batch_size: int = 16, precollected: Mapping[Act, torch.Tensor] | None = None,
                    logits: bool = True, desc: str = "Feature activations",
-                   written: Callable[[DictEntry, int], None] | None = None) -> dict[str, Any]:
+                   written: Callable[[DictEntry, int], None] | None = None, executor: Any = None,
+                   model_name: str | None = None) -> dict[str, Any]:
     """Compute and write all per-feature tables for ``dicts`` over ``tokens`` ``[n, n_ctx]`` (BOS at position 0).
 
     One forward pass per batch captures every dictionary's input at once (``stop_at_layer`` skips the layers above
@@ -193,10 +177,12 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
     :func:`backend.model.activations.collect`'s layout (``{(kind, layer): [n * (n_ctx - 1), d_in]}``, context-major, BOS
     dropped), no forward pass runs at all. ``logits=False`` skips ``feature_logits`` (its cost is one
     ``[d_sae, d_model] @ [d_model, d_vocab]`` product per dictionary). ``written(d, nonzeros)`` is called once each
-    dictionary's tables are complete. Returns timings and row counts.
+    dictionary's tables are complete. ``executor`` (:mod:`backend.pipeline.executor`, default local) scores the
+    batches (:func:`score_batch`; a Ray worker loads ``model_name``); this process writes every row. Returns timings
+    and row counts.
     """
     n, n_ctx = tokens.shape
-    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    n_heads = model.cfg.n_heads
     rows_total = n * (n_ctx - 1)
     if precollected is not None:
         for d in dicts:
@@ -215,39 +201,28 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
             con.execute(f"DELETE FROM {table} WHERE dict_id = ?", [d.dict_id])
     timings = {"forward_s": 0.0, "encode_s": 0.0, "stage_s": 0.0, "write_s": 0.0, "logits_s": 0.0}
     index = {d.dict_id: i for i, d in enumerate(dicts)}
-    sites = sorted({d.act for d in dicts}, key=lambda a: (a[1], a[0]))
-    batches = range(0, n, batch_size)
-    for start in track(batches, total=len(batches), desc=desc, unit="batch"):
-        batch = tokens[start : start + batch_size]
-        t0 = time.perf_counter()
-        if precollected is None:
-            inputs = capture_batch(model, batch, sites)  # BOS dropped: [b, n_ctx-1, ...]
-        else:
-            rows = slice(start * (n_ctx - 1), (start + len(batch)) * (n_ctx - 1))
-            inputs = {a: precollected[a][rows].reshape(len(batch), n_ctx - 1, -1) for a in sites}
-        t1 = time.perf_counter()
-        timings["forward_s"] += t1 - t0
-        staged = 0.0
-        for d in dicts:
-            x = inputs[d.act]
-            if d.per_head and x.dim() == 3:  # precollected hook_z is flattened: back to [b, p, heads, d_head]
-                x = x.reshape(*x.shape[:2], n_heads, d_head)
-            acts = _encode(d, x)  # [b, n_ctx-1, d_sae]
-            b_idx, p_idx, f_idx = torch.nonzero(acts > 0, as_tuple=True)
-            vals = acts[b_idx, p_idx, f_idx].cpu().numpy().astype(np.float32)
-            feat = f_idx.cpu().numpy().astype(np.int32)
-            ctx_ids = (b_idx.cpu().numpy() + start).astype(np.int32)
-            pos = (p_idx.cpu().numpy() + 1).astype(np.int16)  # real position in the context (BOS was 0)
-            t_w = time.perf_counter()
+    run = executor if executor is not None else LocalExecutor()
+
+    def shards() -> Any:  # one batch of contexts per unit of work, with its precollected inputs if any
+        for start in range(0, n, batch_size):
+            rows = slice(start * (n_ctx - 1), min(start + batch_size, n) * (n_ctx - 1))
+            yield (start, tokens[start : start + batch_size],
+                   None if precollected is None else {d.act: precollected[d.act][rows] for d in dicts})
+
+    n_batches = len(range(0, n, batch_size))
+    scored = run.imap(score_batch, shards(), dicts=dicts, model=run.model(model, model_name))
+    for start, per_dict, seconds in track(scored, total=n_batches, desc=desc, unit="batch"):
+        timings["forward_s"] += seconds["forward_s"]
+        timings["encode_s"] += seconds["encode_s"]
+        t_w = time.perf_counter()
+        for d, (feat, vals, ctx_ids, pos, best, contrib) in zip(dicts, per_dict):
             stage(writer, index[d.dict_id], feat, vals, ctx_ids, pos)
-            staged += time.perf_counter() - t_w
             top = tops[d.dict_id]
-            cand = np.flatnonzero(top.candidates(feat, vals))
-            if len(cand):
-                top.merge(feat[cand], vals[cand], ctx_ids[cand], pos[cand],
-                          _contributions(d, x, b_idx, p_idx, f_idx, cand, n_heads))
-        timings["encode_s"] += time.perf_counter() - t1 - staged
-        timings["stage_s"] += staged
+            cand = top.candidates(feat[best], vals[best])
+            if cand.any():
+                pick = best[cand]
+                top.merge(feat[pick], vals[pick], ctx_ids[pick], pos[pick], contrib[cand])
+        timings["stage_s"] += time.perf_counter() - t_w
     counts: dict[str, int] = {}
     for d in track(dicts, total=len(dicts), desc="Feature tables", unit="dict"):
         t0 = time.perf_counter()
@@ -262,6 +237,59 @@ def build_features(writer: Any, model: Any, dicts: Sequence[DictEntry], tokens: 
     con.execute(f"DROP TABLE IF EXISTS {_STAGE}")
     return {"tokens": int(n * n_ctx), "scored_tokens": int(rows_total), "nonzeros": counts,
             **{k: round(v, 2) for k, v in timings.items()}}
+
+
+def _best_rows(feat: np.ndarray, act: np.ndarray, n: int) -> np.ndarray:
+    """Indices (ascending) of the ``n`` largest activations of each feature among the rows (ties: the earlier row):
+    only these can enter a feature's running top-n, merged in the same order."""
+    order = np.lexsort((-act, feat))  # stable: equal activations keep their row order
+    f = feat[order]
+    starts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]]) if len(f) else np.empty(0, np.int64)
+    rank = np.arange(len(f)) - np.repeat(starts, np.diff(np.r_[starts, len(f)]))
+    return np.sort(order[rank < n])
+
+
+def score_batch(item: tuple[int, torch.Tensor, Mapping[Act, torch.Tensor] | None], dicts: Sequence[DictEntry],
+                model: Any) -> tuple[int, list[tuple[np.ndarray, ...]], dict[str, float]]:
+    """One unit of work of feature scoring (run by the executor): for the batch of contexts ``item`` = (first context
+    id, tokens ``[b, n_ctx]``, their precollected inputs or None), each dictionary's nonzero activations (feature,
+    value, context id, position) plus, for the batch's top :data:`TOP_N` rows of each feature (indices into those
+    arrays), their per-head contributions. ``model`` is the model, or its name in a Ray worker."""
+    from backend.pipeline.executor import worker_model
+
+    model = worker_model(model)
+    start, batch, pre = item
+    b, n_ctx = batch.shape
+    n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
+    sites = sorted({d.act for d in dicts}, key=lambda a: (a[1], a[0]))
+    t0 = time.perf_counter()
+    if pre is None:
+        inputs = capture_batch(model, batch, sites)  # BOS dropped: [b, n_ctx-1, ...]
+    else:
+        inputs = {a: pre[a].reshape(b, n_ctx - 1, -1) for a in sites}
+    t1 = time.perf_counter()
+    out = []
+    with torch.no_grad():
+        for d in dicts:
+            x = inputs[d.act]
+            if d.per_head and x.dim() == 3:  # precollected hook_z is flattened: back to [b, p, heads, d_head]
+                x = x.reshape(*x.shape[:2], n_heads, d_head)
+            acts = _encode(d, x)  # [b, n_ctx-1, d_sae]
+            b_idx, p_idx, f_idx = torch.nonzero(acts > 0, as_tuple=True)
+            vals = acts[b_idx, p_idx, f_idx].cpu().numpy().astype(np.float32)
+            feat = f_idx.cpu().numpy().astype(np.int32)
+            ctx_ids = (b_idx.cpu().numpy() + start).astype(np.int32)
+            pos = (p_idx.cpu().numpy() + 1).astype(np.int16)  # real position in the context (BOS was 0)
+            best = _best_rows(feat, vals, TOP_N)
+            if d.per_head and len(best):
+                pick = torch.from_numpy(best)
+                flat = flatten_heads(x).reshape(-1, n_heads * d_head)
+                tok = (b_idx * x.shape[1] + p_idx)[pick]
+                contrib = head_contributions(d.sae, flat[tok], f_idx[pick], n_heads).cpu().numpy()
+            else:
+                contrib = np.zeros((len(best), n_heads if d.per_head else 0), np.float32)
+            out.append((feat, vals, ctx_ids, pos, best, contrib))
+    return start, out, {"forward_s": t1 - t0, "encode_s": time.perf_counter() - t1}
 
 
 def _write_dictionary(writer: Any, d: DictEntry, stage_index: int, top: _TopN, corpus_id: str,
@@ -377,7 +405,7 @@ def _step(ctx: "RunContext", step: str, kind: str, what: str, n_contexts: int | 
 
     info = build_features(ctx.writer, ctx.model, todo, tokens, ctx.corpus_id, ctx.preset.batch_size,
                           precollected=pre, logits=logits, desc=f"{what[0].upper()}{what[1:]} feature activations",
-                          written=written) if todo else {"tokens": int(n * n_ctx), "scored_tokens": int(n * (n_ctx - 1))}
+                          written=written, executor=ctx.executor, model_name=ctx.spec.name) if todo else {"tokens": int(n * n_ctx), "scored_tokens": int(n * (n_ctx - 1))}
     info["nonzeros"] = {d.dict_id: ctx.unit_info(step, d.layer)["nonzeros"] for d in dicts}
     info["reused_activations"] = pre is not None
     _release(ctx, dicts)

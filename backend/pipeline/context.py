@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from backend.pipeline.config import Preset
+from backend.pipeline.executor import Executor, LocalExecutor
 
 if TYPE_CHECKING:
     import duckdb
@@ -41,6 +42,8 @@ class RunContext:
     # Units of work this run already finished ((step, layer or None) -> (info, safetensors state or None)): a resumed
     # run skips them and rebuilds what they left in memory from this and from the tables they wrote.
     units: "dict[tuple[str, int | None], tuple[dict[str, Any], bytes | None]]" = field(default_factory=dict)
+    # Where independent units of work (a layer's training or evaluation, a shard of feature scoring) run.
+    executor: Executor = field(default_factory=LocalExecutor)
 
     @property
     def con(self) -> "duckdb.DuckDBPyConnection":

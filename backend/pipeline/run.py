@@ -39,6 +39,7 @@ from backend.model.activations import Precollector
 from backend.model.record import record_model
 from backend.pipeline.config import get_preset, parse_layers
 from backend.pipeline.context import RunContext
+from backend.pipeline.executor import check_executor, make_executor
 from backend.progress import say, track
 
 Step = Callable[[RunContext], None]
@@ -196,6 +197,8 @@ def precompute(
     transcoders: list[str] | None = None,
     transcoder_layers: str | None = None,
     resume: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> str:
     """Build (or add a run to) the store at ``store_path``; returns the run id.
 
@@ -205,6 +208,9 @@ def precompute(
     training them (sae-lens releases, ``RELEASE:SAE_ID``, or directories); ``transcoder_layers`` overrides the preset's
     transcoder layer selection (same syntax as ``layers``, which does not affect transcoders). ``resume`` continues
     the unfinished run a crash left for this store, given the same options (one StoreError sentence otherwise).
+    ``executor`` (``local`` or ``ray``; ``ray_address``: a Ray cluster, default a local Ray) runs the per-layer
+    training and evaluation and the shards of feature scoring (:mod:`backend.pipeline.executor`); the results, and the
+    store, are the same either way.
     """
     from backend.model.registry import get_spec, load_model
     from backend.store.access import StoreWriter, check_writable
@@ -220,6 +226,7 @@ def precompute(
     # Before the model loads: a store that cannot be written (read-only or special directory, a name too long, a
     # corrupt / hostile / newer file) fails now with one sentence, not after minutes of work.
     check_writable(store_path)
+    check_executor(executor, ray_address)
     t0 = time.perf_counter()
     if model is None:
         model = load_model(model_name, progress=say)
@@ -227,11 +234,12 @@ def precompute(
               "transcoder_layers": tc_layers, "transcoders": list(transcoders or [])}
     writer = StoreWriter(store_path, kind="precompute", model=spec.name, preset=chosen.name, params=params,
                          resume=resume)
+    runner = make_executor(executor, ray_address)
     try:
         with writer:
             ctx = RunContext(model=model, spec=spec, writer=writer, preset=chosen, layers=layer_list,
                              corpus_source=corpus_source, sae_sources=list(saes or []), transcoder_layers=tc_layers,
-                             transcoder_sources=list(transcoders or []))
+                             transcoder_sources=list(transcoders or []), executor=runner)
             if writer.discarded:
                 say(f"Deleted the unfinished run(s) {', '.join(writer.discarded)} of this store (--resume would have "
                     "continued it)")
@@ -253,6 +261,8 @@ def precompute(
             say(f"The unfinished run {writer.run_id} is kept beside the store: run the same command with --resume to "
                 "continue it")
         raise
+    finally:
+        runner.close()
     say(f"Run {writer.run_id} written to {store_path} in {time.perf_counter() - t0:.0f} s")
     return writer.run_id
 
