@@ -5,7 +5,6 @@ one progress bar per method."""
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 from e2e_harness import CELLS_JS, GRID_JS, Tab, query_param
