@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from bundle_check import check_bundle
-from e2e_harness import Tab, query_param
+from e2e_harness import GRID_JS, Tab, query_param
 from tiny_stores import TEST_STORE_NAME
 
 from backend.features.queries import WINDOW_AFTER, WINDOW_BEFORE
@@ -63,7 +63,9 @@ def test_label_search_finds_a_feature_and_opens_it_in_one_click(tab: Tab, e2e_st
     box = tab.page.get_by_role("textbox", name="Label contains")
     box.fill(label.upper())
     box.press("Enter")
-    tab.page.locator(MAIN, has_text="Automatic labels are computed offline").first.wait_for(state="visible")
+    # the search's rerun has drawn its one row (clicking the grid it replaces would be lost with it)
+    tab.page.wait_for_function(f"(d) => {{ const r = ({GRID_JS})(0); return r && r.length === 1 && "
+                               "r[0].some(c => c === d); }", arg=dict_id)
     _click_first_row(tab)
     tab.page.wait_for_function("(d) => new URLSearchParams(location.search).get('dict') === d", arg=dict_id)
     _subheader(tab, feature).wait_for(state="visible")
