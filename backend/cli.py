@@ -182,12 +182,10 @@ def _build_parser() -> argparse.ArgumentParser:
     se.add_argument("--limit", type=_whole(1, 10_000), default=50, help="rows printed (default 50)")
 
     bu = sub.add_parser("bundle", help="export a stored graph with one dashboard JSON per feature (circuit-tracer / "
-                                       "Neuronpedia feature format)")
+                                       "Neuronpedia feature format), pruned first", parents=[pruning])
     bu.add_argument("--store", required=True, help="path of the .duckdb store")
     bu.add_argument("--graph-id", required=True, help="a graph stored in --store (see the Circuit Graph page)")
     bu.add_argument("--out", required=True, help="a new or empty directory, or a .zip file")
-    bu.add_argument("--node-threshold", type=_fraction(), default=0.8, help="prune first: node influence kept (0.8)")
-    bu.add_argument("--edge-threshold", type=_fraction(), default=0.98, help="edge influence kept (default 0.98)")
 
     ex = sub.add_parser("export-sae", help="write a stored dictionary as a sae-lens directory (cfg.json + "
                                            "sae_weights.safetensors; sae_lens.SAE.load_from_disk reads it)")
