@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import html
-import os
 from typing import Any, Callable
 from urllib.parse import urlencode
 
@@ -373,11 +372,11 @@ def _run_live(ctx: shell.PageContext, clean: str, corrupt: str, answer: str, wro
 
 
 def _save(ctx: shell.PageContext, live: Any) -> None:
-    size_mb = os.path.getsize(ctx.store.path) / 1e6
     st.markdown("##### Save this comparison")
-    st.caption(f"Saving writes a new version of the store: the whole file ({size_mb:,.1f} MB) is copied to a "
-               "temporary file beside it, the comparison is added there and the copy is swapped in atomically, so "
-               "it takes about as long as copying the file; other readers keep working meanwhile.")
+    if not shell.saves_offered():
+        return
+    st.caption("Saving writes the comparison into a small file beside the store (the store itself is not copied), "
+               "so it can be opened again from Stored comparisons or a link.")
     if st.button("Save into the store", key="af_save"):
         from backend.attribution.compare import save_comparison
         from backend.model.registry import get_spec

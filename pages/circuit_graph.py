@@ -138,11 +138,9 @@ def _build_form(ctx: shell.PageContext) -> None:
 def _import_form(ctx: shell.PageContext) -> None:
     """Import a Neuronpedia / circuit-tracer graph JSON (with its pins, supernodes and labels) beside the store."""
     from backend.circuits.export.neuronpedia_read import MAX_BYTES, import_graph
-    from backend.store.access import READ_ONLY_MESSAGE, read_only
 
     with st.expander("Import a graph JSON"):
-        if read_only():
-            st.caption(READ_ONLY_MESSAGE)
+        if not shell.saves_offered():
             return
         upload = st.file_uploader("Neuronpedia / circuit-tracer / circuitscope graph JSON", type=["json"],
                                   key="cg_import", max_upload_size=MAX_BYTES // 2**20)
@@ -514,10 +512,8 @@ def _paths(graph: Any, view: Any) -> None:
 def _save(ctx: shell.PageContext, graph: Any, state: Any, stored: str | None) -> None:
     """Save the graph with its view (a graph built in this session), or the view of a stored graph."""
     from backend.circuits.storage import save_graph, save_view
-    from backend.store.access import READ_ONLY_MESSAGE, read_only
 
-    if read_only():
-        st.caption(READ_ONLY_MESSAGE)
+    if not shell.saves_offered():
         return
     label = "Save this view (supernodes, labels, pins) with the graph" if stored else \
         "Save this graph and its view into the store"

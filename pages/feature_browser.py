@@ -269,6 +269,8 @@ def _label_section(ctx: shell.PageContext, dict_id: str, feature: int) -> None:
     else:
         auto = f" · automatic: {shell.literal(lab['auto_label'])}" if lab["auto_label"] else ""
         st.markdown(f"**Label:** {shell.literal(lab['label'])} · *yours* (saved beside the store){auto}")
+    if not shell.saves_offered():
+        return
     with st.form(key=f"fb_label_form_{dict_id}_{feature}", border=False):
         cols = st.columns([4, 1])
         text = cols[0].text_input("Your label", value=lab["user_label"] or "", key=f"fb_user_label_{dict_id}_{feature}",

@@ -182,6 +182,16 @@ def page_context() -> PageContext | None:
     return PageContext(store=store, summary=summary, model=model, model_info=info)
 
 
+def saves_offered() -> bool:
+    """Whether a page may offer to save; in a read-only deployment it says so in place of the save control."""
+    from backend.store.access import READ_ONLY_MESSAGE, read_only
+
+    if read_only():
+        st.caption(READ_ONLY_MESSAGE)
+        return False
+    return True
+
+
 UNEXPECTED = "Something unexpected went wrong while drawing this page ({kind}); the server log has the details."
 
 

@@ -137,6 +137,23 @@ def test_live_pair_runs_and_saves(app_stores_dir: Path) -> None:
     assert len(saved) == 1 and saved["task"].iloc[0] == "custom"
 
 
+def test_live_pair_is_not_offered_for_saving_in_a_read_only_deployment(app_stores_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.store.access import READ_ONLY_MESSAGE
+
+    monkeypatch.setenv("CIRCUITSCOPE_READ_ONLY", "1")
+    at = _app().run()
+    at.text_input(key="af_clean").input("When Mary and John went to the park, John gave a ball to")
+    at.text_input(key="af_corrupt").input("When Alice and Bob went to the park, Carol gave a ball to")
+    at.multiselect(key="af_methods").set_value(["atp"])
+    at.multiselect(key="af_kinds").set_value(["mlp"])
+    {b.label: b for b in at.button}["Run the methods"].click().run()
+    _clean(at)
+    assert len([df for df in at.dataframe if "× faster than patching" in df.value.columns]) == 2  # it ran
+    assert "af_save" not in {b.key for b in at.button}
+    assert any(c.value == READ_ONLY_MESSAGE for c in at.caption)
+
+
 def test_live_pair_bad_input_is_one_sentence(app_stores_dir: Path) -> None:
     at = _app().run()
     at.text_input(key="af_answer").input(" Maryland-Virginia")

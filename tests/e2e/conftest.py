@@ -30,6 +30,7 @@ from e2e_harness import (
     StreamlitServer,
     Tab,
     chromium_problem,
+    tab_on,
 )
 from tiny_stores import TEST_STORE_NAME
 
@@ -82,14 +83,4 @@ def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture
 def tab(browser_context: Any, server: StreamlitServer, request: pytest.FixtureRequest) -> Iterator[Tab]:
     """A fresh browser tab (a fresh Streamlit session) on the test server."""
-    page = browser_context.new_page()
-    t = Tab(page, server.url)
-    try:
-        yield t
-    finally:
-        try:
-            t.screenshot(request.node.name)
-        finally:
-            page.close()
-    if t.dialogs:  # checked after every test: no input may ever make the page run script
-        pytest.fail(f"a JavaScript dialog opened: {t.dialogs}", pytrace=False)
+    yield from tab_on(browser_context, server.url, request.node.name)

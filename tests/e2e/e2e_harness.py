@@ -20,7 +20,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import parse_qs, urlencode, urlparse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +70,8 @@ class StreamlitServer:
     """``streamlit run app.py`` serving ``stores_dir`` (opening ``store`` by default), its output in ``log_path``.
 
     ``bind_flag=False`` leaves ``--server.address`` out, to check what the project's config binds to by default;
-    ``extra_args`` are appended to the command (e.g. ``["--server.allowedHosts", "*"]``). Use as a context manager: the
+    ``extra_args`` are appended to the command (e.g. ``["--server.allowedHosts", "*"]``), ``env`` added to its
+    environment (e.g. ``{"CIRCUITSCOPE_READ_ONLY": "1"}``). Use as a context manager: the
     server is stopped on exit, also when a test fails.
     """
 
@@ -80,6 +81,7 @@ class StreamlitServer:
     port: int = field(default_factory=free_port)
     bind_flag: bool = True
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,7 +97,7 @@ class StreamlitServer:
             cmd[4:4] = ["--server.address", "127.0.0.1"]
         cmd += self.extra_args
         env = {**os.environ, "CIRCUITSCOPE_STORES_DIR": str(self.stores_dir), "CIRCUITSCOPE_STORE": self.store,
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "wb") as log:
             # Own process group: stop() ends the server and anything it started, and nothing else.
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -500,3 +502,21 @@ CELLS_JS = """(n) => {
   return t.x.map((x, i) => ({x: r.left + fl.xaxis._offset + fl.xaxis.d2p(x),
                              y: r.top + fl.yaxis._offset + fl.yaxis.d2p(t.y[i]), id: t.customdata[i],
                              row: String(t.y[i])})); }"""
+
+
+def tab_on(browser_context: Any, url: str, name: str) -> Iterator[Tab]:
+    """A fresh browser tab (a fresh Streamlit session) on the server at ``url``; its screenshot is saved as ``name``
+    when the test ends, and the test fails if any JavaScript dialog opened."""
+    page = browser_context.new_page()
+    t = Tab(page, url)
+    try:
+        yield t
+    finally:
+        try:
+            t.screenshot(name)
+        finally:
+            page.close()
+    if t.dialogs:  # checked after every test: no input may ever make the page run script
+        import pytest
+
+        pytest.fail(f"a JavaScript dialog opened: {t.dialogs}", pytrace=False)

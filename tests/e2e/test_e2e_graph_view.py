@@ -63,6 +63,34 @@ def test_a_slider_move_redraws_in_the_browser_without_a_server_run(tab: Tab, sto
     assert tab.problems() == []
 
 
+def test_a_large_view_draws_only_its_strongest_lines_and_keeps_every_edge(tab: Tab, stored) -> None:
+    gid, graph = stored
+    tab.open("circuit_graph", graph=gid)
+    frame = graph_frame(tab)
+    frame.evaluate("() => { G.maxLines = 7; }")  # the tiny graph is small: a low cap stands in for a large view
+    shown = move_and_time(frame, "nt", "1")
+    expected = apply_view(ranking(graph), ViewState(node_threshold=1.0))
+    assert shown["edges"] == len(expected.edges) > 7  # every kept edge still counts (exports, the link, the status)
+    assert shown["linesDrawn"] == 7
+    segments = frame.evaluate("""() => document.getElementById('plot').data.filter((t) => t.mode === 'lines')
+        .reduce((n, t) => n + t.x.filter((x) => x === null).length, 0)""")
+    assert segments == 7
+    weight = {(s, t): abs(w) for s, t, w in zip(expected.edges["source"], expected.edges["target"],
+                                                  expected.edges["weight"])}
+    drawn_lines = {tuple(line) for line in shown["lines"]}
+    assert drawn_lines <= set(weight)
+    weakest_drawn = min(weight[e] for e in drawn_lines)
+    strongest_left = max(w for e, w in weight.items() if e not in drawn_lines)
+    assert weakest_drawn >= strongest_left * (1 - 1e-3)  # the payload carries 4 significant digits
+    assert "the 7 strongest of" in frame.locator("#status").inner_text()
+    # a search puts the found node's lines first
+    node = next(s for s, t in sorted(weight, key=weight.get) if s != graph.target_id)
+    found = move_and_time(frame, "q", node)
+    assert node in found["found"]
+    assert any(node in line for line in found["lines"])
+    assert tab.problems() == []
+
+
 def test_graph_and_selected_node_details_fit_a_1400x900_screen(tab: Tab, stored) -> None:
     gid, graph = stored
     view = apply_view(ranking(graph), ViewState())
