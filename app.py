@@ -54,6 +54,8 @@ def _corpus_section(ctx: shell.PageContext) -> None:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
     minutes = seconds / 60
     return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
@@ -67,7 +69,7 @@ def _improvement_text(p: improve.Progress, store: str) -> str:
     if p.state == "failed":
         return (f"{served} Training the {L(p.preset)} preset's in the background failed ({L(p.error, 300)}). {where} "
                 f"Run {L(f'python -m backend improve --store {store}', 400)} (or `make run`) to try again.")
-    done = f"{p.units_done} of {p.units_total} units of work done"
+    done = f"{p.units_done} of {p.units_total} units of work (steps and layers) done"
     if p.step is not None and p.units_total:
         done += f"; step {p.step_number} of {p.n_steps}, {L(p.step)}"
         if p.layers_total:
@@ -81,7 +83,8 @@ def _improvement_text(p: improve.Progress, store: str) -> str:
         return (f"{served} Training the {L(p.preset)} preset's in the background was interrupted ({done}). `make run` "
                 f"continues it, or run {L(f'python -m backend improve --store {store}', 400)}. {where}")
     started = "starting (loading the model, copying the store)" if p.state == "starting" else done
-    pid = f" Process {p.pid}: stop it with `kill {p.pid}`; it continues later from its last finished unit." if p.pid else ""
+    pid = (f" Process {p.pid}: stop it with `kill {p.pid}`; it continues later from its last finished unit."
+           if p.pid else "")
     return (f"{served} Better ones, the {L(p.preset)} preset's, are training in the background: {started}. This page "
             f"shows them once they are swapped in. {where}{pid}")
 
@@ -98,7 +101,7 @@ def _improvement_notice(ctx: shell.PageContext) -> None:
     st.session_state[_SAW_IMPROVEMENT] = True
     text = _improvement_text(p, str(ctx.store.path))
     if p.state in ("running", "starting"):
-        st.info(text, icon="⏳")
+        st.info(text)
         if p.units_total:
             st.progress(p.units_done / p.units_total)
     else:

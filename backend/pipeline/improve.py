@@ -86,8 +86,17 @@ def latest_precompute(store: str | Path) -> dict[str, Any] | None:
 
 def improved(store: str | Path, preset: str = DEFAULT_PRESET) -> bool:
     """Whether the store's dictionaries already come from ``preset`` (its latest complete precompute run's)."""
-    base = latest_precompute(store)
+    return _has_preset(latest_precompute(store), preset)
+
+
+def _has_preset(base: dict[str, Any] | None, preset: str) -> bool:
     return base is not None and base["preset"] == preset
+
+
+def _imported(base: dict[str, Any]) -> bool:
+    """Whether that run imported its dictionaries (``--saes`` / ``--transcoders``): training would replace them with
+    home-made ones, which is not an improvement to make unasked."""
+    return bool(base["params"].get("saes") or base["params"].get("transcoders"))
 
 
 # -- the run's status, for the app ------------------------------------------------------------------------------
@@ -232,8 +241,8 @@ def improve(store: str | Path, preset: str = DEFAULT_PRESET, model: Any = None) 
     """Retrain the dictionaries of the store at ``store`` with ``preset`` and recompute what depends on them: a
     precompute run over the store's own model and corpus, continuing the unfinished one an interruption left if there
     is one, swapped in when done. Returns the run id, or None when the store's dictionaries already come from
-    ``preset``. ``model`` may pass the store's model, already loaded. One StoreError sentence when another
-    improvement or another writer is at work on the store."""
+    ``preset`` or were imported. ``model`` may pass the store's model, already loaded. One StoreError sentence when
+    another improvement or another writer is at work on the store."""
     from backend.pipeline.config import get_preset
     from backend.pipeline.run import precompute
 
@@ -245,8 +254,9 @@ def improve(store: str | Path, preset: str = DEFAULT_PRESET, model: Any = None) 
     with _exclusive(p.lock) as mine:
         if not mine:
             raise StoreError(f"An improvement of {literal(store)} is already running (its log: {literal(p.log)}).")
-        if base["preset"] == preset:
-            say(f"{store} already holds the {preset} preset's dictionaries: nothing to improve")
+        if _has_preset(base, preset) or _imported(base):
+            why = "imports its dictionaries" if _imported(base) else f"already holds the {preset} preset's dictionaries"
+            say(f"{store} {why}: nothing to improve")
             p.status.unlink(missing_ok=True)
             return None
         if writer_busy(store):
@@ -282,7 +292,7 @@ def start_background(store: str | Path, preset: str = DEFAULT_PRESET, enabled: s
     store, unless switched off (``enabled``, default the ``CIRCUITSCOPE_IMPROVE`` environment variable, is 0 / false
     / no / off), read-only, already improved, already running, or another writer is at work. Returns at once with the
     one line that says which (``make run`` prints it); the process takes the lock itself, so two started at once
-    leave one running."""
+    leave one running. A store whose dictionaries were imported is left as it is."""
     from backend.pipeline.config import get_preset
 
     get_preset(preset)
@@ -294,8 +304,13 @@ def start_background(store: str | Path, preset: str = DEFAULT_PRESET, enabled: s
     p = paths(store)
     if not real_path(store).exists():
         return f"No store at {store} to improve in the background."
-    if improved(store, preset):
+    base = latest_precompute(store)
+    if base is None:
+        return f"{store} holds no complete precompute run to improve."
+    if _has_preset(base, preset):
         return f"{store} already holds the {preset} preset's dictionaries: no background improvement needed."
+    if _imported(base):
+        return f"{store} imports its dictionaries: no background improvement."
     if p.lock.exists() and lock_held(p.lock):
         return f"The background improvement of {store} is already running (log: {p.log})."
     if writer_busy(store):

@@ -89,7 +89,7 @@ def _label(store: Path) -> tuple[str, int]:
 
     con = open_store(store)
     try:
-        dict_id = con.execute("SELECT dict_id FROM dictionaries WHERE kind = 'transcoder' AND layer = 0").fetchall()[0][0]
+        (dict_id,) = con.execute("SELECT dict_id FROM dictionaries WHERE kind = 'transcoder' AND layer = 0").fetchall()[0]
     finally:
         con.close()
     save_user_label(store, dict_id, 0, "my label, kept")
@@ -221,7 +221,7 @@ def test_home_page_shows_a_running_improvement_while_its_staging_run_exists(
     at = _home(app_stores_dir, TEST_STORE_NAME)
     (notice,) = _notices(at)
     assert "`demo` preset's" in notice and "Better ones, the `full` preset's, are training" in notice
-    assert "2 of 4 units of work done; step 2 of 2, `transcoders`: 1 of 2 layers, about" in notice
+    assert "2 of 4 units of work (steps and layers) done; step 2 of 2, `transcoders`: 1 of 2 layers, about" in notice
     assert str(paths.log) in notice and "kill 4321" in notice
     assert [p.proto.value for p in at.get("progress")] == [50]  # percent: 2 of 4 units
 
@@ -256,6 +256,14 @@ def test_launcher_does_nothing_when_off_finished_running_or_read_only(
     monkeypatch.setenv("CIRCUITSCOPE_READ_ONLY", "1")
     assert "read-only" in improve.start_background(store, PRESET, enabled="1")
     monkeypatch.delenv("CIRCUITSCOPE_READ_ONLY")
+    imported = tmp_path / "imported.duckdb"  # a store whose dictionaries were imported is left as it is
+    shutil.copy(tiny_store, imported)
+    with duckdb.connect(str(imported)) as con:
+        (params,) = con.execute("SELECT params FROM runs WHERE kind = 'precompute'").fetchall()[0]
+        con.execute("UPDATE runs SET params = ? WHERE kind = 'precompute'",
+                    [json.dumps({**json.loads(params), "saes": ["some-release"]})])
+    assert "imports its dictionaries" in improve.start_background(imported, PRESET, enabled="1")
+    assert improve.improve(imported, PRESET) is None and not staging_files(imported)
     held(paths.lock)
     assert "already running" in improve.start_background(store, PRESET, enabled="1")
     with pytest.raises(StoreError, match="already running"):
@@ -290,7 +298,8 @@ def test_make_run_starts_the_launcher_before_serving_and_passes_the_opt_out() ->
     serve = next(i for i, line in enumerate(lines) if "streamlit run app.py" in line)
     assert launch < serve and "CIRCUITSCOPE_IMPROVE=0" in lines[launch]
     # A launcher failure never stops the app from being served: make ignores the line's exit status.
-    assert any(line.startswith("\t-") and "--background" in line for line in (ROOT / "Makefile").read_text().splitlines())
+    makefile = (ROOT / "Makefile").read_text().splitlines()
+    assert any(line.startswith("\t-") and "--background" in line for line in makefile)
 
 
 def test_status_file_keeps_an_interrupted_runs_measured_times_when_resumed(tmp_path: Path) -> None:
