@@ -14,7 +14,6 @@ from backend.store import queries as store_queries
 from backend.ui import shell
 
 IMPROVE_REFRESH_S = 30  # how often the Home page rereads an improvement's progress
-_SAW_IMPROVEMENT = "_cs_saw_improvement"
 
 
 def _fmt_int(value: object) -> str:
@@ -89,16 +88,20 @@ def _improvement_text(p: improve.Progress, store: str) -> str:
             f"shows them once they are swapped in. {where}{pid}")
 
 
-@st.fragment(run_every=IMPROVE_REFRESH_S)
 def _improvement_notice(ctx: shell.PageContext) -> None:
-    """The progress of a background improvement of the store served (``make run``), reread every
-    :data:`IMPROVE_REFRESH_S` seconds; when it has been swapped in, the whole page runs again with the new figures."""
+    """The progress of a background improvement of the store served (``make run``), when there is one: only then is
+    the page reread on a timer (no timer otherwise, so an idle page never reruns by itself)."""
+    if improve.progress(ctx.store.path) is not None:
+        _improvement_progress(ctx)
+
+
+@st.fragment(run_every=IMPROVE_REFRESH_S)
+def _improvement_progress(ctx: shell.PageContext) -> None:
+    """Reread every :data:`IMPROVE_REFRESH_S` seconds; once the improvement has been swapped in, the whole page runs
+    again with the new figures."""
     p = improve.progress(ctx.store.path)
     if p is None:
-        if st.session_state.pop(_SAW_IMPROVEMENT, False):
-            st.rerun()
-        return
-    st.session_state[_SAW_IMPROVEMENT] = True
+        st.rerun()
     text = _improvement_text(p, str(ctx.store.path))
     if p.state in ("running", "starting"):
         st.info(text)

@@ -89,7 +89,8 @@ def _label(store: Path) -> tuple[str, int]:
 
     con = open_store(store)
     try:
-        (dict_id,) = con.execute("SELECT dict_id FROM dictionaries WHERE kind = 'transcoder' AND layer = 0").fetchall()[0]
+        (dict_id,) = con.execute("SELECT dict_id FROM dictionaries WHERE kind = 'transcoder' AND layer = 0"
+                                 ).fetchall()[0]
     finally:
         con.close()
     save_user_label(store, dict_id, 0, "my label, kept")
