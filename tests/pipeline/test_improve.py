@@ -316,3 +316,17 @@ def test_status_file_keeps_an_interrupted_runs_measured_times_when_resumed(tmp_p
     other = improve.StatusFile(path, preset="full", base_preset="demo", model="m", pid=3)
     other.started("r2", [("a", 0), ("a", None)], [("a", 0)])  # another run's: its time is unknown
     assert json.loads(path.read_text())["units"] == [{"step": "a", "layer": 0, "seconds": None}]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--preset", "huge"), "Unknown preset 'huge'"),
+    ((), "No store at"),
+])
+def test_improve_cli_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              args: tuple[str, ...], needle: str) -> None:
+    from backend.cli import main
+
+    assert main(["improve", "--store", str(tmp_path / "none.duckdb"), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing written beside a store that is not there
