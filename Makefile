@@ -6,6 +6,8 @@ STAMP := $(VENV)/.deps-stamp
 STORE ?= data/stores/demo.duckdb
 PORT ?= 8501
 MODEL ?= smollm2-135m
+# 0 (or false/no/off): `make run` does not improve the store's dictionaries in the background.
+IMPROVE ?= 1
 
 .PHONY: setup browser demo run test test-fast bench clean-cache
 
@@ -35,8 +37,11 @@ $(STORE): | $(STAMP)
 
 demo: $(STORE)
 
-# The app lists stores in STORE's directory and opens STORE by default.
+# The app lists stores in STORE's directory and opens STORE by default. First, in the background (detached, niced,
+# resumed if interrupted, never twice, not once finished; log beside the store): the full preset's dictionaries,
+# swapped into the store when done (backend/pipeline/improve.py decides; it never delays or stops the app).
 run: setup browser demo
+	-CIRCUITSCOPE_IMPROVE=$(IMPROVE) $(PY) -m backend improve --store $(STORE) --background
 	CIRCUITSCOPE_STORES_DIR=$(abspath $(dir $(STORE))) CIRCUITSCOPE_STORE=$(notdir $(STORE)) \
 		$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from backend.pipeline import improve
 from backend.store import queries as store_queries
 from backend.ui import shell
+
+IMPROVE_REFRESH_S = 30  # how often the Home page rereads an improvement's progress
 
 
 def _fmt_int(value: object) -> str:
@@ -49,8 +52,68 @@ def _corpus_section(ctx: shell.PageContext) -> None:
                    f"(licence: {shell.prose(row['licence'] or 'unknown')})")
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def _improvement_text(p: improve.Progress, store: str) -> str:
+    """What the Home page says of an improvement (every value from a file beside the store is a code span)."""
+    L = shell.literal
+    served = (f"The dictionaries below are the {L(p.base_preset)} preset's." if p.base_preset
+              else "The dictionaries below are the store's current ones.")
+    where = f"Log: {L(p.log)}."
+    if p.state == "failed":
+        return (f"{served} Training the {L(p.preset)} preset's in the background failed ({L(p.error, 300)}). {where} "
+                f"Run {L(f'python -m backend improve --store {store}', 400)} (or `make run`) to try again.")
+    done = f"{p.units_done} of {p.units_total} units of work (steps and layers) done"
+    if p.step is not None and p.units_total:
+        done += f"; step {p.step_number} of {p.n_steps}, {L(p.step)}"
+        if p.layers_total:
+            done += f": {p.layers_done} of {p.layers_total} layers"
+            if p.eta_seconds is not None:
+                done += (f", about {_duration(p.eta_seconds)} left in this step (its finished layers' mean time "
+                         "here)")
+    elif p.units_total:
+        done += "; swapping it in"
+    if p.state == "interrupted":
+        return (f"{served} Training the {L(p.preset)} preset's in the background was interrupted ({done}). `make run` "
+                f"continues it, or run {L(f'python -m backend improve --store {store}', 400)}. {where}")
+    started = "starting (loading the model, copying the store)" if p.state == "starting" else done
+    pid = (f" Process {p.pid}: stop it with `kill {p.pid}`; it continues later from its last finished unit."
+           if p.pid else "")
+    return (f"{served} Better ones, the {L(p.preset)} preset's, are training in the background: {started}. This page "
+            f"shows them once they are swapped in. {where}{pid}")
+
+
+def _improvement_notice(ctx: shell.PageContext) -> None:
+    """The progress of a background improvement of the store served (``make run``), when there is one: only then is
+    the page reread on a timer (no timer otherwise, so an idle page never reruns by itself)."""
+    if improve.progress(ctx.store.path) is not None:
+        _improvement_progress(ctx)
+
+
+@st.fragment(run_every=IMPROVE_REFRESH_S)
+def _improvement_progress(ctx: shell.PageContext) -> None:
+    """Reread every :data:`IMPROVE_REFRESH_S` seconds; once the improvement has been swapped in, the whole page runs
+    again with the new figures."""
+    p = improve.progress(ctx.store.path)
+    if p is None:
+        st.rerun()
+    text = _improvement_text(p, str(ctx.store.path))
+    if p.state in ("running", "starting"):
+        st.info(text)
+        if p.units_total:
+            st.progress(p.units_done / p.units_total)
+    else:
+        st.warning(text)
+
+
 def _dictionary_section(ctx: shell.PageContext) -> None:
     st.subheader("Dictionaries")
+    _improvement_notice(ctx)
     dicts: pd.DataFrame = ctx.store.query(store_queries.dictionary_quality, ctx.model)
     if dicts.empty:
         st.info(

@@ -1,5 +1,5 @@
-"""Command line: ``python -m backend precompute | attribute | graph | compare-graphs | intervene | label | search |
-bundle | export-sae | import-graph | info | compact``.
+"""Command line: ``python -m backend precompute | improve | attribute | graph | compare-graphs | intervene | label |
+search | bundle | export-sae | import-graph | info | compact``.
 
 User errors (unknown model, bad store, bad options, a full disk) print one line starting with ``error:`` and exit
 with status 2 — never a traceback wall or argparse's usage block. Every option is checked, within bounds, before any
@@ -99,6 +99,16 @@ def _build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--ray-address", default=None,
                      help="with --executor ray: the Ray cluster to join (e.g. HEAD_IP:6379, or 'auto'); default: start "
                           "a local Ray with 2 CPUs")
+
+    imp = sub.add_parser("improve", help="retrain a store's dictionaries with a stronger preset (default full) and "
+                                         "recompute what depends on them, continuing an interrupted improvement; the "
+                                         "store is swapped when done (make run starts this in the background)",
+                         parents=[on_device])
+    imp.add_argument("--store", required=True, help="path of the .duckdb store to improve")
+    imp.add_argument("--preset", default="full", help="the preset whose dictionaries to train (default full)")
+    imp.add_argument("--background", action="store_true",
+                     help="start it as a detached, niced process logging to STORE.improve.log beside the store and "
+                          "return at once; does nothing when it is running or finished, or CIRCUITSCOPE_IMPROVE=0")
 
     att = sub.add_parser("attribute", help="compare attribution methods (patching, AtP, AtP*, RelP, IG) on a task or a "
                                            "clean/corrupt pair and store the comparison",
@@ -227,6 +237,17 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
                n_contexts=args.contexts, saes=args.saes, transcoders=args.transcoders,
                transcoder_layers=args.transcoder_layers, resume=args.resume, executor=args.executor,
                ray_address=args.ray_address)
+    return 0
+
+
+def _cmd_improve(args: argparse.Namespace) -> int:
+    from backend.pipeline.improve import improve, start_background
+
+    if args.background:
+        print(start_background(args.store, args.preset,
+                               extra_args=("--device", args.device) if args.device is not None else ()))
+    else:
+        improve(args.store, args.preset)
     return 0
 
 
@@ -557,7 +578,8 @@ def _cmd_compact(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "label": _cmd_label, "search": _cmd_search, "bundle": _cmd_bundle, "export-sae": _cmd_export_sae}
+    "label": _cmd_label, "search": _cmd_search, "bundle": _cmd_bundle, "export-sae": _cmd_export_sae,
+    "improve": _cmd_improve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,12 +13,17 @@ def step_graphs(ctx: "RunContext") -> None:
     """Build and store one graph per ``preset.graphs.prompts`` entry ``(prompt, answer, wrong)`` with the store's
     transcoders and attention SAEs; a prompt whose answer is not one token for this model is skipped with a note."""
     from backend.circuits.build import BuildParams, build_graph
-    from backend.circuits.storage import write_graph
+    from backend.circuits.storage import delete_graph, write_graph
     from backend.dictionaries.storage import graph_dictionaries
     from backend.errors import InputError
     from backend.features.labels import label_nodes
     from backend.progress import say, track
 
+    # An earlier run's example graphs were built with the dictionaries this run replaced: they go, as the
+    # attributions step replaces its comparisons (graphs users saved have another source and stay).
+    for (old,) in ctx.con.execute("SELECT graph_id FROM graphs WHERE model = ? AND source = 'precompute' AND "
+                                  "run_id IS DISTINCT FROM ?", [ctx.spec.name, ctx.run_id]).fetchall():
+        delete_graph(ctx.con, old)
     transcoders, saes = graph_dictionaries(ctx.con, ctx.spec.name)
     done = []
     prompts = list(ctx.preset.graphs.prompts)

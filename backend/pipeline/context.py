@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backend.pipeline.config import Preset
 from backend.pipeline.executor import Executor, LocalExecutor
@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from backend.store.access import StoreWriter
 
 Site = tuple[str, int]  # (hook kind of backend.model.hooks, layer)
+Unit = tuple[str, "int | None"]  # a unit of work: (step, layer), layer None for a whole step
+
+
+class RunObserver(Protocol):
+    """Told what a run will do and each unit of work it finishes (the background improvement mirrors them into a
+    status file the app reads: the staging copy itself is locked by the run's writer)."""
+
+    def started(self, run_id: str, plan: list[Unit], done: list[Unit]) -> None:
+        """The run ``run_id`` opened its staging copy; ``plan`` lists its units in order, ``done`` those an
+        interrupted run had already finished."""
+
+    def finished(self, step: str, layer: int | None) -> None:
+        """``step`` (its ``layer``, or all of it when None) finished and is durable."""
 
 
 @dataclass
@@ -44,6 +57,7 @@ class RunContext:
     units: "dict[tuple[str, int | None], tuple[dict[str, Any], bytes | None]]" = field(default_factory=dict)
     # Where independent units of work (a layer's training or evaluation, a shard of feature scoring) run.
     executor: Executor = field(default_factory=LocalExecutor)
+    observer: RunObserver | None = None  # told of each finished unit
 
     @property
     def con(self) -> "duckdb.DuckDBPyConnection":
@@ -78,6 +92,8 @@ class RunContext:
         state = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}) if tensors else None
         self.writer.finish_unit(step, layer, info, state)
         self.units[(step, layer)] = (info, state)
+        if self.observer is not None:
+            self.observer.finished(step, layer)
 
     @property
     def run_id(self) -> str:

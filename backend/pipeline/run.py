@@ -38,7 +38,7 @@ from backend.heads.polysemanticity import step_head_polysemanticity
 from backend.model.activations import Precollector
 from backend.model.record import record_model
 from backend.pipeline.config import get_preset, parse_layers
-from backend.pipeline.context import RunContext
+from backend.pipeline.context import RunContext, RunObserver, Unit
 from backend.pipeline.executor import check_executor, make_executor
 from backend.progress import say, track
 
@@ -184,6 +184,21 @@ STEPS: list[tuple[str, Step]] = [
     ("graphs", step_graphs),
 ]
 
+# The steps that record one unit per layer before the step itself (RunContext.finish), and which of the run's layer
+# lists they go through: attention-SAE layers or transcoder layers.
+PER_LAYER_STEPS: dict[str, str] = {"attention_saes": "layers", "features": "layers",
+                                   "transcoders": "transcoder_layers", "transcoder_features": "transcoder_layers"}
+
+
+def run_plan(ctx: RunContext) -> list[Unit]:
+    """The units of work a run records, in order: each per-layer step's layers, then each step as a whole."""
+    plan: list[Unit] = []
+    for name, _ in STEPS:
+        if name in PER_LAYER_STEPS:
+            plan += [(name, int(layer)) for layer in getattr(ctx, PER_LAYER_STEPS[name])]
+        plan.append((name, None))
+    return plan
+
 
 def precompute(
     model_name: str,
@@ -199,6 +214,7 @@ def precompute(
     resume: bool = False,
     executor: str = "local",
     ray_address: str | None = None,
+    observer: RunObserver | None = None,
 ) -> str:
     """Build (or add a run to) the store at ``store_path``; returns the run id.
 
@@ -210,7 +226,7 @@ def precompute(
     the unfinished run a crash left for this store, given the same options (one StoreError sentence otherwise).
     ``executor`` (``local`` or ``ray``; ``ray_address``: a Ray cluster, default a local Ray) runs the per-layer
     training and evaluation and the shards of feature scoring (:mod:`backend.pipeline.executor`); the results, and the
-    store, are the same either way.
+    store, are the same either way. ``observer`` is told the run's plan and each unit it finishes.
     """
     from backend.model.registry import get_spec, load_model
     from backend.store.access import StoreWriter, check_writable
@@ -239,11 +255,13 @@ def precompute(
         with writer:
             ctx = RunContext(model=model, spec=spec, writer=writer, preset=chosen, layers=layer_list,
                              corpus_source=corpus_source, sae_sources=list(saes or []), transcoder_layers=tc_layers,
-                             transcoder_sources=list(transcoders or []), executor=runner)
+                             transcoder_sources=list(transcoders or []), executor=runner, observer=observer)
             if writer.discarded:
                 say(f"Deleted the unfinished run(s) {', '.join(writer.discarded)} of this store (--resume would have "
                     "continued it)")
             _restore(ctx)
+            if observer is not None:
+                observer.started(ctx.run_id, run_plan(ctx), list(ctx.units))
             before = float(ctx.summary.get("seconds", 0.0))  # the unfinished run's own time, when resumed
             for name, step in STEPS:
                 if writer.resumed_complete or ctx.done(name):

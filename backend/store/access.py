@@ -314,6 +314,38 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
+def staging_file(real: Path, run_id: str) -> Path:
+    """The staging copy a writer builds run ``run_id`` of the store whose real path is ``real`` in."""
+    return real.parent / f"{_temp_prefix(real)}{run_id}.tmp"
+
+
+def staging_files(path: str | Path) -> list[Path]:
+    """The staging copies of unfinished runs beside the store at ``path``, oldest first (run ids start with their UTC
+    start time)."""
+    real = real_path(path)
+    return sorted(p for p in real.parent.glob(f"{_temp_prefix(real)}*.tmp") if p.is_file())
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether some process holds the ``flock`` on the file ``lock`` now (False when it cannot even be opened)."""
+    try:
+        fh = open(lock, "a")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def writer_busy(path: str | Path) -> bool:
+    """Whether a writer (a precompute, a compact) is writing the store at ``path`` now."""
+    return lock_held(_lock_path(real_path(path)))
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -378,7 +410,7 @@ class StoreWriter:
         self.kind, self.model, self.preset = kind, model, preset
         self.params = params or {}
         self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.tmp = self.path.parent / f"{_temp_prefix(self.path)}{self.run_id}.tmp"
+        self.tmp = staging_file(self.path, self.run_id)
         self._lock_fh: Any = None
         self.con: duckdb.DuckDBPyConnection | None = None
         self._started = datetime.now(timezone.utc)
@@ -577,7 +609,7 @@ class StoreWriter:
         """Reopen the temporary file of the run a killed writer left, if its kind, model, preset and parameters are
         this writer's and the live store is the one it was copied from; one StoreError sentence otherwise."""
         prefix = _temp_prefix(self.path)
-        found = sorted(p for p in self.path.parent.glob(f"{prefix}*.tmp") if p.is_file())
+        found = staging_files(self.path)
         if not found:
             raise StoreError(f"There is no unfinished run of {literal(self.link)} to resume: run the precompute "
                              "without --resume.")

@@ -76,3 +76,14 @@ def differences(a: Any, b: Any, rel: float = 0.0, where: str = "", abs_tol: floa
                 break
         return out
     return [] if a == b else [f"{where}: {str(a)[:80]!r} != {str(b)[:80]!r}"]
+
+
+def assert_same_tables(got: Path, want: Path) -> None:
+    """Every table of the two stores equal: exactly, except attribution-graph float32 values within float32 rounding
+    between processes (1e-6 absolute or 1e-5 relative)."""
+    a, b = store_tables(got), store_tables(want)
+    assert set(a) == set(b)
+    problems = [d for table in a
+                for d in differences(a[table], b[table], *((1e-5, table, 1e-6) if table.startswith("graph") else
+                                                           (0.0, table)))]
+    assert not problems, problems[:10]

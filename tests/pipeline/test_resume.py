@@ -24,7 +24,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from store_tables import differences, store_tables
+from store_tables import assert_same_tables
 from tiny_stores import TEST_MODEL
 
 from backend.errors import StoreError
@@ -77,15 +77,6 @@ def _staging(store: Path) -> list[Path]:
     return sorted(store.parent.glob(f".{store.name}.*.tmp"))
 
 
-def _assert_same_tables(got: Path, want: Path) -> None:
-    a, b = store_tables(got), store_tables(want)
-    assert set(a) == set(b)
-    problems = [d for table in a
-                for d in differences(a[table], b[table], *((1e-5, table, 1e-6) if table.startswith("graph") else
-                                                           (0.0, table)))]
-    assert not problems, problems[:10]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # three tiny precomputes in subprocesses: ~5 min alone, 15 on a busy 2-core machine
 def test_a_run_killed_mid_layer_resumes_to_the_uninterrupted_result(tmp_path: Path, tiny_store: Path) -> None:
@@ -123,7 +114,7 @@ def test_a_run_killed_mid_layer_resumes_to_the_uninterrupted_result(tmp_path: Pa
     after = _complete_runs(killed)
     assert len(after) == len(before) + 1 and all(status == "complete" for _, status in after)
     assert not _staging(killed) and not list(tmp_path.glob(".killed.duckdb.*.tmp*"))
-    _assert_same_tables(killed, reference)
+    assert_same_tables(killed, reference)
 
 
 def test_resume_refuses_nothing_to_resume_and_other_options_then_continues(
@@ -153,7 +144,7 @@ def test_resume_refuses_nothing_to_resume_and_other_options_then_continues(
     run.precompute(TEST_MODEL, store, preset="demo", n_contexts=8, model=tiny_model, resume=True)
     assert not _staging(store)
     # tiny_store is the same run, uninterrupted, into an empty store.
-    _assert_same_tables(store, tiny_store)
+    assert_same_tables(store, tiny_store)
 
     with pytest.raises(StoreError, match="no unfinished run"):  # the run finished: nothing left to resume
         run.precompute(TEST_MODEL, store, preset="demo", n_contexts=8, model=tiny_model, resume=True)
