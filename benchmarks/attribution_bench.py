@@ -49,8 +49,13 @@ _BENCH: dict[str, Any] = {}
 
 def _time_method(name: str) -> tuple[str, float, float]:
     """Best-of-N wall and CPU seconds of one method on the benchmark batch (in a forked worker)."""
+    import torch
+
     from backend.progress import using_sink
 
+    # A forked child must not enter the OpenMP pool its parent started (it hangs there); one thread per worker is
+    # also what several workers sharing two cores should use.
+    torch.set_num_threads(1)
     model, batch, kinds, steps, repeats = (_BENCH[k] for k in ("model", "batch", "kinds", "steps", "repeats"))
     if "#" in name:  # one chunk of the pairs (patching and IG are split over several processes)
         base, chunk = name.split("#")
