@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from e2e_harness import BOS, Tab, submit_prompt, wait_for_strip
+from playwright.sync_api import expect
 
 from backend.features import queries as feature_queries
 from backend.inputs.prompts import encode_prompt, token_strings
@@ -73,8 +74,10 @@ def test_intervene_on_a_head_and_see_the_continuation_change(tab: Tab, tiny_mode
     value.press("Enter")
     tab.wait_idle()
     tab.page.get_by_role("button", name="Add this intervention").click()
+    # the click's rerun may not have started when the page last looked idle: wait for the value, not for idleness
+    expect(tab.page.get_by_role("textbox", name=re.compile("^Interventions"))).to_have_value("head:1:0=scale:0",
+                                                                                            timeout=120_000)
     tab.wait_idle()
-    assert tab.page.get_by_role("textbox", name=re.compile("^Interventions")).input_value() == "head:1:0=scale:0"
 
     ids = encode_prompt(tiny_model, PROMPT).ids
 
