@@ -24,22 +24,21 @@ store is the marker (:func:`improved`), nothing beside it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from backend.errors import StoreError, literal
 from backend.progress import say
 from backend.store.access import (
+    holding_flock,
     lock_held,
     read_only,
     reading,
@@ -222,21 +221,6 @@ def progress(store: str | Path) -> Progress | None:
 # -- running it --------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _exclusive(lock: Path) -> Iterator[bool]:
-    """Hold the ``flock`` on ``lock`` for the block; yields False (holding nothing) when another process has it."""
-    fh = open(lock, "a")
-    try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        fh.close()  # closing releases the lock
-
-
 def improve(store: str | Path, preset: str = DEFAULT_PRESET, model: Any = None) -> str | None:
     """Retrain the dictionaries of the store at ``store`` with ``preset`` and recompute what depends on them: a
     precompute run over the store's own model and corpus, continuing the unfinished one an interruption left if there
@@ -251,7 +235,7 @@ def improve(store: str | Path, preset: str = DEFAULT_PRESET, model: Any = None) 
     base = latest_precompute(store)  # also one sentence for a missing, corrupt or hostile store
     if base is None:
         raise StoreError(f"{literal(store)} holds no complete precompute run to improve: build it first (`make demo`).")
-    with _exclusive(p.lock) as mine:
+    with holding_flock(p.lock) as mine:
         if not mine:
             raise StoreError(f"An improvement of {literal(store)} is already running (its log: {literal(p.log)}).")
         if _has_preset(base, preset) or _imported(base):

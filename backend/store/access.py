@@ -326,18 +326,28 @@ def staging_files(path: str | Path) -> list[Path]:
     return sorted(p for p in real.parent.glob(f"{_temp_prefix(real)}*.tmp") if p.is_file())
 
 
-def lock_held(lock: Path) -> bool:
-    """Whether some process holds the ``flock`` on the file ``lock`` now (False when it cannot even be opened)."""
+@contextmanager
+def holding_flock(lock: Path) -> Iterator[bool]:
+    """Hold the ``flock`` on the file ``lock`` for the block without waiting; yields False (holding nothing) when
+    another process has it."""
+    fh = open(lock, "a")
     try:
-        fh = open(lock, "a")
-    except OSError:
-        return False
-    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
+            yield False
+            return
+        yield True
+    finally:
+        fh.close()  # closing releases the lock
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether some process holds the ``flock`` on the file ``lock`` now (False when it cannot even be opened)."""
+    try:
+        with holding_flock(lock) as mine:
+            return not mine
+    except OSError:
         return False
 
 
