@@ -35,7 +35,7 @@ from backend.dictionaries.storage import (
 from backend.dictionaries.transcoder import collect_mlp_io, transcoder_dict_id
 from backend.dictionaries.transcoder import layer_of as transcoder_layer_of
 from backend.errors import InputError
-from backend.model.activations import collect_z, layer_groups
+from backend.model.activations import ResidualCarry, collect_z, layer_groups
 from backend.model.hooks import hook_name
 from backend.progress import say, track
 
@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from backend.pipeline.context import RunContext
 
 # Activation matrices of one collection group must fit in this many bytes (float32): the full preset's
-# ~260k training tokens x 576 dims is ~0.6 GB per layer.
+# ~260k training tokens x 576 dims is ~0.6 GB per layer (plus the residual stream carried from one group to the next,
+# one layer's worth: ResidualCarry).
 SAE_MEMORY_BYTES = 3 * 1024**3
 # Transcoder training activations (x and y, float32) of one group: the demo's 16k tokens x 30 layers x 576 x 2 is
 # 2.2 GB, one group; the full preset's 260k tokens need ~10 groups.
@@ -141,13 +142,14 @@ def step_attention_saes(ctx: "RunContext") -> None:
         reuse = all(("z", l) in pre and pre[("z", l)].shape[0] >= n_train_rows for l in todo)
         summary["reused_activations"] = reuse
         groups = [todo] if reuse else layer_groups(todo, bytes_per_layer, SAE_MEMORY_BYTES)
+        carry = ResidualCarry()  # each group's pass starts where the previous one stopped
         for group in groups if todo else []:
             t = time.perf_counter()
             if reuse:
                 acts = {l: pre[("z", l)][:n_train_rows] for l in group}
             else:
                 acts = collect_z(model, tokens[train_idx], group, batch_size=preset.batch_size,
-                                 desc=f"Collecting hook_z L{','.join(map(str, group))}")
+                                 desc=f"Collecting hook_z L{','.join(map(str, group))}", carry=carry)
                 say(f"Collected {n_train_rows} tokens x {len(group)} layer(s) in {time.perf_counter() - t:.0f} s")
             # Each layer's activations leave `acts` as its unit of work is handed out (one at a time locally).
             items = ((layer, acts.pop(layer), {
@@ -379,13 +381,14 @@ def step_transcoders(ctx: "RunContext") -> None:
     train_tokens = tokens[train_idx]
     try:
         groups = [todo] if reuse else layer_groups(todo, n_train * d_model * 4 * 2, TRANSCODER_MEMORY_BYTES)
+        carry = ResidualCarry()  # each group's pass starts where the previous one stopped
         for group in groups if todo else []:
             t = time.perf_counter()
             if reuse:
                 acts = {l: (pre.pop(("mlp_in", l))[:n_train], pre.pop(("mlp_out", l))[:n_train]) for l in group}
             else:
                 acts = collect_mlp_io(model, train_tokens, group, batch_size=preset.batch_size,
-                                      desc=f"Collecting MLP in/out L{group[0]}-{group[-1]}")
+                                      desc=f"Collecting MLP in/out L{group[0]}-{group[-1]}", carry=carry)
                 say(f"Collected {n_train} tokens x {len(group)} MLP layer(s) in {time.perf_counter() - t:.0f} s")
             timing["collect"] += time.perf_counter() - t
             t = time.perf_counter()

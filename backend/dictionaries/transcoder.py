@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from backend.dictionaries.kinds import TRANSCODER
 from backend.errors import InputError
-from backend.model.activations import collect
+from backend.model.activations import ResidualCarry, collect
 from backend.model.hooks import hook_name, parse_hook_name
 
 if TYPE_CHECKING:
@@ -218,11 +218,13 @@ def collect_mlp_io(
     layers: Sequence[int],
     batch_size: int = 16,
     desc: str = "Collecting MLP inputs/outputs",
+    carry: ResidualCarry | None = None,
 ) -> dict[int, tuple["torch.Tensor", "torch.Tensor"]]:
     """Run ``tokens`` ([n, n_ctx], BOS at 0) through ``model`` once (in batches) and return, per layer, the MLP's
     normalised input and its output at every non-BOS token: ``{layer: (x [n·(n_ctx−1), d_model], y [same])}``,
-    float32, rows context-major (:func:`backend.model.activations.collect`)."""
-    got = collect(model, tokens, [(kind, int(l)) for l in layers for kind in ("mlp_in", "mlp_out")], batch_size, desc)
+    float32, rows context-major (:func:`backend.model.activations.collect`, which also explains ``carry``)."""
+    got = collect(model, tokens, [(kind, int(l)) for l in layers for kind in ("mlp_in", "mlp_out")], batch_size, desc,
+                  carry)
     return {layer: (got.pop(("mlp_in", layer)), got.pop(("mlp_out", layer))) for layer in sorted({int(l) for l in layers})}
 
 

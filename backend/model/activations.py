@@ -95,12 +95,27 @@ class Precollector:
         return self.out
 
 
+class ResidualCarry:
+    """The residual stream entering block :attr:`layer` at every position of one set of contexts, kept by one
+    :func:`collect` pass so that the next pass over the same contexts starts there instead of at the embeddings.
+
+    Steps that collect layer groups one after another (their activations do not fit in memory at once) would
+    otherwise rerun every earlier block for each group: with ten groups of three layers that is 5.5 full forward
+    passes instead of one. The carried stream is ``[n, n_ctx, d_model]`` in the model's dtype and on its device
+    (600 MB in float32 for 2048 contexts of 128 tokens on SmolLM2)."""
+
+    def __init__(self) -> None:
+        self.layer = 0
+        self.resid: "torch.Tensor | None" = None
+
+
 def collect(
     model: Any,
     tokens: "torch.Tensor",
     acts: Sequence[Act],
     batch_size: int = 16,
     desc: str = "Collecting activations",
+    carry: ResidualCarry | None = None,
 ) -> dict[Act, "torch.Tensor"]:
     """Run ``tokens`` ([n, n_ctx], BOS at position 0) through ``model`` in batches and return every activation
     site's value at every non-BOS token: ``{(kind, layer): float32 tensor [n * (n_ctx - 1), d]}`` (hook_z's heads
@@ -108,6 +123,10 @@ def collect(
 
     Rows are ordered context-major (context i, positions 1..n_ctx-1), so row ``i * (n_ctx - 1) + (p - 1)`` is
     context ``i``, position ``p``.
+
+    ``carry`` (the same object for successive calls over the same ``tokens`` with ever higher sites): the pass
+    starts from its residual stream when that enters a block at or below every site, and leaves in it the stream
+    after the last block it ran.
     """
     import torch
 
@@ -116,11 +135,26 @@ def collect(
     n, n_ctx = tokens.shape
     pre = Precollector({(kind, int(layer)): n for kind, layer in acts}, n_ctx)
     stop = max(int(layer) for _, layer in acts) + 1
+    first = min(int(layer) for _, layer in acts)
+    resume = carry is not None and carry.resid is not None and 0 < carry.layer <= first
+    carried = None
     starts = range(0, n, batch_size)
     with torch.no_grad():
         for start in track(starts, total=len(starts), desc=desc, unit="batch"):
-            batch = tokens[start : start + batch_size]
-            model.run_with_hooks(batch, fwd_hooks=pre.hooks(start, len(batch)), stop_at_layer=stop)
+            rows = slice(start, start + batch_size)
+            batch = tokens[rows]
+            hooks = pre.hooks(start, len(batch))
+            if resume:
+                out = model.run_with_hooks(carry.resid[rows], fwd_hooks=hooks, start_at_layer=carry.layer,
+                                           stop_at_layer=stop)
+            else:
+                out = model.run_with_hooks(batch, fwd_hooks=hooks, stop_at_layer=stop)
+            if carry is not None:  # stop_at_layer returns the residual stream after the last block run
+                if carried is None:
+                    carried = torch.empty((n, *out.shape[1:]), dtype=out.dtype, device=out.device)
+                carried[rows] = out
+    if carry is not None:
+        carry.layer, carry.resid = stop, carried
     return pre.result()
 
 
@@ -130,10 +164,12 @@ def collect_z(
     layers: Sequence[int],
     batch_size: int = 16,
     desc: str = "Collecting hook_z",
+    carry: ResidualCarry | None = None,
 ) -> dict[int, "torch.Tensor"]:
     """:func:`collect` of ``hook_z`` at ``layers``: ``{layer: float32 tensor [n * (n_ctx - 1), n_heads * d_head]}``
     (attention-SAE inputs)."""
-    return {layer: z for (_, layer), z in collect(model, tokens, [("z", l) for l in layers], batch_size, desc).items()}
+    got = collect(model, tokens, [("z", l) for l in layers], batch_size, desc, carry)
+    return {layer: z for (_, layer), z in got.items()}
 
 
 def shuffled_batches(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.model.activations import Precollector, capture_batch, collect
+from backend.model.activations import Precollector, ResidualCarry, capture_batch, collect
 from backend.store.access import reading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +35,32 @@ def test_collect_matches_the_transformer_lens_cache(tiny_model: Any, tokens: tor
         layer = int(name.split(".")[1])
         want = cache[name][:, 1:].reshape(tokens.shape[0] * (tokens.shape[1] - 1), -1)  # heads flattened head-major
         torch.testing.assert_close(got[(kind, layer)], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_carried_residual_stream_gives_the_full_passes_values_without_rerunning_earlier_blocks(
+        tiny_model: Any, tokens: torch.Tensor) -> None:
+    """Layer groups collected one after another: the second pass starts at the block the first one stopped at."""
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens)
+    carry = ResidualCarry()
+    first = collect(tiny_model, tokens, [("z", 0), ("mlp_out", 0)], batch_size=2, carry=carry)
+    assert carry.layer == 1
+    torch.testing.assert_close(carry.resid, cache["blocks.0.hook_resid_post"], rtol=0, atol=0)
+    ran: list[str] = []
+    tiny_model.blocks[0].hook_resid_pre.add_hook(lambda value, hook: ran.append(hook.name))
+    try:
+        second = collect(tiny_model, tokens, [("mlp_in", 1), ("z", 1)], batch_size=3, carry=carry)
+    finally:
+        tiny_model.reset_hooks()
+    assert ran == []  # block 0 did not run again
+    rows = tokens.shape[0] * (tokens.shape[1] - 1)
+    for (kind, layer), name in {("z", 0): "blocks.0.attn.hook_z", ("mlp_out", 0): "blocks.0.hook_mlp_out",
+                                ("mlp_in", 1): "blocks.1.ln2.hook_normalized", ("z", 1): "blocks.1.attn.hook_z"}.items():
+        got = (first if layer == 0 else second)[(kind, layer)]
+        torch.testing.assert_close(got, cache[name][:, 1:].reshape(rows, -1), rtol=1e-5, atol=1e-6)
+    # A carry that starts above a requested site is not used: that pass runs from the embeddings.
+    again = collect(tiny_model, tokens, [("z", 0)], batch_size=5, carry=carry)
+    torch.testing.assert_close(again[("z", 0)], first[("z", 0)], rtol=1e-5, atol=1e-6)
 
 
 def test_capture_batch_stops_after_its_last_site_with_the_full_passes_values(tiny_model: Any,
@@ -76,7 +102,12 @@ def _run(path: Path, model: Any, monkeypatch: pytest.MonkeyPatch, precollect: bo
     from backend.pipeline import run as pc
 
     if not precollect:
+        from backend.dictionaries import steps
+
         monkeypatch.setattr(pc, "PRECOLLECT", [])
+        # One layer per collection group: each group's pass starts from the residual stream the previous one left.
+        monkeypatch.setattr(steps, "SAE_MEMORY_BYTES", 1)
+        monkeypatch.setattr(steps, "TRANSCODER_MEMORY_BYTES", 1)
     try:
         pc.precompute("tiny-llama", path, preset="demo", n_contexts=8, model=model)
     finally:
@@ -87,7 +118,8 @@ def _run(path: Path, model: Any, monkeypatch: pytest.MonkeyPatch, precollect: bo
 
 def test_reusing_the_scoring_pass_changes_no_result(tmp_path: Path, tiny_model: Any,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The demo preset with and without the corpus step's gathering: same dictionaries, same feature rows."""
+    """The demo preset with and without the corpus step's gathering (without: one collection pass per layer, each
+    starting from the residual stream the previous one left): same dictionaries, same feature rows."""
     fast = _run(tmp_path / "reuse.duckdb", tiny_model, monkeypatch, precollect=True)
     slow = _run(tmp_path / "plain.duckdb", tiny_model, monkeypatch, precollect=False)
     assert fast["attention_saes"]["reused_activations"] and fast["transcoders"]["reused_activations"]
