@@ -3,8 +3,9 @@
 ``python -m benchmarks.full_preset [--store data/stores/full.duckdb] [--resume | --report-only]`` runs
 ``python -m backend precompute --preset full`` on the embedded model (``--resume``: continue the unfinished run an
 interruption left for that store), then writes ``benchmarks/results/full-preset.json``: wall time per step, the corpus
-size, every dictionary's held-out quality (attention SAEs; transcoders beside their dense linear baselines) and the
-all-MLPs-replaced evaluations with their 95% intervals. It takes hours on 2 CPU cores, so it is not part of
+size, every dictionary's held-out quality (attention SAEs; transcoders beside their dense linear baselines), the
+all-MLPs-replaced evaluations with their 95% intervals, the example graphs' quality scores and conservation split,
+the features step's forward-pass share, and Feature Browser query latencies on the resulting store. It takes hours on 2 CPU cores, so it is not part of
 ``make bench``; run it in the background (it can be interrupted and run again).
 """
 
@@ -32,6 +33,8 @@ def report(store: Path, preset: str = "full") -> dict[str, Any]:
     from backend.store.access import reading
     from backend.store.queries import dictionary_quality, mlp_replacement_evals, transcoder_quality
 
+    from benchmarks.features_bench import real_store_queries
+
     with reading(store) as con:
         runs = con.execute("SELECT run_id, seconds, summary FROM runs WHERE kind = 'precompute' AND preset = ? "
                            "ORDER BY finished_at DESC LIMIT 1", [preset]).fetchall()
@@ -42,7 +45,10 @@ def report(store: Path, preset: str = "full") -> dict[str, Any]:
         quality = dictionary_quality(con, MODEL)
         transcoders = transcoder_quality(con, MODEL)
         replaced = mlp_replacement_evals(con, MODEL)
+        graphs = con.execute("SELECT title, metadata FROM graphs WHERE run_id = ? ORDER BY title", [run_id]).fetchall()
     saes = quality[quality["kind"] != "transcoder"]
+    features = summary.get("features") or {}
+    step_s = (summary.get("step_seconds") or {}).get("features")
     return {
         "store": str(store),
         "run_id": run_id,
@@ -55,6 +61,15 @@ def report(store: Path, preset: str = "full") -> dict[str, Any]:
                                              "baseline_delta_ce", "dead_fraction", "training_tokens", "eval_tokens"]]),
         "transcoders_beating_baseline": int((transcoders["fve_gain"] > 0).sum()),
         "all_replaced": _records(replaced[replaced["run_id"] == run_id]),
+        # The attention-SAE features step over the whole corpus: its forward pass against the whole step's time.
+        "features_step": {**{k: features.get(k) for k in ("scored_tokens", "forward_s", "encode_s", "stage_s",
+                                                          "write_s", "logits_s")},
+                          "step_s": step_s, "forward_share": round(features["forward_s"] / step_s, 3)
+                          if step_s and features.get("forward_s") else None},
+        "graphs": [{"title": title, **{k: (json.loads(meta) if isinstance(meta, str) else meta).get(k)
+                                       for k in ("scores", "conservation", "n_candidates", "seconds")}}
+                   for title, meta in graphs],
+        "feature_page_queries": real_store_queries(store),
     }
 
 
