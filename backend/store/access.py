@@ -650,6 +650,9 @@ class StoreWriter:
             raise StoreError(f"The store {literal(self.link)} was replaced after the unfinished run {literal(run_id)} "
                              "started, so that run cannot be swapped in: leave out --resume to start afresh.")
         self._remove_orphans(keep=tmp)
+        # Written by an older circuitscope when it was updated between the interruption and this resume: bring the
+        # copy to this schema as a new run's copy of an older store is (idempotent otherwise).
+        self._ensure_schema()
         self.con.execute(schema.PROGRESS_DDL)
         self.kept_unfinished = True
         self.tmp, self.run_id, self.resumed = tmp, run_id, True

@@ -29,6 +29,7 @@ from tiny_stores import TEST_MODEL
 
 from backend.errors import StoreError
 from backend.store.access import open_store
+from backend.store.schema import SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -141,10 +142,24 @@ def test_resume_refuses_nothing_to_resume_and_other_options_then_continues(
         run.precompute(TEST_MODEL, store, preset="demo", n_contexts=9, model=tiny_model, resume=True)
     assert len(_staging(store)) == 1  # still there to be resumed with the right options
 
+    # As an older circuitscope (schema 4, before labels and saved views) would have left it: the code was updated
+    # between the interruption and the resume.
+    con = duckdb.connect(str(_staging(store)[0]))
+    try:
+        for table in ("feature_labels", "user_labels", "graph_views"):
+            con.execute(f"DROP TABLE {table}")
+        con.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    finally:
+        con.close()
     run.precompute(TEST_MODEL, store, preset="demo", n_contexts=8, model=tiny_model, resume=True)
     assert not _staging(store)
     # tiny_store is the same run, uninterrupted, into an empty store.
     assert_same_tables(store, tiny_store)
+    con = open_store(store)
+    try:
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0] == str(SCHEMA_VERSION)
+    finally:
+        con.close()
 
     with pytest.raises(StoreError, match="no unfinished run"):  # the run finished: nothing left to resume
         run.precompute(TEST_MODEL, store, preset="demo", n_contexts=8, model=tiny_model, resume=True)
