@@ -2,11 +2,12 @@
 
 ``python -m benchmarks.full_preset [--store data/stores/full.duckdb] [--resume | --report-only]`` runs
 ``python -m backend precompute --preset full`` on the embedded model (``--resume``: continue the unfinished run an
-interruption left for that store), then writes ``benchmarks/results/full-preset.json``: wall time per step, the corpus
-size, every dictionary's held-out quality (attention SAEs; transcoders beside their dense linear baselines), the
-all-MLPs-replaced evaluations with their 95% intervals, the example graphs' quality scores and conservation split,
-the features step's forward-pass share, and Feature Browser query latencies on the resulting store. It takes hours on 2 CPU cores, so it is not part of
-``make bench``; run it in the background (it can be interrupted and run again).
+interruption left for that store), then writes ``benchmarks/results/full-preset.json``: wall time per step, the
+corpus size, every dictionary's held-out quality (attention SAEs; transcoders beside their dense linear baselines),
+the all-MLPs-replaced evaluations with their 95% intervals, the example graphs' quality scores and conservation
+split, the features step's forward-pass share, and Feature Browser query latencies on the resulting store. It takes
+hours on 2 CPU cores, so it is not part of ``make bench``; run it in the background (it can be interrupted and run
+again).
 """
 
 from __future__ import annotations
