@@ -18,6 +18,9 @@ import torch
 from backend.dictionaries.kinds import ATTN_SAE, KINDS
 
 N_LOGITS = 10  # promoted and suppressed output tokens stored per feature
+# Effects computed per product: one large product runs ~1.3x faster than 256-feature slices on 2 CPU cores (one
+# [2304, 49152] block is 453 MB), and the budget bounds memory for wider dictionaries or vocabularies.
+EFFECT_BYTES = 512 * 2**20
 
 
 
@@ -52,12 +55,13 @@ def feature_logit_effects(model: Any, sae: Any, layer: int, features: torch.Tens
 
 
 @torch.no_grad()
-def top_logits(model: Any, sae: Any, layer: int, k: int = N_LOGITS, chunk: int = 256,
-               kind: str = ATTN_SAE, features: Sequence[int] | None = None) -> pd.DataFrame:
+def top_logits(model: Any, sae: Any, layer: int, k: int = N_LOGITS, kind: str = ATTN_SAE,
+               features: Sequence[int] | None = None, max_bytes: int = EFFECT_BYTES) -> pd.DataFrame:
     """Top-k promoted and suppressed tokens of every feature (or of ``features``): columns feature, kind, rank
-    (1 = strongest), token_id, value. Chunked over features: the full [d_sae, d_vocab] matrix would not fit
-    comfortably in memory."""
+    (1 = strongest), token_id, value. Computed in blocks of features whose ``[n, d_vocab]`` effects take at most
+    ``max_bytes`` (at least one feature per block)."""
     every = torch.arange(sae.W_dec.shape[0]) if features is None else torch.tensor(list(features), dtype=torch.long)
+    chunk = max(1, max_bytes // (model.cfg.d_vocab * model.W_U.element_size()))
     frames = []
     for s in range(0, len(every), chunk):
         feats = every[s : s + chunk]

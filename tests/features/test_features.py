@@ -150,15 +150,19 @@ def test_logit_effects_match_the_models_own_modules(model_name: str, tiny_model:
         model.ln_final.hook_scale.remove_hooks()
     torch.testing.assert_close(ours, indep, atol=1e-4, rtol=1e-3)
 
-    table = feature_logits.top_logits(model, sae, LAYER, k=5)
-    for f in feats.tolist():
-        promoted = table[(table.feature == f) & (table.kind == "promoted")].sort_values("rank")
-        suppressed = table[(table.feature == f) & (table.kind == "suppressed")].sort_values("rank")
-        np.testing.assert_allclose(promoted["value"], indep[feats.tolist().index(f)].topk(5).values.numpy(),
-                                   rtol=1e-3, atol=1e-4)
-        np.testing.assert_allclose(suppressed["value"],
-                                   indep[feats.tolist().index(f)].topk(5, largest=False).values.numpy(),
-                                   rtol=1e-3, atol=1e-4)
+    # one block of all 16 features, then blocks of 3 (the last one short)
+    for max_bytes in (feature_logits.EFFECT_BYTES, 3 * cfg.d_vocab * model.W_U.element_size()):
+        table = feature_logits.top_logits(model, sae, LAYER, k=5, max_bytes=max_bytes)
+        assert sorted(table.feature.unique().tolist()) == list(range(16)) and len(table) == 16 * 2 * 5
+        for f in feats.tolist():
+            promoted = table[(table.feature == f) & (table.kind == "promoted")].sort_values("rank")
+            suppressed = table[(table.feature == f) & (table.kind == "suppressed")].sort_values("rank")
+            want = indep[feats.tolist().index(f)]
+            assert promoted["token_id"].tolist() == want.topk(5).indices.tolist()
+            assert suppressed["token_id"].tolist() == want.topk(5, largest=False).indices.tolist()
+            np.testing.assert_allclose(promoted["value"], want.topk(5).values.numpy(), rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(suppressed["value"], want.topk(5, largest=False).values.numpy(),
+                                       rtol=1e-3, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------------------
