@@ -145,6 +145,7 @@ def step_attention_saes(ctx: "RunContext") -> None:
         carry = ResidualCarry()  # each group's pass starts where the previous one stopped
         for group in groups if todo else []:
             t = time.perf_counter()
+            carry.keep = group is not groups[-1]
             if reuse:
                 acts = {l: pre[("z", l)][:n_train_rows] for l in group}
             else:
@@ -384,6 +385,7 @@ def step_transcoders(ctx: "RunContext") -> None:
         carry = ResidualCarry()  # each group's pass starts where the previous one stopped
         for group in groups if todo else []:
             t = time.perf_counter()
+            carry.keep = group is not groups[-1]
             if reuse:
                 acts = {l: (pre.pop(("mlp_in", l))[:n_train], pre.pop(("mlp_out", l))[:n_train]) for l in group}
             else:

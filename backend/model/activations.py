@@ -102,11 +102,13 @@ class ResidualCarry:
     Steps that collect layer groups one after another (their activations do not fit in memory at once) would
     otherwise rerun every earlier block for each group: with ten groups of three layers that is 5.5 full forward
     passes instead of one. The carried stream is ``[n, n_ctx, d_model]`` in the model's dtype and on its device
-    (600 MB in float32 for 2048 contexts of 128 tokens on SmolLM2)."""
+    (600 MB in float32 for 2048 contexts of 128 tokens on SmolLM2). A pass with :attr:`keep` false (the last group)
+    still starts from the carried stream but keeps nothing: no pass follows to use it."""
 
     def __init__(self) -> None:
         self.layer = 0
         self.resid: "torch.Tensor | None" = None
+        self.keep = True
 
 
 def collect(
@@ -126,7 +128,7 @@ def collect(
 
     ``carry`` (the same object for successive calls over the same ``tokens`` with ever higher sites): the pass
     starts from its residual stream when that enters a block at or below every site, and leaves in it the stream
-    after the last block it ran.
+    after the last block it ran (or, if ``carry.keep`` is false, nothing).
     """
     import torch
 
@@ -149,12 +151,12 @@ def collect(
                                            stop_at_layer=stop)
             else:
                 out = model.run_with_hooks(batch, fwd_hooks=hooks, stop_at_layer=stop)
-            if carry is not None:  # stop_at_layer returns the residual stream after the last block run
+            if carry is not None and carry.keep:  # stop_at_layer returns the stream after the last block run
                 if carried is None:
                     carried = torch.empty((n, *out.shape[1:]), dtype=out.dtype, device=out.device)
                 carried[rows] = out
     if carry is not None:
-        carry.layer, carry.resid = stop, carried
+        carry.layer, carry.resid = (stop, carried) if carry.keep else (0, None)
     return pre.result()
 
 

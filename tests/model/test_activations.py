@@ -53,6 +53,7 @@ def test_a_carried_residual_stream_gives_the_full_passes_values_without_rerunnin
     finally:
         tiny_model.reset_hooks()
     assert ran == []  # block 0 did not run again
+    assert carry.layer == 2 and carry.resid is not None
     rows = tokens.shape[0] * (tokens.shape[1] - 1)
     for (kind, layer), name in {("z", 0): "blocks.0.attn.hook_z", ("mlp_out", 0): "blocks.0.hook_mlp_out",
                                 ("mlp_in", 1): "blocks.1.ln2.hook_normalized", ("z", 1): "blocks.1.attn.hook_z"}.items():
@@ -61,6 +62,24 @@ def test_a_carried_residual_stream_gives_the_full_passes_values_without_rerunnin
     # A carry that starts above a requested site is not used: that pass runs from the embeddings.
     again = collect(tiny_model, tokens, [("z", 0)], batch_size=5, carry=carry)
     torch.testing.assert_close(again[("z", 0)], first[("z", 0)], rtol=1e-5, atol=1e-6)
+
+
+def test_a_last_group_starts_from_the_carry_and_keeps_nothing(tiny_model: Any, tokens: torch.Tensor) -> None:
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens)
+    carry = ResidualCarry()
+    collect(tiny_model, tokens, [("z", 0)], batch_size=2, carry=carry)
+    carry.keep = False
+    ran: list[str] = []
+    tiny_model.blocks[0].hook_resid_pre.add_hook(lambda value, hook: ran.append(hook.name))
+    try:
+        last = collect(tiny_model, tokens, [("z", 1)], batch_size=3, carry=carry)
+    finally:
+        tiny_model.reset_hooks()
+    assert ran == [] and carry.resid is None and carry.layer == 0
+    rows = tokens.shape[0] * (tokens.shape[1] - 1)
+    torch.testing.assert_close(last[("z", 1)], cache["blocks.1.attn.hook_z"][:, 1:].reshape(rows, -1),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_capture_batch_stops_after_its_last_site_with_the_full_passes_values(tiny_model: Any,
