@@ -179,7 +179,7 @@ def test_relp_relevance_matches_lxt(twins: Any, lxt_patches: Callable[[str], Non
     expected = _hf_relevance(hf, tokens, answer, wrong)
     got = _relp_relevance(tl, rules, tokens, answer, wrong)
     for kind in ("resid", "mlp"):
-        scale = float(expected[kind].abs().max())
+        scale = float(expected[kind].detach().abs().max())
         assert scale > 1e-3  # not a vacuous comparison
         # LXT (like HF's Llama) runs RMSNorm and the softmax in float32: agreement is to float32 precision.
         torch.testing.assert_close(got[kind], expected[kind].detach(), rtol=1e-4, atol=1e-5 * scale, msg=kind)
