@@ -18,8 +18,8 @@ import torch
 from backend.dictionaries.kinds import ATTN_SAE, KINDS
 
 N_LOGITS = 10  # promoted and suppressed output tokens stored per feature
-# Effects computed per product: the whole dictionary in one block made the table ~15% faster than 256-feature slices
-# on 2 CPU cores (one [2304, 49152] block is 453 MB); the budget bounds memory for wider dictionaries or vocabularies.
+# Bytes of effects computed per product: on 2 CPU cores one block of a whole 2304-feature dictionary (453 MB) is
+# faster than 256-feature slices; the budget bounds memory for wider dictionaries or vocabularies.
 EFFECT_BYTES = 512 * 2**20
 
 
