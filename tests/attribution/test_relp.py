@@ -131,14 +131,14 @@ def _layer_relevance(model: Any, batch: Any, rules: RelPRules) -> tuple[list[flo
     with torch.enable_grad(), model.hooks(fwd_hooks=[*rule_hooks(model, rules), *((n, keep) for n in names)]):
         metric = batch.metric(model(batch.clean))
         grads = torch.autograd.grad(metric, [acts[n] for n in names])
-    return [float((acts[n] * g).sum()) for n, g in zip(names, grads)], float(metric.detach())
+    return [float((acts[n].detach() * g).sum()) for n, g in zip(names, grads)], float(metric.detach())
 
 
 @pytest.mark.parametrize("rules", [RelPRules(epsilon=0.0), RelPRules(gate="value", epsilon=0.0)])
 def test_relevance_is_conserved_layer_to_layer(llama: Any, rules: RelPRules) -> None:
     for name, param in llama.named_parameters():  # tiny-llama is bias-free like SmolLM2; make sure
         if name.split(".")[-1].startswith("b_"):
-            assert float(param.abs().max()) == 0.0, name
+            assert float(param.detach().abs().max()) == 0.0, name
     relevance, metric = _layer_relevance(llama, _batch(llama), rules)
     assert abs(metric) > 1e-4
     for value in relevance:
