@@ -880,7 +880,7 @@ def _live_readout(model: Any, tcs: dict[int, Any], node: dict, hooks: list, toke
         return float(logits[t["token_id"]] - logits.mean())
     tc = tcs[l]
     i = int(node["feature"])
-    return float(seen[hook_name("mlp_in", l)][int(node["pos"])] @ tc.W_enc[:, i] + tc.b_enc[i])
+    return float(seen[hook_name("mlp_in", l)][int(node["pos"])] @ tc.W_enc[:, i].detach() + tc.b_enc[i].detach())
 
 
 def _live_forced(model: Any, cache: dict[str, torch.Tensor], deltas: dict[str, list[tuple[int, torch.Tensor]]],
